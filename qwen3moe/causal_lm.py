@@ -1,0 +1,179 @@
+"""Qwen3MoeForCausalLM: the user guide's API around the model loop.
+
+    model = Qwen3MoeForCausalLM("path/to/model", device="cpu", max_tokens=2048)
+    text, ms_per_token = model.generate("Tell me about the sea", max_steps=64)
+    model.print_router_stats()
+    model.destroy_model_instance()
+
+Batch inference (``batch_infer_one_round``) and perplexity go through the same ``model.forward`` step.
+"""
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import load_config
+from .debug import Debugger
+from .devices import resolve_backend
+from .infer_task import Qwen3MoeInferTask, Qwen3MoeKVCache
+from .model import Request, forward
+from .router_stats import RouterStats
+from .sampling import check_sampling, sample
+from .tokenizer import Qwen3Tokenizer, _read_json
+from .weights import load_weights
+
+DEFAULT_MAX_TOKENS = 4096  # KV cache positions per task unless the caller asks otherwise
+
+
+class Qwen3MoeForCausalLM:
+    def __init__(self, model_dir_path: str | Path | None = None, device="cpu", ndev: int = 1,
+                 max_tokens: int | None = None, backend: str = "auto", debug: bool = False):
+        """Load and validate a Hugging Face model folder (default: the bundled model)."""
+        from .bundled import default_model_dir  # imported here: building the default model is the CLI's business
+
+        self.backend = resolve_backend(device, ndev, backend)
+        self.model_dir = Path(model_dir_path) if model_dir_path is not None else default_model_dir()
+        self.config = load_config(self.model_dir)
+        limit = self.config.max_position_embeddings
+        self.max_tokens = min(DEFAULT_MAX_TOKENS, limit) if max_tokens is None else int(max_tokens)
+        if not 0 < self.max_tokens <= limit:
+            raise ValueError(f"max_tokens must be in 1..{limit} (max_position_embeddings), got {max_tokens}")
+        self.weights = load_weights(self.model_dir, self.config)
+        self.tokenizer = Qwen3Tokenizer(self.model_dir, extra_eos_ids=self.config.eos_token_id)
+        self.generation_config = _read_json(self.model_dir / "generation_config.json")
+        self.router_stats = RouterStats(self.config)
+        self.debugger = Debugger(enabled=debug)
+
+    # ---- batch inference ---------------------------------------------------------------------------------
+
+    def batch_infer_one_round(self, tasks: list[Qwen3MoeInferTask]) -> list[int]:
+        """Feed every task its pending tokens (a prompt or its last token) in one step; sample one token each.
+
+        Each task is advanced (token appended, finish_reason set when it ends). Everything is checked before any
+        compute, and a task only advances once the whole step succeeded, so a failed round changes nothing.
+        """
+        self._check_alive()
+        for t in tasks:
+            if t.finished:
+                raise ValueError(f"task {t.task_id} already finished ({t.finish_reason}); leave it out of the round")
+            if t.kvcache is None:
+                raise ValueError(f"task {t.task_id} has no KV cache; call task.bind_kvcache(Qwen3MoeKVCache(model))")
+        if len({id(t.kvcache) for t in tasks}) < len(tasks):
+            raise ValueError("two tasks of one round share a KV cache; give each task its own")
+        requests = [Request(t.pending, t.pos, t.kvcache, t.task_id) for t in tasks]
+        logits = forward(self.weights, self.config, requests, self.router_stats, self.debugger)
+        with self.debugger.phase("sampling"):
+            tokens = [sample(l, t.temperature, t.topk, t.topp, t.rng) for l, t in zip(logits, tasks)]
+        for t, tok in zip(tasks, tokens):
+            t.accept(tok, self.tokenizer.eos_token_ids)
+        self.debugger.end_step(f"round of {len(tasks)} tasks, {sum(len(r.tokens) for r in requests)} tokens")
+        return tokens
+
+    # ---- generation --------------------------------------------------------------------------------------
+
+    def generate(self, input_content: str, max_steps: int = 128, temperature: float | None = None,
+                 topk: int | None = None, topp: float | None = None, *, chat: bool = True,
+                 enable_thinking: bool | None = None, seed: int | None = None, stream=None) -> tuple[str, float]:
+        """Generate a reply; return (text, average milliseconds per decode step).
+
+        Sampling settings left as None come from generation_config.json (greedy if it says nothing). With ``chat``
+        the prompt goes through the model's chat template. ``stream(piece)`` is called with text as it is decoded.
+        The prefill step is not counted in the average: it measures decode speed, as the guide reports it.
+        """
+        self._check_alive()
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        temperature, topk, topp = self.sampling_defaults(temperature, topk, topp)
+        prompt = input_content
+        if chat:
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": input_content}],
+                                                        enable_thinking=enable_thinking)
+        task = Qwen3MoeInferTask(self.tokenizer.encode(prompt), temperature, topk, topp,
+                                 max_new_tokens=max_steps, seed=seed)
+        task.bind_kvcache(Qwen3MoeKVCache(self, max_tokens=min(self.max_tokens, len(task.tokens) + max_steps)))
+        decoder = self.tokenizer.stream_decoder()
+        pieces, decode_seconds = [], []
+
+        def emit(piece: str) -> None:
+            pieces.append(piece)
+            if stream and piece:
+                stream(piece)
+
+        while not task.finished:
+            start = time.perf_counter()
+            (token,) = self.batch_infer_one_round([task])
+            if len(task.generated) > 1:  # the first round is the prefill
+                decode_seconds.append(time.perf_counter() - start)
+            if task.finish_reason != "stop":  # the end token itself is not part of the reply
+                emit(decoder.push(token))
+        emit(decoder.flush())
+        self.last_task = task
+        avg_ms = 1e3 * float(np.mean(decode_seconds)) if decode_seconds else 0.0
+        return "".join(pieces), avg_ms
+
+    def sampling_defaults(self, temperature, topk, topp) -> tuple[float, int, float]:
+        """Fill unset sampling settings from generation_config.json; greedy where it is silent or do_sample=false."""
+        g = self.generation_config if self.generation_config.get("do_sample") else {}
+        temperature = g.get("temperature", 0.0) if temperature is None else temperature
+        topk = g.get("top_k", 0) if topk is None else topk
+        topp = g.get("top_p", 1.0) if topp is None else topp
+        check_sampling(temperature, topk, topp)
+        return temperature, topk, topp
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+
+    def perplexity(self, texts: list[str], window: int | None = None) -> float:
+        """exp(mean negative log-likelihood per predicted token) over ``texts``.
+
+        Each text is tokenised and cut into non-overlapping windows of ``window`` tokens (default: max_tokens);
+        each window is scored on its own, predicting its tokens 2..n from the ones before. Log-probabilities come
+        from a float64 log-softmax of the logits.
+        """
+        self._check_alive()
+        window = self.max_tokens if window is None else int(window)
+        if not 2 <= window <= self.max_tokens:
+            raise ValueError(f"window must be in 2..{self.max_tokens} (max_tokens), got {window}")
+        nll, count = 0.0, 0
+        cache = Qwen3MoeKVCache(self, max_tokens=window)
+        for text in texts:
+            ids = self.tokenizer.encode(text)
+            for begin in range(0, len(ids) - 1, window):
+                chunk = ids[begin:begin + window]
+                if len(chunk) < 2:
+                    continue
+                (logits,) = forward(self.weights, self.config, [Request(chunk, 0, cache)], self.router_stats,
+                                    self.debugger, all_logits=True)
+                nll -= float(log_softmax(logits[:-1])[np.arange(len(chunk) - 1), chunk[1:]].sum())
+                count += len(chunk) - 1
+        if count == 0:
+            raise ValueError("perplexity needs at least one text of two or more tokens")
+        return float(np.exp(nll / count))
+
+    # ---- router statistics -------------------------------------------------------------------------------
+
+    def get_router_stats(self, layer_idx: int) -> dict:
+        return self.router_stats.layer_stats(layer_idx)
+
+    def print_router_stats(self) -> None:
+        print(self.router_stats.format_table())
+
+    def reset_router_stats(self) -> None:
+        self.router_stats.reset()
+
+    # ---- lifetime ----------------------------------------------------------------------------------------
+
+    def destroy_model_instance(self) -> None:
+        """Drop the weights (closing their memory maps) and statistics; the object cannot be used afterwards."""
+        self.weights = None
+        self.router_stats.reset()
+
+    def _check_alive(self) -> None:
+        if self.weights is None:
+            raise RuntimeError("this model instance was destroyed; create a new Qwen3MoeForCausalLM")
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))

@@ -1,0 +1,78 @@
+"""Find the weight files of a Hugging Face model folder and open them lazily as one name -> array mapping.
+
+Supported layouts, in the order they are looked for:
+  1. ``model.safetensors.index.json`` + shards (how large checkpoints are published),
+  2. one or more ``*.safetensors`` files,
+  3. ``pytorch_model.bin.index.json`` + shards, or a single ``pytorch_model.bin``: read by a restricted reader
+     that accepts only tensor storage records and never executes anything from the file (see ``torch_bin``).
+Arrays stay memory-mapped in their checkpoint dtype (bf16, f16 or f32); checking names and shapes happens in
+``weights.py`` before any compute.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import CheckpointError
+from .safetensors_file import open_safetensors
+from .torch_bin import read_torch_bin, read_torch_bin_index
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+TORCH_SINGLE = "pytorch_model.bin"
+
+
+def open_checkpoint(model_dir: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of the folder, by their on-disk names."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model folder {model_dir} does not exist")
+    if (model_dir / SAFETENSORS_INDEX).is_file():
+        return _open_safetensors_index(model_dir / SAFETENSORS_INDEX)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return _merge(files, open_safetensors)
+    if (model_dir / TORCH_INDEX).is_file():
+        return read_torch_bin_index(model_dir / TORCH_INDEX)
+    if (model_dir / TORCH_SINGLE).is_file():
+        return read_torch_bin(model_dir / TORCH_SINGLE)
+    raise CheckpointError(
+        f"no weights in {model_dir}: expected {SAFETENSORS_INDEX}, *.safetensors, {TORCH_INDEX} or {TORCH_SINGLE}"
+    )
+
+
+def _open_safetensors_index(index_path: Path) -> dict[str, np.ndarray]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid index, it needs a 'weight_map' object ({e})") from None
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(shard, []).append(name)
+    for shard, names in shards.items():
+        if not (index_path.parent / shard).is_file():
+            raise CheckpointError(
+                f"{index_path}: shard {shard} is missing from the folder (it should hold {names[0]!r} "
+                f"and {len(names) - 1} more tensors)"
+            )
+    tensors = _merge([index_path.parent / s for s in shards], open_safetensors)
+    for name, shard in weight_map.items():
+        if name not in tensors:
+            raise CheckpointError(f"{index_path}: the index places {name!r} in {shard}, but that shard lacks it")
+    return tensors
+
+
+def _merge(files: list[Path], open_file) -> dict[str, np.ndarray]:
+    tensors: dict[str, np.ndarray] = {}
+    where: dict[str, Path] = {}
+    total = sum(f.stat().st_size for f in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="mapping weights", disable=total < 2**30) as bar:
+        for f in files:
+            for name, array in open_file(f).items():
+                if name in tensors:
+                    raise CheckpointError(f"tensor {name!r} appears in both {where[name].name} and {f.name}")
+                tensors[name], where[name] = array, f
+            bar.update(f.stat().st_size)
+    return tensors

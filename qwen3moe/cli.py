@@ -1,0 +1,155 @@
+"""The command line: ``python -m qwen3moe {generate,info,perplexity}``.
+
+    python -m qwen3moe generate "ROMEO:"                     # the bundled model, greedy unless configured otherwise
+    python -m qwen3moe generate --model DIR --cpu --temperature 0.7 --topk 50 --topp 0.8 --stats "Hello"
+    python -m qwen3moe info DIR                              # validate a folder, print its architecture and size
+    python -m qwen3moe perplexity --model DIR held_out.txt
+
+Errors in the model folder, the settings or the device end the program with one sentence and a non-zero status.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .causal_lm import Qwen3MoeForCausalLM
+from .debug import NonFiniteError
+from .devices import BACKENDS
+from .errors import CheckpointError, DeviceError, UnsupportedConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (CheckpointError, UnsupportedConfigError, DeviceError, ValueError, NonFiniteError) as e:
+        print(f"qwen3moe: error: {e}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qwen3moe", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate text, streamed as it is produced")
+    gen.add_argument("prompt", help="the user's message (or raw text with --raw)")
+    _model_arguments(gen)
+    gen.add_argument("--max-steps", type=int, default=128, help="new tokens at most (default 128)")
+    gen.add_argument("--temperature", type=float, help="0 is greedy (default: generation_config.json)")
+    gen.add_argument("--topk", type=int, help="keep the k most likely tokens, 0 keeps all")
+    gen.add_argument("--topp", type=float, help="keep the smallest set with this much probability, in (0, 1]")
+    gen.add_argument("--seed", type=int, help="seed for sampling, for reproducible text")
+    style = gen.add_mutually_exclusive_group()
+    style.add_argument("--chat", dest="chat", action="store_true", default=True,
+                       help="wrap the prompt in the model's chat template (default)")
+    style.add_argument("--raw", dest="chat", action="store_false", help="continue the prompt text as it is")
+    gen.add_argument("--no-thinking", dest="enable_thinking", action="store_const", const=False,
+                     help="Qwen3's enable_thinking=False: skip the <think> block")
+    gen.add_argument("--stats", action="store_true", help="print per-layer router statistics at the end")
+    gen.set_defaults(run=run_generate)
+
+    info = commands.add_parser("info", help="validate a model folder and describe it")
+    info.add_argument("model", nargs="?", type=Path, help="model folder (default: the bundled model)")
+    info.set_defaults(run=run_info)
+
+    ppl = commands.add_parser("perplexity", help="perplexity of the model on text files")
+    ppl.add_argument("files", nargs="+", type=Path, help="UTF-8 text files, each scored as one text")
+    _model_arguments(ppl)
+    ppl.add_argument("--window", type=int, help="tokens per scored window (default: --max-tokens)")
+    ppl.set_defaults(run=run_perplexity)
+    return parser
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="Hugging Face model folder (default: the bundled model)")
+    device = p.add_mutually_exclusive_group()
+    device.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="run on the CPU (default)")
+    device.add_argument("--nvidia", dest="ndev", type=int, nargs="?", const=1, metavar="N",
+                        help="run on N NVIDIA GPUs")
+    device.add_argument("--ascend", dest="device", action="store_const", const="ascend", help=argparse.SUPPRESS)
+    device.add_argument("--cambricon", dest="device", action="store_const", const="cambricon",
+                        help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="auto", help=f"auto or one of: {', '.join(BACKENDS)}")
+    p.add_argument("--max-tokens", type=int, help="KV cache positions per sequence (default 4096)")
+    p.add_argument("--debug", action="store_true", help="log every step, check for NaN/Inf, show expert choices")
+
+
+def load_model(args) -> Qwen3MoeForCausalLM:
+    device = "nvidia" if args.ndev is not None else (args.device or "cpu")
+    return Qwen3MoeForCausalLM(args.model, device=device, ndev=args.ndev or 1, max_tokens=args.max_tokens,
+                               backend=args.backend, debug=args.debug)
+
+
+def run_generate(args) -> int:
+    model = load_model(args)
+    start = time.perf_counter()
+    _, ms_per_token = model.generate(args.prompt, args.max_steps, args.temperature, args.topk, args.topp,
+                                     chat=args.chat, enable_thinking=args.enable_thinking, seed=args.seed,
+                                     stream=lambda piece: print(piece, end="", flush=True))
+    total = time.perf_counter() - start
+    task = model.last_task
+    speed = f"{1e3 / ms_per_token:.1f} tokens/s decode" if ms_per_token else "no decode steps"
+    print(f"\n[{len(task.generated)} tokens, finish: {task.finish_reason}, {speed}, {total:.2f} s in all, "
+          f"prompt {task.prompt_len} tokens]", file=sys.stderr)
+    if args.stats:
+        model.print_router_stats()
+    return 0
+
+
+def run_info(args) -> int:
+    model = Qwen3MoeForCausalLM(args.model)  # loading validates every tensor name and shape
+    c, w = model.config, model.weights
+    arrays = {id(a): a for a in _all_arrays(w)}.values()  # tied embeddings count once
+    total_params = sum(a.size for a in arrays)
+    total_bytes = sum(a.nbytes for a in arrays)
+    dtypes = sorted({a.dtype.name for a in arrays})
+    expert_params = sum(e.size for layer in w.layers if hasattr(layer.mlp, "experts")
+                        for mlp in layer.mlp.experts for e in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    active = total_params - expert_params * (1 - c.num_experts_per_tok / c.num_experts) if c.num_experts else \
+        total_params
+    kinds = c.layer_types
+    print(f"model folder      {model.model_dir}")
+    print(f"model type        {c.model_type}  (validated: every tensor present with the right shape)")
+    print(f"layers            {c.num_hidden_layers}: {kinds.count('moe')} MoE, {kinds.count('dense')} dense  "
+          f"[{' '.join('M' if k == 'moe' else 'D' for k in kinds)}]")
+    if c.num_experts:
+        print(f"experts           {c.num_experts} per MoE layer, top-{c.num_experts_per_tok}, moe_intermediate_size "
+              f"{c.moe_intermediate_size}, norm_topk_prob {str(c.norm_topk_prob).lower()}")
+    print(f"attention         {c.num_attention_heads} query heads / {c.num_key_value_heads} kv heads, head_dim "
+          f"{c.head_dim}, rope_theta {c.rope_theta:g}")
+    print(f"hidden size       {c.hidden_size}, dense intermediate {c.intermediate_size}, vocab {c.vocab_size}, "
+          f"tied embeddings {str(c.tie_word_embeddings).lower()}")
+    print(f"parameters        {total_params / 1e6:,.2f} M total, {active / 1e6:,.2f} M active per token")
+    print(f"weights           {total_bytes / 2**20:,.1f} MiB in {', '.join(dtypes)}")
+    print(f"context           max_position_embeddings {c.max_position_embeddings}")
+    print(f"tokenizer         {model.tokenizer.vocab_size} tokens, eos ids {list(model.tokenizer.eos_token_ids)}, "
+          f"chat template {'yes' if model.tokenizer.chat_template else 'no'}")
+    return 0
+
+
+def _all_arrays(w) -> list[np.ndarray]:
+    arrays = [w.embed_tokens, w.norm, w.lm_head]
+    for layer in w.layers:
+        a = layer.self_attn
+        arrays += [layer.input_layernorm, layer.post_attention_layernorm, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                   a.q_norm, a.k_norm]
+        mlps = layer.mlp.experts if hasattr(layer.mlp, "experts") else [layer.mlp]
+        arrays += [layer.mlp.gate] if hasattr(layer.mlp, "experts") else []
+        arrays += [m for mlp in mlps for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    return arrays
+
+
+def run_perplexity(args) -> int:
+    model = load_model(args)
+    texts = []
+    for f in args.files:
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read {f}: {e}") from None
+    ppl = model.perplexity(texts, window=args.window)
+    print(f"perplexity {ppl:.4f} over {len(texts)} file(s)")
+    return 0
