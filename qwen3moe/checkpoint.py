@@ -52,27 +52,35 @@ def _open_safetensors_index(index_path: Path) -> dict[str, np.ndarray]:
     for name, shard in weight_map.items():
         shards.setdefault(shard, []).append(name)
     for shard, names in shards.items():
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise CheckpointError(f"{index_path}: shard {shard!r} is not a plain file name in the model folder")
         if not (index_path.parent / shard).is_file():
             raise CheckpointError(
                 f"{index_path}: shard {shard} is missing from the folder (it should hold {names[0]!r} "
                 f"and {len(names) - 1} more tensors)"
             )
-    tensors = _merge([index_path.parent / s for s in shards], open_safetensors)
-    for name, shard in weight_map.items():
-        if name not in tensors:
-            raise CheckpointError(f"{index_path}: the index places {name!r} in {shard}, but that shard lacks it")
+    tensors: dict[str, np.ndarray] = {}
+    for shard, names in _progress(shards.items(), index_path.parent, list(shards)):
+        found = open_safetensors(index_path.parent / shard)
+        for name in names:
+            if name not in found:
+                raise CheckpointError(f"{index_path}: the index places {name!r} in {shard}, but that shard lacks it")
+            tensors[name] = found[name]
     return tensors
 
 
 def _merge(files: list[Path], open_file) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     where: dict[str, Path] = {}
-    total = sum(f.stat().st_size for f in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="mapping weights", disable=total < 2**30) as bar:
-        for f in files:
-            for name, array in open_file(f).items():
-                if name in tensors:
-                    raise CheckpointError(f"tensor {name!r} appears in both {where[name].name} and {f.name}")
-                tensors[name], where[name] = array, f
-            bar.update(f.stat().st_size)
+    for f in _progress(files, files[0].parent, [f.name for f in files]):
+        for name, array in open_file(f).items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} appears in both {where[name].name} and {f.name}")
+            tensors[name], where[name] = array, f
     return tensors
+
+
+def _progress(items, folder: Path, file_names: list[str]):
+    """A progress bar over shards, shown only for checkpoints of 1 GiB or more (where opening takes a moment)."""
+    total = sum((folder / n).stat().st_size for n in file_names)
+    return tqdm(items, total=len(file_names), desc="opening shards", unit="shard", disable=total < 2**30)

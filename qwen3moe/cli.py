@@ -5,7 +5,8 @@
     python -m qwen3moe info DIR                              # validate a folder, print its architecture and size
     python -m qwen3moe perplexity --model DIR held_out.txt
 
-Errors in the model folder, the settings or the device end the program with one sentence and a non-zero status.
+Errors in the model folder, the settings or the device end the program with status 1 and a message on stderr that
+starts with ``qwen3moe: error:`` (one sentence; a folder whose weights do not match adds the list of problems).
 """
 
 import argparse
@@ -90,9 +91,10 @@ def run_generate(args) -> int:
                                      chat=args.chat, enable_thinking=args.enable_thinking, seed=args.seed,
                                      stream=lambda piece: print(piece, end="", flush=True))
     total = time.perf_counter() - start
+    print()  # end the streamed text's line
     task = model.last_task
     speed = f"{1e3 / ms_per_token:.1f} tokens/s decode" if ms_per_token else "no decode steps"
-    print(f"\n[{len(task.generated)} tokens, finish: {task.finish_reason}, {speed}, {total:.2f} s in all, "
+    print(f"[{len(task.generated)} tokens, finish: {task.finish_reason}, {speed}, {total:.2f} s in all, "
           f"prompt {task.prompt_len} tokens]", file=sys.stderr)
     if args.stats:
         model.print_router_stats()
@@ -122,7 +124,7 @@ def run_info(args) -> int:
           f"{c.head_dim}, rope_theta {c.rope_theta:g}")
     print(f"hidden size       {c.hidden_size}, dense intermediate {c.intermediate_size}, vocab {c.vocab_size}, "
           f"tied embeddings {str(c.tie_word_embeddings).lower()}")
-    print(f"parameters        {total_params / 1e6:,.2f} M total, {active / 1e6:,.2f} M active per token")
+    print(f"parameters        {total_params:,} total, {int(active):,} active per token")
     print(f"weights           {total_bytes / 2**20:,.1f} MiB in {', '.join(dtypes)}")
     print(f"context           max_position_embeddings {c.max_position_embeddings}")
     print(f"tokenizer         {model.tokenizer.vocab_size} tokens, eos ids {list(model.tokenizer.eos_token_ids)}, "

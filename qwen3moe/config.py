@@ -58,6 +58,8 @@ class Qwen3MoeConfig:
 
 def load_config(model_dir: str | Path) -> Qwen3MoeConfig:
     """Read ``model_dir/config.json`` and check that this engine can run it."""
+    if not Path(model_dir).is_dir():
+        raise CheckpointError(f"model folder {model_dir} does not exist")
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: a model folder needs the config.json that came with its weights")
@@ -94,7 +96,7 @@ def config_from_dict(raw: dict, source: str = "config.json") -> Qwen3MoeConfig:
         intermediate_size=int(need("intermediate_size")),
         num_hidden_layers=int(need("num_hidden_layers")),
         num_attention_heads=heads,
-        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+        num_key_value_heads=int(heads if raw.get("num_key_value_heads") is None else raw["num_key_value_heads"]),
         head_dim=int(raw.get("head_dim") or hidden // heads),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         rope_theta=_rope_theta(raw),
@@ -104,7 +106,7 @@ def config_from_dict(raw: dict, source: str = "config.json") -> Qwen3MoeConfig:
         num_experts_per_tok=int(raw.get("num_experts_per_tok", 0)) if num_experts else 0,
         moe_intermediate_size=int(raw.get("moe_intermediate_size", 0)) if num_experts else 0,
         norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
-        decoder_sparse_step=int(raw.get("decoder_sparse_step", 1) or 1),
+        decoder_sparse_step=int(raw.get("decoder_sparse_step", 1)),
         mlp_only_layers=tuple(int(i) for i in (raw.get("mlp_only_layers") or ())),
         eos_token_id=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
         model_type=model_type,
@@ -120,15 +122,17 @@ def _rope_theta(raw: dict) -> float:
 
 def _refuse_unsupported(raw: dict, source: str) -> None:
     """Fields that change the model's maths in ways this engine does not implement."""
-    scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type != "default":
-        raise UnsupportedConfigError(
-            f"{source}: rope scaling {rope_type!r} is not implemented; use a checkpoint without rope_scaling "
-            "(the standard Qwen3 releases have none) or remove it to run at the native context length"
-        )
-    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UnsupportedConfigError(f"{source}: partial_rotary_factor != 1 is not implemented")
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = raw.get(key) or {}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type != "default":
+            raise UnsupportedConfigError(
+                f"{source}: rope scaling {rope_type!r} is not implemented (set in {key}); use a checkpoint "
+                "without rope scaling (the standard Qwen3 releases have none) or remove it to run at the native "
+                "context length"
+            )
+        if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise UnsupportedConfigError(f"{source}: partial_rotary_factor != 1 is not implemented")
     if raw.get("use_sliding_window"):
         raise UnsupportedConfigError(
             f"{source}: use_sliding_window is true; sliding-window attention is not implemented "
@@ -162,5 +166,8 @@ def _check_consistent(c: Qwen3MoeConfig, source: str) -> None:
         problems.append(f"num_experts_per_tok must be in 1..{c.num_experts} (found {c.num_experts_per_tok})")
     if c.num_experts and c.moe_intermediate_size <= 0:
         problems.append(f"moe_intermediate_size must be positive (found {c.moe_intermediate_size})")
+    outside = [i for i in c.mlp_only_layers if not 0 <= i < c.num_hidden_layers]
+    if outside:
+        problems.append(f"mlp_only_layers lists {outside}, outside layers 0..{c.num_hidden_layers - 1}")
     if problems:
         raise UnsupportedConfigError(f"{source}: " + "; ".join(problems))

@@ -82,7 +82,7 @@ class RouterStats:
             }
 
     def format_table(self) -> str:
-        """One line per MoE layer, then the most and least used experts of each."""
+        """One line per MoE layer, ending with its three busiest experts."""
         if not self.counts:
             return "router statistics: this model has no MoE layers"
         lines = [f"{'layer':>5} {'tokens':>8} {'variance':>10} {'cv':>6} {'max/mean':>8} {'unused':>6} "

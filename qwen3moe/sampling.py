@@ -4,10 +4,11 @@ The order is the one of the engine the user guide describes (and of transformers
 the temperature, keep the ``topk`` most likely tokens, keep the smallest prefix of those (most likely first) whose
 probability mass reaches ``topp``, renormalise, draw. Greedy (argmax, ties to the lower id) when the temperature
 is 0 or topk is 1. Every draw takes exactly one number from the caller's ``numpy.random.Generator``, so a seeded
-generator reproduces the same text.
+generator reproduces the same text (greedy takes none).
 """
 
 import math
+import numbers
 
 import numpy as np
 
@@ -16,12 +17,17 @@ from .debug import NonFiniteError
 
 def check_sampling(temperature: float, topk: int, topp: float) -> None:
     """Raise ValueError naming the valid range of each bad setting."""
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+    if not (_is_real(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
-    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 0:
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 0:
         raise ValueError(f"topk must be an integer >= 0 (0 keeps every token, 1 is greedy), got {topk!r}")
-    if not (isinstance(topp, (int, float)) and 0 < topp <= 1):
+    if not (_is_real(topp) and 0 < topp <= 1):
         raise ValueError(f"topp must be in (0, 1] (1 keeps every token), got {topp!r}")
+
+
+def _is_real(x) -> bool:
+    """Python and NumPy numbers, but not booleans (True is an int to Python, never a sampling setting)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 def is_greedy(temperature: float, topk: int) -> bool:
@@ -41,15 +47,17 @@ def candidate_distribution(logits: np.ndarray, temperature: float, topk: int,
         order = order[:topk]
     probs = np.exp(scaled[order] - scaled[order[0]])
     probs /= probs.sum()
-    keep = int(np.searchsorted(np.cumsum(probs), topp)) + 1  # smallest prefix with mass >= topp
-    ids, probs = order[:keep], probs[:keep]
+    if topp < 1:  # smallest prefix with mass >= topp; the 1e-9 forgives rounding (0.5 + 0.3 < 0.8 in floats)
+        keep = int(np.searchsorted(np.cumsum(probs), topp - 1e-9)) + 1
+        order, probs = order[:keep], probs[:keep]
+    ids = order
     return ids, probs / probs.sum()
 
 
 def sample(logits: np.ndarray, temperature: float, topk: int, topp: float, rng: np.random.Generator) -> int:
     """One token id from logits (V,)."""
-    if not np.isfinite(logits).all():  # argmax of NaN would quietly answer token 0
-        raise NonFiniteError("the logits contain NaN or Inf; run with debug=True (--debug) to find the layer and "
+    if np.isnan(logits).any() or np.isposinf(logits).any():  # argmax would quietly answer a NaN's index
+        raise NonFiniteError("the logits contain NaN or +Inf; run with debug=True (--debug) to find the layer and "
                              "tensor where they first appear")
     if is_greedy(temperature, topk):
         return int(np.argmax(logits))

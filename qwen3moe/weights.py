@@ -135,6 +135,9 @@ def unpack_experts(tensors: dict[str, np.ndarray], config: Qwen3MoeConfig, sourc
         for packed, shape in (("gate_up_proj", (E, 2 * I, H)), ("down_proj", (E, H, I))):
             if p + packed not in out:
                 continue
+            if f"{p}0.{'gate_proj' if packed == 'gate_up_proj' else 'down_proj'}.weight" in out:
+                raise CheckpointError(f"{source}: layer {i} holds experts both packed ({p + packed}) and per "
+                                      "expert; keep one form")
             w = out.pop(p + packed)
             if w.shape != shape:
                 raise CheckpointError(
@@ -155,11 +158,12 @@ def validate(tensors: dict[str, np.ndarray], config: Qwen3MoeConfig, source: str
     ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = [n for n in expected if n not in tensors]
     extra = sorted(n for n in tensors if n not in expected and n not in ignorable and "rotary_emb" not in n)
-    if len(missing) > len(expected) // 2:
+    reason = _naming_problem(tensors, config, len(missing), len(expected))
+    if reason:
         raise CheckpointError(
-            f"Unsupported weight naming scheme for Qwen3-MoE in {source}: {len(missing)} of {len(expected)} "
-            f"expected tensors are absent ({_reason(tensors, config)}). Check config.json and that the weights "
-            f"use names like 'model.layers.0.self_attn.q_proj.weight'."
+            f"Unsupported weight naming scheme for Qwen3-MoE in {source}: {reason}. Check config.json and that the "
+            f"weights use names like 'model.layers.0.self_attn.q_proj.weight' and "
+            f"'model.layers.0.mlp.experts.0.gate_proj.weight'."
         )
     wrong = [
         f"{n} ({_describe(n)}): expected {list(expected[n])}, found {list(tensors[n].shape)}"
@@ -181,15 +185,19 @@ def validate(tensors: dict[str, np.ndarray], config: Qwen3MoeConfig, source: str
         raise CheckpointError(f"{source}: the weights do not match config.json:\n  " + "\n  ".join(problems))
 
 
-def _reason(tensors: dict[str, np.ndarray], config: Qwen3MoeConfig) -> str:
+def _naming_problem(tensors: dict[str, np.ndarray], config: Qwen3MoeConfig, missing: int, expected: int) -> str:
+    """Why these tensors are not a Qwen3-MoE checkpoint at all ('' when they are, even if some are wrong)."""
     names = list(tensors)
     if any(".block_sparse_moe." in n for n in names):
         return "found Mixtral-style 'block_sparse_moe' tensors"
-    if config.num_experts and not any(".mlp.experts." in n for n in names):
-        dense = any(".mlp.gate_proj." in n for n in names)
-        return (f"config.json declares {config.num_experts} experts but the files hold no expert tensors"
+    if config.moe_layers and not any(".mlp.experts." in n or n.endswith(".mlp.gate.weight") for n in names):
+        dense = any(n.endswith(".mlp.gate_proj.weight") for n in names)
+        return (f"config.json declares {config.num_experts} experts but the files hold no expert or router tensors"
                 + (" (they look like a dense model's MLP weights)" if dense else ""))
-    return "found for example " + ", ".join(repr(n) for n in names[:3]) if names else "the files hold no tensors"
+    if missing > expected // 2:
+        found = "found for example " + ", ".join(repr(n) for n in names[:3]) if names else "the files hold none"
+        return f"{missing} of {expected} expected tensors are absent ({found})"
+    return ""
 
 
 def _describe(name: str) -> str:
