@@ -3,6 +3,7 @@
 Start with ``Qwen3MoeForCausalLM`` (causal_lm.py); the layers are in layers.py, the model loop in model.py.
 """
 
+from . import backends
 from .causal_lm import Qwen3MoeForCausalLM
 from .config import Qwen3MoeConfig, load_config
 from .devices import DeviceType

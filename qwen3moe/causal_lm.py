@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import backends
 from .config import load_config
 from .debug import Debugger
 from .devices import resolve_backend
@@ -29,7 +30,10 @@ DEFAULT_MAX_TOKENS = 4096  # KV cache positions per task unless the caller asks 
 class Qwen3MoeForCausalLM:
     def __init__(self, model_dir_path: str | Path | None = None, device="cpu", ndev: int = 1,
                  max_tokens: int | None = None, backend: str = "auto", debug: bool = False):
-        """Load and validate a Hugging Face model folder (default: the bundled model)."""
+        """Load and validate a Hugging Face model folder (default: the bundled model).
+
+        ``backend``: "auto" (the fastest available, or $QWEN3MOE_BACKEND), "numpy" (the reference) or "numba".
+        """
         from .bundled import default_model_dir  # imported here: building the default model is the CLI's business
 
         self.backend = resolve_backend(device, ndev, backend)
@@ -40,6 +44,8 @@ class Qwen3MoeForCausalLM:
         if not 0 < self.max_tokens <= limit:
             raise ValueError(f"max_tokens must be in 1..{limit} (max_position_embeddings), got {max_tokens}")
         self.weights = load_weights(self.model_dir, self.config)
+        self._ops = backends.load(self.backend)
+        self._state = self._ops.prepare(self.weights, self.config)
         self.tokenizer = Qwen3Tokenizer(self.model_dir, extra_eos_ids=self.config.eos_token_id)
         self.generation_config = _read_json(self.model_dir / "generation_config.json")
         self.router_stats = RouterStats(self.config)
@@ -62,13 +68,18 @@ class Qwen3MoeForCausalLM:
         if len({id(t.kvcache) for t in tasks}) < len(tasks):
             raise ValueError("two tasks of one round share a KV cache; give each task its own")
         requests = [Request(t.pending, t.pos, t.kvcache, t.task_id) for t in tasks]
-        logits = forward(self.weights, self.config, requests, self.router_stats, self.debugger)
+        logits = self.forward(requests)
         with self.debugger.phase("sampling"):
             tokens = [sample(l, t.temperature, t.topk, t.topp, t.rng) for l, t in zip(logits, tasks)]
         for t, tok in zip(tasks, tokens):
             t.accept(tok, self.tokenizer.eos_token_ids)
         self.debugger.end_step(f"round of {len(tasks)} tasks, {sum(len(r.tokens) for r in requests)} tokens")
         return tokens
+
+    def forward(self, requests: list[Request], all_logits: bool = False) -> list:
+        """One model step (see model.forward): per request, the last token's logits, or all of them."""
+        self._check_alive()
+        return forward(self._ops, self._state, self.config, requests, self.router_stats, self.debugger, all_logits)
 
     # ---- generation --------------------------------------------------------------------------------------
 
@@ -142,8 +153,7 @@ class Qwen3MoeForCausalLM:
                 chunk = ids[begin:begin + window]
                 if len(chunk) < 2:
                     continue
-                (logits,) = forward(self.weights, self.config, [Request(chunk, 0, cache)], self.router_stats,
-                                    self.debugger, all_logits=True)
+                (logits,) = self.forward([Request(chunk, 0, cache)], all_logits=True)
                 nll -= float(log_softmax(logits[:-1])[np.arange(len(chunk) - 1), chunk[1:]].sum())
                 count += len(chunk) - 1
         if count == 0:
@@ -165,7 +175,7 @@ class Qwen3MoeForCausalLM:
 
     def destroy_model_instance(self) -> None:
         """Drop the weights (closing their memory maps) and statistics; the object cannot be used afterwards."""
-        self.weights = None
+        self.weights = self._state = None
         self.router_stats.reset()
 
     def _check_alive(self) -> None:

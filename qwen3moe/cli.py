@@ -1,9 +1,10 @@
-"""The command line: ``python -m qwen3moe {generate,info,perplexity}``.
+"""The command line: ``python -m qwen3moe {generate,info,perplexity,backends}``.
 
     python -m qwen3moe generate "ROMEO:"                     # the bundled model, greedy unless configured otherwise
     python -m qwen3moe generate --model DIR --cpu --temperature 0.7 --topk 50 --topp 0.8 --stats "Hello"
     python -m qwen3moe info DIR                              # validate a folder, print its architecture and size
     python -m qwen3moe perplexity --model DIR held_out.txt
+    python -m qwen3moe backends                              # which backends can run here, and why not
 
 Errors in the model folder, the settings or the device end the program with status 1 and a message on stderr that
 starts with ``qwen3moe: error:`` (one sentence; a folder whose weights do not match adds the list of problems).
@@ -18,7 +19,7 @@ import numpy as np
 
 from .causal_lm import Qwen3MoeForCausalLM
 from .debug import NonFiniteError
-from .devices import BACKENDS
+from .backends import BACKENDS, unavailable_reason
 from .errors import CheckpointError, DeviceError, UnsupportedConfigError
 
 
@@ -61,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(ppl)
     ppl.add_argument("--window", type=int, help="tokens per scored window (default: --max-tokens)")
     ppl.set_defaults(run=run_perplexity)
+
+    bench = commands.add_parser("bench", help="prefill/decode speed of each backend against memory bandwidth")
+    bench.add_argument("--model", type=Path, help="model folder (default: the bundled model)")
+    bench.add_argument("--synthetic", choices=["qwen3-30b-a3b"], help="a synthetic checkpoint with real shapes")
+    bench.add_argument("--layers", type=int, default=2, help="layers of the synthetic model (default 2)")
+    bench.add_argument("--backends", help="comma-separated (default: every available backend)")
+    bench.add_argument("--prompt-len", type=int, default=128, help="prefill length (default 128)")
+    bench.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
+    bench.add_argument("--batch", default="1,8", help="decode batch sizes (default 1,8)")
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.set_defaults(run=lambda args: __import__("qwen3moe.bench", fromlist=["run"]).run(args))
+
+    listing = commands.add_parser("backends", help="list the backends and whether they can run here")
+    listing.set_defaults(run=run_backends)
     return parser
 
 
@@ -73,7 +88,8 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     device.add_argument("--ascend", dest="device", action="store_const", const="ascend", help=argparse.SUPPRESS)
     device.add_argument("--cambricon", dest="device", action="store_const", const="cambricon",
                         help=argparse.SUPPRESS)
-    p.add_argument("--backend", default="auto", help=f"auto or one of: {', '.join(BACKENDS)}")
+    p.add_argument("--backend", default="auto",
+                   help=f"auto (the fastest here, or $QWEN3MOE_BACKEND) or one of: {', '.join(BACKENDS)}")
     p.add_argument("--max-tokens", type=int, help="KV cache positions per sequence (default 4096)")
     p.add_argument("--debug", action="store_true", help="log every step, check for NaN/Inf, show expert choices")
 
@@ -142,6 +158,14 @@ def _all_arrays(w) -> list[np.ndarray]:
         arrays += [layer.mlp.gate] if hasattr(layer.mlp, "experts") else []
         arrays += [m for mlp in mlps for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
     return arrays
+
+
+def run_backends(args) -> int:
+    for name, b in BACKENDS.items():
+        reason = unavailable_reason(name)
+        print(f"{name:<7} {b.device:<7} {'available' if reason is None else 'unavailable'}  "
+              f"{b.summary if reason is None else reason}")
+    return 0
 
 
 def run_perplexity(args) -> int:

@@ -1,11 +1,12 @@
 """Which device and backend serve a model, and a clear sentence when the answer is "none here".
 
-The guide's API names devices with a ``DeviceType`` enum; strings ("cpu", "nvidia") work too. This build has one
-backend, the NumPy reference, which runs on the CPU.
+The guide's API names devices with a ``DeviceType`` enum; strings ("cpu", "nvidia") work too. This build runs on
+the CPU, with the backends of ``backends.py``.
 """
 
 import enum
 
+from . import backends
 from .errors import DeviceError
 
 
@@ -15,8 +16,6 @@ class DeviceType(enum.Enum):
     DEVICE_TYPE_CAMBRICON = "cambricon"
     DEVICE_TYPE_ASCEND = "ascend"
 
-
-BACKENDS = {"numpy": "the NumPy reference: readable float32 code, CPU only, always available"}
 
 
 def resolve_backend(device, ndev: int, backend: str) -> str:
@@ -33,7 +32,4 @@ def resolve_backend(device, ndev: int, backend: str) -> str:
                           "run on the CPU (--cpu)")
     if ndev != 1:
         raise DeviceError(f"ndev={ndev}: splitting a model over several devices needs GPUs; on the CPU use ndev=1")
-    name = "numpy" if backend == "auto" else backend
-    if name not in BACKENDS:
-        raise DeviceError(f"unknown backend {backend!r}; available: auto, {', '.join(BACKENDS)}")
-    return name
+    return backends.choose("cpu", backend)

@@ -105,15 +105,14 @@ def make_model_dir(tmp_path, _tiny_tensors):
 def compute_logits():
     """``logits(model_or_dir, ids) -> (len(ids), vocab) float32``: a fresh-cache prefill returning every position."""
     from qwen3moe import Qwen3MoeForCausalLM
-    from qwen3moe.model import KVCache, Request, forward
+    from qwen3moe.model import KVCache, Request
 
     def logits(model, ids):
         if not isinstance(model, Qwen3MoeForCausalLM):
             model = Qwen3MoeForCausalLM(model)
         ids = [int(i) for i in ids]
         cache = KVCache(model.config, len(ids))
-        (out,) = forward(model.weights, model.config, [Request(ids, 0, cache)], model.router_stats, model.debugger,
-                         all_logits=True)
+        (out,) = model.forward([Request(ids, 0, cache)], all_logits=True)
         return out
 
     return logits

@@ -133,11 +133,10 @@ def test_destroyed_model_refuses_work(tmp_path):
 
 def test_prompt_fed_in_chunks_gives_the_same_logits_as_at_once(model):
     """The KV cache holds exactly what attention needs: feeding 7 + 1 + 12 tokens equals feeding 20 at once."""
-    from qwen3moe.model import KVCache, Request, forward
+    from qwen3moe.model import KVCache, Request
 
     tokens = np.random.default_rng().integers(0, 256, 20).tolist()
-    run = lambda chunk, pos, cache: forward(model.weights, model.config, [Request(chunk, pos, cache)],
-                                            model.router_stats, model.debugger, all_logits=True)[0]
+    run = lambda chunk, pos, cache: model.forward([Request(chunk, pos, cache)], all_logits=True)[0]
     whole = run(tokens, 0, KVCache(model.config, 32))
     cache = KVCache(model.config, 32)
     pieces = [run(tokens[a:b], a, cache) for a, b in ((0, 7), (7, 8), (8, 20))]

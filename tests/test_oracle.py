@@ -19,7 +19,7 @@ import pytest
 from hf_oracle import (CASES, DECODE_STEPS, PERPLEXITY_TEXT, PROMPT_LEN, build_hf_model, hf_reference,
                        save_hf_model)
 from qwen3moe import Qwen3MoeForCausalLM, Qwen3MoeInferTask, Qwen3MoeKVCache
-from qwen3moe.model import KVCache, Request, forward
+from qwen3moe.model import KVCache, Request
 
 GOLDEN = Path(__file__).parent / "golden"
 RTOL = 1e-4
@@ -36,8 +36,7 @@ def assert_logits_close(ours: np.ndarray, ref: np.ndarray, what: str) -> float:
 def engine_logits(model: Qwen3MoeForCausalLM, prompt, continuation) -> tuple[np.ndarray, np.ndarray]:
     """Prefill logits (PROMPT_LEN, V) and the logits that predict each continuation token (DECODE_STEPS, V)."""
     cache = KVCache(model.config, PROMPT_LEN + DECODE_STEPS)
-    run = lambda tokens, pos, all_logits: forward(model.weights, model.config, [Request(tokens, pos, cache)],
-                                                  model.router_stats, model.debugger, all_logits=all_logits)[0]
+    run = lambda tokens, pos, all_logits: model.forward([Request(tokens, pos, cache)], all_logits)[0]
     prefill = run(list(prompt), 0, True)
     steps = [prefill[-1]] + [run([int(t)], PROMPT_LEN + k, False) for k, t in enumerate(continuation[:-1])]
     return prefill, np.stack(steps)

@@ -1,0 +1,164 @@
+"""``python -m qwen3moe bench``: prefill and decode speed of each backend, against this machine's memory bandwidth.
+
+Decoding is bound by reading weights, so the figure that says how good a backend is is the weight bytes it streams
+per second, set against the read bandwidth the machine can reach (measured in the same run, by every core summing
+one large array). Bytes per step are counted from what the step really touched: attention and dense weights, the
+router, the experts its tokens chose (distinct experts per layer, read from the router trace), the embedding rows
+and the lm_head.
+
+Models: a folder (default: the bundled model), or ``--synthetic qwen3-30b-a3b --layers N``: Qwen3-30B-A3B's real
+shapes (hidden 2048, 128 experts, top-8, moe_intermediate 768, 32/4 heads, head_dim 128, vocab 151936) with random
+bf16 weights and N of its 48 layers, written once under $QWEN3MOE_CACHE.
+"""
+
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import backends
+from .causal_lm import Qwen3MoeForCausalLM
+from .infer_task import Qwen3MoeInferTask, Qwen3MoeKVCache
+
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
+    "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32,
+    "num_key_value_heads": 4, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+    "max_position_embeddings": 40960, "tie_word_embeddings": False, "num_experts": 128, "num_experts_per_tok": 8,
+    "moe_intermediate_size": 768, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+    "hidden_act": "silu", "eos_token_id": 258,
+}
+SYNTHETIC = {"qwen3-30b-a3b": QWEN3_30B_A3B}
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 30, threads: int | None = None, repeats: int = 3) -> float:
+    """Bytes per second that all cores together can read: each thread sums its slice of one array (NumPy releases
+    the GIL inside the sum). The best of a few repeats, as the roofline."""
+    threads = threads or os.cpu_count() or 1
+    data = np.ones(nbytes // 8, dtype=np.uint64)
+    parts = np.array_split(data, threads)
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, data.nbytes / (time.perf_counter() - start))
+    return best
+
+
+def synthetic_model(name: str, layers: int) -> Path:
+    """Write (once) a checkpoint with ``name``'s shapes, ``layers`` layers and random bf16 weights."""
+    from .synthetic import random_weights, write_checkpoint
+
+    config = dict(SYNTHETIC[name], num_hidden_layers=layers)
+    folder = Path(os.environ.get("QWEN3MOE_CACHE", Path.home() / ".cache" / "qwen3moe")) / f"bench-{name}-{layers}L"
+    if not (folder / "config.json").is_file():
+        print(f"writing synthetic {name} with {layers} layers to {folder} (once)", file=sys.stderr)
+        write_checkpoint(folder, config, random_weights(config, seed=0), shards=max(2, layers))
+    return folder
+
+
+def step_bytes(model: Qwen3MoeForCausalLM, distinct_experts: dict[int, float], tokens: int) -> float:
+    """Weight bytes one step reads when its tokens chose ``distinct_experts[layer]`` different experts per layer."""
+    w, total = model.weights, 0.0
+    for i, layer in enumerate(w.layers):
+        a = layer.self_attn
+        total += sum(m.nbytes for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, a.q_norm, a.k_norm,
+                                        layer.input_layernorm, layer.post_attention_layernorm))
+        if i in distinct_experts:
+            e = layer.mlp.experts[0]
+            total += layer.mlp.gate.nbytes + distinct_experts[i] * (e.gate_proj.nbytes + e.up_proj.nbytes +
+                                                                    e.down_proj.nbytes)
+        else:
+            total += layer.mlp.gate_proj.nbytes + layer.mlp.up_proj.nbytes + layer.mlp.down_proj.nbytes
+    return total + w.norm.nbytes + w.lm_head.nbytes + tokens * w.embed_tokens[0].nbytes
+
+
+def bench_backend(model_dir: Path, backend: str, prompt_len: int, steps: int, batches: list[int],
+                  bandwidth: float) -> dict:
+    model = Qwen3MoeForCausalLM(model_dir, backend=backend, max_tokens=prompt_len + steps + 8)
+    rng = np.random.default_rng(0)
+    vocab = model.config.vocab_size
+    prompt = rng.integers(0, min(vocab, 256), prompt_len).tolist()
+    result = {"backend": backend}
+
+    def prefill_once():
+        task = Qwen3MoeInferTask(prompt, temperature=0, end_tokens=[])
+        task.bind_kvcache(Qwen3MoeKVCache(model))
+        start = time.perf_counter()
+        model.batch_infer_one_round([task])
+        return time.perf_counter() - start
+
+    prefill_once()  # warm-up: compiles kernels, touches the weights' pages
+    result["prefill_tokens_per_s"] = prompt_len / prefill_once()
+    model.router_stats.trace_enabled = True
+    for batch in batches:
+        tasks = [Qwen3MoeInferTask(rng.integers(0, min(vocab, 256), 8).tolist(), temperature=0, end_tokens=[],
+                                   task_id=b) for b in range(batch)]
+        for t in tasks:
+            t.bind_kvcache(Qwen3MoeKVCache(model, max_tokens=8 + steps + 2))
+        model.batch_infer_one_round(tasks)  # prefill, not timed
+        model.batch_infer_one_round(tasks)  # one decode step as warm-up
+        model.router_stats.trace.clear()
+        elapsed = 0.0
+        for _ in tqdm(range(steps), desc=f"{backend} decode batch {batch}", leave=False, file=sys.stderr):
+            start = time.perf_counter()
+            model.batch_infer_one_round(tasks)
+            elapsed += time.perf_counter() - start
+        distinct = {i: _mean_distinct(model.router_stats.trace, i) for i in model.config.moe_layers}
+        bytes_per_step = step_bytes(model, distinct, batch)
+        result[f"decode_b{batch}_tokens_per_s"] = batch * steps / elapsed
+        result[f"decode_b{batch}_GBps"] = bytes_per_step * steps / elapsed / 1e9
+        result[f"decode_b{batch}_roofline_fraction"] = bytes_per_step * steps / elapsed / bandwidth
+        model.router_stats.trace.clear()
+    model.destroy_model_instance()
+    return result
+
+
+def _mean_distinct(trace, layer: int) -> float:
+    """Average number of distinct experts ``layer`` read per step (every task has the same prompt length, so a
+    step is one position)."""
+    steps: dict[int, set] = {}
+    for r in trace:
+        if r.layer == layer:
+            steps.setdefault(r.position, set()).update(r.experts)
+    return float(np.mean([len(s) for s in steps.values()]))
+
+
+def run(args) -> int:
+    names = args.backends.split(",") if args.backends else [n for n in backends.BACKENDS
+                                                             if backends.unavailable_reason(n) is None]
+    model_dir = synthetic_model(args.synthetic, args.layers) if args.synthetic else args.model
+    if model_dir is None:
+        from .bundled import default_model_dir
+        model_dir = default_model_dir()
+    batches = [int(b) for b in args.batch.split(",")]
+    bandwidth = measure_read_bandwidth()
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    rows = [bench_backend(Path(model_dir), n, args.prompt_len, args.steps, batches, bandwidth) for n in names]
+    report = {"model": str(model_dir), "machine": machine, "read_bandwidth_GBps": bandwidth / 1e9,
+              "prompt_len": args.prompt_len, "decode_steps": args.steps, "results": rows}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"model {model_dir}\nmachine {machine}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    header = f"{'backend':<8} {'prefill tok/s':>13}"
+    for b in batches:
+        header += f" {'decode b' + str(b) + ' tok/s':>17} {'GB/s':>6} {'of bw':>6}"
+    print(header)
+    for r in rows:
+        line = f"{r['backend']:<8} {r['prefill_tokens_per_s']:>13.1f}"
+        for b in batches:
+            line += (f" {r[f'decode_b{b}_tokens_per_s']:>17.1f} {r[f'decode_b{b}_GBps']:>6.2f}"
+                     f" {100 * r[f'decode_b{b}_roofline_fraction']:>5.1f}%")
+        print(line)
+    return 0

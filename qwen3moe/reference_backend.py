@@ -1,0 +1,49 @@
+"""The NumPy reference backend: the block operations the model loop calls, composed from ``layers.py``.
+
+Every backend module offers the same five functions (see ``backends.py``); this one is the definition the others
+are tested against. Its "prepared state" is simply the checkpoint's weights.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import Qwen3MoeConfig
+from .layers import AttentionSegment, Routing, embedding, linear, mlp, moe_block, rms_norm, self_attention
+from .weights import Qwen3MoeWeights
+
+
+@dataclass
+class State:
+    weights: Qwen3MoeWeights
+    config: Qwen3MoeConfig
+
+
+def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig) -> State:
+    return State(weights, config)
+
+
+def embed(s: State, token_ids: np.ndarray) -> np.ndarray:
+    return embedding(token_ids, s.weights.embed_tokens)  # (T,) -> (T, H)
+
+
+def attention_block(s: State, i: int, x: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+                    segments: list[AttentionSegment]) -> np.ndarray:
+    """x + self_attn(input_layernorm(x)); also writes the step's keys and values into the caches."""
+    layer, eps = s.weights.layers[i], s.config.rms_norm_eps
+    return x + self_attention(rms_norm(x, layer.input_layernorm, eps), layer.self_attn, cos, sin, segments, eps)
+
+
+def feed_forward_block(s: State, i: int, x: np.ndarray) -> tuple[np.ndarray, Routing | None]:
+    """x + mlp(post_attention_layernorm(x)), the MLP being dense or the MoE block (then its routing is returned)."""
+    layer, c = s.weights.layers[i], s.config
+    h = rms_norm(x, layer.post_attention_layernorm, c.rms_norm_eps)  # (T, H)
+    if not c.is_moe_layer(i):
+        return x + mlp(h, layer.mlp), None
+    out, routing = moe_block(h, layer.mlp, c.num_experts_per_tok, c.norm_topk_prob)
+    return x + out, routing
+
+
+def final_logits(s: State, x: np.ndarray) -> np.ndarray:
+    """lm_head(norm(x)): (T, H) -> (T, V)."""
+    return linear(rms_norm(x, s.weights.norm, s.config.rms_norm_eps), s.weights.lm_head)
