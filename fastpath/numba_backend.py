@@ -2,15 +2,17 @@
 
 ``prepare`` lays the weights out for the kernels once, at load time:
   * bf16 matrices become uint32 views of the same memory (two bf16 per word) -- no copy, still memory-mapped;
-  * q, k and v projections are stacked into one matrix so one pass over the normalised input computes all three;
-  * each MoE layer's experts are stacked into ``gate_up (E, 2I, H/2)`` and ``down (E, H, I/2)`` so a kernel can
-    index any expert (a copy, made once; transformers-5 packed checkpoints would allow views, per-expert files don't);
+  * q, k and v projections are stacked into one matrix so one pass over the normalised input computes all three
+    (a small copy), and likewise a dense MLP's gate and up;
+  * an MoE layer's experts become three ``numba.typed.List``s of matrices (gate, up, down): views again, so
+    loading a 60 GB checkpoint copies no expert and a decode step touches only the experts it chose;
   * f16 checkpoints are widened to f32 once (Numba has no fast f16 arithmetic); f32 checkpoints are used as they are.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
+from numba.typed import List
 
 from qwen3moe.config import Qwen3MoeConfig
 from qwen3moe.layers import AttentionSegment, Routing
@@ -27,9 +29,10 @@ class Layer:
     k_norm: np.ndarray  # (D,) f32
     o_proj: np.ndarray  # (H, Hq D/2) words
     post_norm: np.ndarray  # (H,) f32
-    gate_up: np.ndarray  # dense: (2I, H/2); MoE: (E, 2I, H/2)
-    down: np.ndarray  # dense: (H, I/2); MoE: (E, H, I/2)
-    router: np.ndarray | None  # MoE: (E, H/2) words; dense: None
+    gate_up: np.ndarray | None  # dense: (2I, H/2) words
+    down: np.ndarray | None  # dense: (H, I/2) words
+    router: np.ndarray | None  # MoE: (E, H/2) words
+    experts: tuple | None  # MoE: typed Lists of E matrices each: gate (I, H/2), up (I, H/2), down (H, I/2)
 
 
 @dataclass
@@ -56,15 +59,15 @@ def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig) -> State:
         a = lw.self_attn
         f32 = lambda v: np.asarray(v, dtype=np.float32)
         if isinstance(lw.mlp, SparseMoeBlock):
-            experts = lw.mlp.experts
-            gate_up = np.stack([words(np.concatenate([e.gate_proj, e.up_proj])) for e in experts])
-            down = np.stack([words(e.down_proj) for e in experts])
-            router = words(lw.mlp.gate)
+            experts = tuple(List([words(getattr(e, p)) for e in lw.mlp.experts])
+                            for p in ("gate_proj", "up_proj", "down_proj"))
+            gate_up, down, router = None, None, words(lw.mlp.gate)
         else:
-            gate_up, down, router = words(np.concatenate([lw.mlp.gate_proj, lw.mlp.up_proj])), words(lw.mlp.down_proj), None
+            gate_up, down = words(np.concatenate([lw.mlp.gate_proj, lw.mlp.up_proj])), words(lw.mlp.down_proj)
+            router = experts = None
         layers.append(Layer(f32(lw.input_layernorm), words(np.concatenate([a.q_proj, a.k_proj, a.v_proj])),
                             f32(a.q_norm), f32(a.k_norm), words(a.o_proj), f32(lw.post_attention_layernorm),
-                            gate_up, down, router))
+                            gate_up, down, router, experts))
     return State(config, weights.embed_tokens, layers, np.asarray(weights.norm, np.float32), words(weights.lm_head))
 
 
@@ -105,8 +108,9 @@ def feed_forward_block(s: State, i: int, x: np.ndarray) -> tuple[np.ndarray, Rou
     probs, experts, weights = K.route(xe, xo, layer.router, c.num_experts_per_tok, c.norm_topk_prob)
     order, starts = K.group_by_expert(experts, c.num_experts)
     active = np.flatnonzero(np.diff(starts))  # experts chosen by at least one token
-    h = K.experts_gate_up(xe, xo, layer.gate_up, active, order, starts, c.num_experts_per_tok)  # (picks, I)
-    K.experts_down(h, layer.down, active, order, starts, weights, c.num_experts_per_tok, out)
+    gates, ups, downs = layer.experts
+    h = K.experts_gate_up(xe, xo, gates, ups, active, order, starts, c.num_experts_per_tok)  # (picks, I)
+    K.experts_down(h, downs, active, order, starts, weights, c.num_experts_per_tok, out)
     return out, Routing(probs=probs, experts=experts, weights=weights)
 
 

@@ -15,8 +15,9 @@ bandwidth, not arithmetic. The kernels are written for that:
   that follows it, projections accumulate into their output so the residual add is free, q/k-norm + RoPE + cache
   write is one pass, the router's GEMV + softmax + top-k is one call, gate/up + SiLU·mul is one pass, and the down
   projection applies the routing weight and adds into the residual.
-* **The MoE block reads only chosen experts**, and groups a step's tokens by expert so each expert's rows are read
-  once per step however many tokens chose it.
+* **The MoE block reads only chosen experts**, straight from the checkpoint's memory map (experts are passed as
+  lists of matrices, so nothing is copied at load), and groups a step's tokens by expert so each expert's rows are
+  read once per step however many tokens chose it.
 
 Weights may also be float32 (an f32 checkpoint): ``_lo``/``_hi`` read a row's element pairs and Numba compiles one
 version per dtype. ``cache=True`` stores the compiled code next to this file, so a second process starts at once.
@@ -231,17 +232,18 @@ def group_by_expert(experts, num_experts):
 
 
 @njit(**FLAGS, parallel=True)
-def experts_gate_up(xe, xo, gate_up, active, order, starts, top_k):
+def experts_gate_up(xe, xo, gates, ups, active, order, starts, top_k):
     """SiLU(gate(x)) * up(x) for every pick of every active expert: (picks, I), rows in ``order``.
 
-    gate_up (E, 2I, H/2) holds each expert's gate rows then its up rows. Work is split over (expert, row) pairs so
-    that even one token's 8 experts keep every thread busy; each row is read once for all the expert's tokens.
+    ``gates``/``ups`` are lists of each expert's (I, H/2) matrices, straight from the checkpoint's memory map.
+    Work is split over (expert, row) pairs so that even one token's 8 experts keep every thread busy; each row is
+    read once for all the expert's tokens.
     """
-    inter = gate_up.shape[1] // 2
+    inter = gates[0].shape[0]
     h = np.empty((order.shape[0], inter), np.float32)
     for f in prange(active.shape[0] * inter):
         e, r = active[f // inter], f % inter
-        g_row, u_row = gate_up[e, r], gate_up[e, inter + r]
+        g_row, u_row = gates[e][r], ups[e][r]
         for a in range(starts[e], starts[e + 1]):
             t = order[a] // top_k
             g = _dot(g_row, xe[t], xo[t])
@@ -251,7 +253,7 @@ def experts_gate_up(xe, xo, gate_up, active, order, starts, top_k):
 
 
 @njit(**FLAGS, parallel=True)
-def experts_down(h, down, active, order, starts, weights, top_k, out):
+def experts_down(h, downs, active, order, starts, weights, top_k, out):
     """out[t] += weight * down_e(h) for every pick: the routing-weighted sum, added into the residual ``out``.
 
     One thread per output row r: it reads row r of each active expert's down matrix (H, I/2) once and applies it to
@@ -261,7 +263,7 @@ def experts_down(h, down, active, order, starts, weights, top_k, out):
     flat_weights = weights.ravel()
     for r in prange(out.shape[1]):
         for e in active:
-            row = down[e, r]
+            row = downs[e][r]
             for a in range(starts[e], starts[e + 1]):
                 pick = order[a]
                 out[pick // top_k, r] += flat_weights[pick] * _dot(row, he[a], ho[a])

@@ -57,13 +57,13 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, threads: int | None = None, re
 
 def synthetic_model(name: str, layers: int) -> Path:
     """Write (once) a checkpoint with ``name``'s shapes, ``layers`` layers and random bf16 weights."""
-    from .synthetic import random_weights, write_checkpoint
+    from .synthetic import write_large_synthetic_checkpoint
 
     config = dict(SYNTHETIC[name], num_hidden_layers=layers)
     folder = Path(os.environ.get("QWEN3MOE_CACHE", Path.home() / ".cache" / "qwen3moe")) / f"bench-{name}-{layers}L"
     if not (folder / "config.json").is_file():
         print(f"writing synthetic {name} with {layers} layers to {folder} (once)", file=sys.stderr)
-        write_checkpoint(folder, config, random_weights(config, seed=0), shards=max(2, layers))
+        write_large_synthetic_checkpoint(folder, config)
     return folder
 
 

@@ -92,17 +92,20 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def random_weights(config: dict, seed: int = 0, dtype=ml_dtypes.bfloat16, router_std: float = 1.0,
-                   num_hidden_layers: int | None = None) -> dict[str, np.ndarray]:
+                   select=None) -> dict[str, np.ndarray]:
     """Random tensors with every name and shape a checkpoint of ``config`` has (per-expert form).
 
     Matrices are N(0, 1/sqrt(fan_in)) so activations keep their scale through the layers; norm weights are near 1
     (not exactly 1, so a test notices if a norm weight is dropped); the router is sharper than at initialisation
-    (``router_std``) so that top-k choices are decisive, as in trained models.
+    (``router_std``) so that top-k choices are decisive, as in trained models. ``select(name)`` keeps only some
+    tensors (to write a large checkpoint one shard at a time).
     """
     c = config_from_dict(config)
     rng = np.random.default_rng(seed)
     tensors = {}
     for name, shape in expected_shapes(c).items():
+        if select is not None and not select(name):
+            continue
         if len(shape) == 1:
             w = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
         else:
@@ -115,6 +118,29 @@ def random_weights(config: dict, seed: int = 0, dtype=ml_dtypes.bfloat16, router
 def write_checkpoint(out_dir: str | Path, config: dict, tensors: dict[str, np.ndarray], shards: int = 2,
                      tokenizer: Tokenizer | None = None) -> Path:
     """Write a complete Hugging Face model folder: config, tokenizer files, weights in ``shards`` shards + index."""
+    names = list(tensors)
+    groups = [names[k::shards] for k in range(shards)] if shards > 1 else [names]
+    return _write_folder(out_dir, config, ({n: tensors[n] for n in g} for g in groups), len(groups), tokenizer)
+
+
+def write_synthetic_checkpoint(out_dir: str | Path, config: dict | None = None, seed: int = 0, shards: int = 2,
+                               dtype=ml_dtypes.bfloat16) -> Path:
+    config = dict(TINY_CONFIG if config is None else config)
+    return write_checkpoint(out_dir, config, random_weights(config, seed=seed, dtype=dtype), shards=shards)
+
+
+def write_large_synthetic_checkpoint(out_dir: str | Path, config: dict, seed: int = 0) -> Path:
+    """Like write_synthetic_checkpoint, but one shard per layer, generated and written one at a time, so that a
+    checkpoint of real size (gigabytes per layer) never has to fit in memory twice."""
+    layers = config["num_hidden_layers"]
+    outside = lambda n: not n.startswith("model.layers.")
+    groups = (random_weights(config, seed=seed + k, select=(lambda n, k=k: n.startswith(f"model.layers.{k - 1}.")
+                                                            if k else outside(n)))
+              for k in range(layers + 1))
+    return _write_folder(out_dir, config, groups, layers + 1)
+
+
+def _write_folder(out_dir, config: dict, groups, n_groups: int, tokenizer: Tokenizer | None = None) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -124,20 +150,12 @@ def write_checkpoint(out_dir: str | Path, config: dict, tensors: dict[str, np.nd
     (out / "tokenizer_config.json").write_text(json.dumps({
         "chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
     }, indent=2))
-    names = list(tensors)
-    groups = [names[k::shards] for k in range(shards)] if shards > 1 else [names]
     weight_map = {}
     for k, group in enumerate(groups, 1):
-        file = f"model-{k:05d}-of-{len(groups):05d}.safetensors" if shards > 1 else "model.safetensors"
-        save_file({n: np.ascontiguousarray(tensors[n]) for n in group}, str(out / file), metadata={"format": "pt"})
+        file = f"model-{k:05d}-of-{n_groups:05d}.safetensors" if n_groups > 1 else "model.safetensors"
+        save_file({n: np.ascontiguousarray(a) for n, a in group.items()}, str(out / file), metadata={"format": "pt"})
         weight_map |= dict.fromkeys(group, file)
-    if shards > 1:
+    if n_groups > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
                                                                      indent=2))
     return out
-
-
-def write_synthetic_checkpoint(out_dir: str | Path, config: dict | None = None, seed: int = 0, shards: int = 2,
-                               dtype=ml_dtypes.bfloat16) -> Path:
-    config = dict(TINY_CONFIG if config is None else config)
-    return write_checkpoint(out_dir, config, random_weights(config, seed=seed, dtype=dtype), shards=shards)
