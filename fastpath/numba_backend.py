@@ -7,6 +7,11 @@
   * an MoE layer's experts become three ``numba.typed.List``s of matrices (gate, up, down): views again, so
     loading a 60 GB checkpoint copies no expert and a decode step touches only the experts it chose;
   * f16 checkpoints are widened to f32 once (Numba has no fast f16 arithmetic); f32 checkpoints are used as they are.
+
+Decode steps (a few tokens) are bound by memory and run on the fused GEMV kernels. A step with many tokens (prefill,
+perplexity) does ~2 x tokens flops per weight byte and is bound by arithmetic instead: there each weight matrix is
+widened to float32 block by block, once per step, and multiplied by BLAS, and long prompts attend through the
+reference's BLAS attention. The cut-over is ``MANY_TOKENS``.
 """
 
 from dataclasses import dataclass
@@ -15,10 +20,13 @@ import numpy as np
 from numba.typed import List
 
 from qwen3moe.config import Qwen3MoeConfig
-from qwen3moe.layers import AttentionSegment, Routing
+from qwen3moe.layers import AttentionSegment, Routing, attend, silu
 from qwen3moe.weights import Qwen3MoeWeights, SparseMoeBlock
 
 from . import numba_kernels as K
+
+MANY_TOKENS = 16  # from this many tokens (or picks of one expert) on, widen weights in blocks and use BLAS
+BLOCK_ROWS = 512  # rows widened at a time: 4 MB of float32 at hidden 2048, reused by BLAS while in cache
 
 
 @dataclass
@@ -76,6 +84,30 @@ def split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return K.split_even_odd(x, x[0], 0.0, False)
 
 
+def joined(xe: np.ndarray, xo: np.ndarray) -> np.ndarray:
+    """The inverse of split: rows in their natural order, as BLAS takes them."""
+    x = np.empty((xe.shape[0], 2 * xe.shape[1]), np.float32)
+    x[:, 0::2], x[:, 1::2] = xe, xo
+    return x
+
+
+def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ W.T for many tokens: W (N, K/2 words) widened BLOCK_ROWS rows at a time, each block used once by BLAS."""
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    for start in range(0, w.shape[0], BLOCK_ROWS):
+        block = w[start:start + BLOCK_ROWS]
+        out[:, start:start + BLOCK_ROWS] = x @ (K.widen(block) if block.dtype == np.uint32 else block).T
+    return out
+
+
+def project_into(xe: np.ndarray, xo: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """out += x @ W.T, with x given split (and already normalised where a norm precedes the projection)."""
+    if xe.shape[0] < MANY_TOKENS:
+        K.project(xe, xo, w, out)
+    else:
+        out += matmul(joined(xe, xo), w)
+
+
 def embed(s: State, token_ids: np.ndarray) -> np.ndarray:
     return np.asarray(s.embed_tokens[token_ids], dtype=np.float32)  # (T, H)
 
@@ -85,15 +117,18 @@ def attention_block(s: State, i: int, x: np.ndarray, cos: np.ndarray, sin: np.nd
     c, layer = s.config, s.layers[i]
     xe, xo = K.split_even_odd(x, layer.input_norm, c.rms_norm_eps, True)  # RMSNorm fused into the split
     qkv = np.zeros((x.shape[0], layer.qkv.shape[0]), np.float32)  # (T, (Hq + 2 Hkv) D)
-    K.project(xe, xo, layer.qkv, qkv)
+    project_into(xe, xo, layer.qkv, qkv)
     attn = np.empty((x.shape[0], c.num_attention_heads * c.head_dim), np.float32)  # (T, Hq D)
     for g in segments:
         rows = slice(g.start, g.stop)
         q = K.qk_norm_rope_cache(qkv[rows], layer.q_norm, layer.k_norm, cos[rows], sin[rows], c.rms_norm_eps,
                                  c.num_attention_heads, c.num_key_value_heads, g.k_cache, g.v_cache, g.pos)
-        attn[rows] = K.attend_cached(q, g.k_cache, g.v_cache, g.pos).reshape(g.stop - g.start, -1)
+        n, end = g.stop - g.start, g.pos + g.stop - g.start
+        heads = K.attend_cached(q, g.k_cache, g.v_cache, g.pos) if n < MANY_TOKENS else \
+            attend(q, g.k_cache[:end], g.v_cache[:end], g.pos)
+        attn[rows] = heads.reshape(n, -1)
     out = x.copy()  # the residual; o_proj adds into it
-    K.project(*split(attn), layer.o_proj, out)
+    project_into(*split(attn), layer.o_proj, out)
     return out
 
 
@@ -102,20 +137,36 @@ def feed_forward_block(s: State, i: int, x: np.ndarray) -> tuple[np.ndarray, Rou
     xe, xo = K.split_even_odd(x, layer.post_norm, c.rms_norm_eps, True)
     out = x.copy()  # the residual; the down projection adds into it
     if layer.router is None:
-        h = K.dense_gate_up(xe, xo, layer.gate_up)  # (T, I)
-        K.project(*split(h), layer.down, out)
+        if x.shape[0] < MANY_TOKENS:
+            h = K.dense_gate_up(xe, xo, layer.gate_up)  # (T, I)
+        else:
+            gate_up = matmul(joined(xe, xo), layer.gate_up)  # (T, 2I)
+            h = silu(gate_up[:, :gate_up.shape[1] // 2]) * gate_up[:, gate_up.shape[1] // 2:]
+        project_into(*split(h), layer.down, out)
         return out, None
-    probs, experts, weights = K.route(xe, xo, layer.router, c.num_experts_per_tok, c.norm_topk_prob)
+    top_k = c.num_experts_per_tok
+    probs, experts, weights = K.route(xe, xo, layer.router, top_k, c.norm_topk_prob)
     order, starts = K.group_by_expert(experts, c.num_experts)
-    active = np.flatnonzero(np.diff(starts))  # experts chosen by at least one token
+    picks = np.diff(starts)  # tokens per expert
     gates, ups, downs = layer.experts
-    h = K.experts_gate_up(xe, xo, gates, ups, active, order, starts, c.num_experts_per_tok)  # (picks, I)
-    K.experts_down(h, downs, active, order, starts, weights, c.num_experts_per_tok, out)
+    few = np.flatnonzero((picks > 0) & (picks < MANY_TOKENS))  # fused kernels: each row read once for its tokens
+    if len(few):
+        h = K.experts_gate_up(xe, xo, gates, ups, few, order, starts, top_k)  # (picks, I), rows of the few
+        K.experts_down(h, downs, few, order, starts, weights, top_k, out)
+    many = np.flatnonzero(picks >= MANY_TOKENS)  # BLAS on widened weights
+    if len(many):
+        xn = joined(xe, xo)
+        for e in many:
+            chosen = order[starts[e]:starts[e + 1]]  # flat (token, slot) picks of expert e
+            tokens = chosen // top_k
+            xt = xn[tokens]
+            h = silu(matmul(xt, gates[e])) * matmul(xt, ups[e])  # (n_e, I)
+            out[tokens] += weights.ravel()[chosen][:, None] * matmul(h, downs[e])  # tokens are distinct
     return out, Routing(probs=probs, experts=experts, weights=weights)
 
 
 def final_logits(s: State, x: np.ndarray) -> np.ndarray:
     xe, xo = K.split_even_odd(x, s.norm, s.config.rms_norm_eps, True)
     logits = np.zeros((x.shape[0], s.lm_head.shape[0]), np.float32)  # (T, V)
-    K.project(xe, xo, s.lm_head, logits)
+    project_into(xe, xo, s.lm_head, logits)
     return logits

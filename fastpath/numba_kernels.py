@@ -117,6 +117,18 @@ def project(xe, xo, w, out):
             out[t, r] += _dot(row, xe[t], xo[t])
 
 
+@njit(**FLAGS, parallel=True)
+def widen(w):
+    """bf16 words (N, K/2) -> float32 (N, K): for steps with many tokens, where BLAS does the multiplying."""
+    N, half = w.shape
+    out = np.empty((N, 2 * half), np.float32)
+    for r in prange(N):
+        for j in range(half):
+            out[r, 2 * j] = _lo(w[r], j)
+            out[r, 2 * j + 1] = _hi(w[r], j)
+    return out
+
+
 # ---- attention -----------------------------------------------------------------------------------------------
 
 

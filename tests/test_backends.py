@@ -57,7 +57,7 @@ def states(fast, folder):
     return config, ref.prepare(weights, config), fast.prepare(weights, config)
 
 
-@pytest.mark.parametrize("lengths", [(1,), (1, 1, 1), (5,), (3, 1, 9)])
+@pytest.mark.parametrize("lengths", [(1,), (1, 1, 1), (5,), (3, 1, 9), (20,), (17, 1, 2)])
 def test_attention_block(fast, folder, lengths):
     """Requests with different cache contents and positions, prefill and decode mixed in one step."""
     config, r_state, f_state = states(fast, folder)
@@ -84,7 +84,7 @@ def test_attention_block(fast, folder, lengths):
             close(a.v_cache, b.v_cache, "values written to the cache")
 
 
-@pytest.mark.parametrize("T", [1, 4, 33])
+@pytest.mark.parametrize("T", [1, 4, 33, 100])
 def test_feed_forward_block_and_logits(fast, folder, T):
     config, r_state, f_state = states(fast, folder)
     rng = np.random.default_rng()
