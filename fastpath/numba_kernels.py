@@ -50,36 +50,40 @@ def _as_float32(typingctx, bits):
     return types.float32(bits), codegen
 
 
-def _lo(row, j):
-    """Element 2j of a weight row, as float32."""
+def _lo(w, r, j):
+    """Element 2j of row r of a weight matrix, as float32."""
 
 
-def _hi(row, j):
-    """Element 2j + 1 of a weight row, as float32."""
+def _hi(w, r, j):
+    """Element 2j + 1 of row r of a weight matrix, as float32."""
 
 
 @overload(_lo, inline="always")
-def _lo_impl(row, j):
-    if row.dtype == types.uint32:  # two bf16 per word, little-endian: element 2j is the low half
-        return lambda row, j: _as_float32(row[j] << SHIFT)
-    if row.dtype == types.float32:
-        return lambda row, j: row[2 * j]
+def _lo_impl(w, r, j):
+    if w.dtype == types.uint32:  # two bf16 per word, little-endian: element 2j is the low half
+        return lambda w, r, j: _as_float32(w[r, j] << SHIFT)
+    if w.dtype == types.float32:
+        return lambda w, r, j: w[r, 2 * j]
 
 
 @overload(_hi, inline="always")
-def _hi_impl(row, j):
-    if row.dtype == types.uint32:
-        return lambda row, j: _as_float32(row[j] & HIGH)
-    if row.dtype == types.float32:
-        return lambda row, j: row[2 * j + 1]
+def _hi_impl(w, r, j):
+    if w.dtype == types.uint32:
+        return lambda w, r, j: _as_float32(w[r, j] & HIGH)
+    if w.dtype == types.float32:
+        return lambda w, r, j: w[r, 2 * j + 1]
 
 
 @njit(**FLAGS, inline="always")
-def _dot(row, xe, xo) -> np.float32:
-    """sum_k row[k] * x[k] with x given as its even (xe) and odd (xo) elements."""
+def _dot(w, r, xe, xo, t) -> np.float32:
+    """Row r of w times token t of x, with x given as its even (xe) and odd (xo) elements.
+
+    Matrices and indices rather than row views: in a loop that runs millions of times per step, creating a view
+    (with its reference-count updates) costs more than the 2 KB dot product it feeds.
+    """
     acc = np.float32(0.0)
-    for j in range(xe.shape[0]):
-        acc += xe[j] * _lo(row, j) + xo[j] * _hi(row, j)
+    for j in range(xe.shape[1]):
+        acc += xe[t, j] * _lo(w, r, j) + xo[t, j] * _hi(w, r, j)
     return acc
 
 
@@ -110,23 +114,27 @@ def split_even_odd(x, norm_weight, eps, normalize):
 @njit(**FLAGS, parallel=True)
 def project(xe, xo, w, out):
     """out[t, r] += x[t] . w[r] for every token t and row r of w (N, K/2 words): y += x @ W.T."""
-    T = xe.shape[0]
     for r in prange(w.shape[0]):
-        row = w[r]
-        for t in range(T):
-            out[t, r] += _dot(row, xe[t], xo[t])
+        for t in range(xe.shape[0]):
+            out[t, r] += _dot(w, r, xe, xo, t)
 
 
-@njit(**FLAGS, parallel=True)
+@njit(**FLAGS)
 def widen(w):
-    """bf16 words (N, K/2) -> float32 (N, K): for steps with many tokens, where BLAS does the multiplying."""
+    """bf16 words (N, K/2) -> float32 (N, K): for steps with many tokens, where BLAS does the multiplying.
+
+    Each word becomes one 64-bit pair of float32 bit patterns (odd element in the high half, even in the low), so
+    the stores are contiguous and vectorise. One thread on purpose: it runs between BLAS calls, whose worker threads
+    keep spinning on the other cores for a while after each call, and a parallel loop would wait for them.
+    """
     N, half = w.shape
-    out = np.empty((N, 2 * half), np.float32)
-    for r in prange(N):
+    out = np.empty((N, half), np.uint64)
+    for r in range(N):
         for j in range(half):
-            out[r, 2 * j] = _lo(w[r], j)
-            out[r, 2 * j + 1] = _hi(w[r], j)
-    return out
+            word = np.uint64(w[r, j])
+            out[r, j] = ((word & np.uint64(0xFFFF0000)) << np.uint64(32)) | ((word << np.uint64(16)) &
+                                                                             np.uint64(0xFFFFFFFF))
+    return out.view(np.float32)
 
 
 # ---- attention -----------------------------------------------------------------------------------------------
@@ -243,24 +251,29 @@ def group_by_expert(experts, num_experts):
     return order, starts
 
 
+ROWS_PER_ITEM = 16  # rows of one expert per parallel work item: amortises fetching the expert's matrix
+
+
 @njit(**FLAGS, parallel=True)
 def experts_gate_up(xe, xo, gates, ups, active, order, starts, top_k):
     """SiLU(gate(x)) * up(x) for every pick of every active expert: (picks, I), rows in ``order``.
 
     ``gates``/``ups`` are lists of each expert's (I, H/2) matrices, straight from the checkpoint's memory map.
-    Work is split over (expert, row) pairs so that even one token's 8 experts keep every thread busy; each row is
-    read once for all the expert's tokens.
+    Work is split over (expert, block of rows) items so that even one token's 8 experts keep every thread busy;
+    each row is read once for all the expert's tokens.
     """
     inter = gates[0].shape[0]
+    blocks = (inter + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
     h = np.empty((order.shape[0], inter), np.float32)
-    for f in prange(active.shape[0] * inter):
-        e, r = active[f // inter], f % inter
-        g_row, u_row = gates[e][r], ups[e][r]
-        for a in range(starts[e], starts[e + 1]):
-            t = order[a] // top_k
-            g = _dot(g_row, xe[t], xo[t])
-            u = _dot(u_row, xe[t], xo[t])
-            h[a, r] = g / (np.float32(1.0) + np.exp(-g)) * u
+    for item in prange(active.shape[0] * blocks):
+        e = active[item // blocks]
+        gate, up = gates[e], ups[e]
+        first = (item % blocks) * ROWS_PER_ITEM
+        for r in range(first, min(first + ROWS_PER_ITEM, inter)):
+            for a in range(starts[e], starts[e + 1]):
+                t = order[a] // top_k
+                g = _dot(gate, r, xe, xo, t)
+                h[a, r] = g / (np.float32(1.0) + np.exp(-g)) * _dot(up, r, xe, xo, t)
     return h
 
 
@@ -268,17 +281,26 @@ def experts_gate_up(xe, xo, gates, ups, active, order, starts, top_k):
 def experts_down(h, downs, active, order, starts, weights, top_k, out):
     """out[t] += weight * down_e(h) for every pick: the routing-weighted sum, added into the residual ``out``.
 
-    One thread per output row r: it reads row r of each active expert's down matrix (H, I/2) once and applies it to
-    all of that expert's picks, so no two threads touch the same output element.
+    Two passes. First every (expert, block of rows) item -- the split of experts_gate_up -- writes down_e(h) for
+    the expert's picks into y. Then one thread per output column adds the weighted picks of each token into
+    ``out`` (in ascending expert order, as the reference sums them).
     """
+    H = downs[0].shape[0]
     he, ho = h[:, 0::2].copy(), h[:, 1::2].copy()
-    flat_weights = weights.ravel()
-    for r in prange(out.shape[1]):
-        for e in active:
-            row = downs[e][r]
+    blocks = (H + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
+    y = np.empty((order.shape[0], H), np.float32)  # (picks, H), rows in ``order``
+    for item in prange(active.shape[0] * blocks):
+        e = active[item // blocks]
+        down = downs[e]
+        first = (item % blocks) * ROWS_PER_ITEM
+        for r in range(first, min(first + ROWS_PER_ITEM, H)):
             for a in range(starts[e], starts[e + 1]):
-                pick = order[a]
-                out[pick // top_k, r] += flat_weights[pick] * _dot(row, he[a], ho[a])
+                y[a, r] = _dot(down, r, he, ho, a)
+    flat_weights = weights.ravel()
+    for r in prange(H):
+        for e in active:
+            for a in range(starts[e], starts[e + 1]):
+                out[order[a] // top_k, r] += flat_weights[order[a]] * y[a, r]
 
 
 @njit(**FLAGS, parallel=True)
@@ -288,9 +310,8 @@ def dense_gate_up(xe, xo, gate_up):
     h = np.empty((T, inter), np.float32)
     for r in prange(inter):
         for t in range(T):
-            g = _dot(gate_up[r], xe[t], xo[t])
-            u = _dot(gate_up[inter + r], xe[t], xo[t])
-            h[t, r] = g / (np.float32(1.0) + np.exp(-g)) * u
+            g = _dot(gate_up, r, xe, xo, t)
+            h[t, r] = g / (np.float32(1.0) + np.exp(-g)) * _dot(gate_up, inter + r, xe, xo, t)
     return h
 
 
