@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from . import backends
+from .bundled import default_model_dir
 from .config import load_config
 from .debug import Debugger
+from .errors import CheckpointError
 from .devices import resolve_backend
 from .infer_task import Qwen3MoeInferTask, Qwen3MoeKVCache
 from .model import Request, forward
 from .router_stats import RouterStats
 from .sampling import check_sampling, sample
-from .tokenizer import Qwen3Tokenizer, _read_json
+from .tokenizer import Qwen3Tokenizer, read_json
 from .weights import load_weights
 
 DEFAULT_MAX_TOKENS = 4096  # KV cache positions per task unless the caller asks otherwise
@@ -34,8 +36,6 @@ class Qwen3MoeForCausalLM:
 
         ``backend``: "auto" (the fastest available, or $QWEN3MOE_BACKEND), "numpy" (the reference) or "numba".
         """
-        from .bundled import default_model_dir  # imported here: building the default model is the CLI's business
-
         self.backend = resolve_backend(device, ndev, backend)
         self.model_dir = Path(model_dir_path) if model_dir_path is not None else default_model_dir()
         self.config = load_config(self.model_dir)
@@ -47,7 +47,11 @@ class Qwen3MoeForCausalLM:
         self._ops = backends.load(self.backend)
         self._state = self._ops.prepare(self.weights, self.config)
         self.tokenizer = Qwen3Tokenizer(self.model_dir, extra_eos_ids=self.config.eos_token_id)
-        self.generation_config = _read_json(self.model_dir / "generation_config.json")
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise CheckpointError(f"{self.model_dir}: tokenizer.json has {self.tokenizer.vocab_size} tokens but the "
+                                  f"model's vocab_size is {self.config.vocab_size}; the tokenizer belongs to "
+                                  "another model")
+        self.generation_config = read_json(self.model_dir / "generation_config.json")
         self.router_stats = RouterStats(self.config)
         self.debugger = Debugger(enabled=debug)
 

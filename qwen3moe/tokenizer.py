@@ -26,7 +26,7 @@ class Qwen3Tokenizer:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises plain Exceptions for malformed files
             raise CheckpointError(f"{path} could not be read by the tokenizers library: {e}") from None
-        self.config = _read_json(model_dir / "tokenizer_config.json")
+        self.config = read_json(model_dir / "tokenizer_config.json")
         self.chat_template = self.config.get("chat_template")
         self.eos_token_ids = self._eos_ids(model_dir, extra_eos_ids)
 
@@ -72,7 +72,7 @@ class Qwen3Tokenizer:
     def _eos_ids(self, model_dir: Path, extra: tuple[int, ...]) -> tuple[int, ...]:
         """generation_config.json's eos_token_id (int or list), config.json's, and the tokenizer's eos_token."""
         ids = list(extra)
-        eos = _read_json(model_dir / "generation_config.json").get("eos_token_id")
+        eos = read_json(model_dir / "generation_config.json").get("eos_token_id")
         ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
         eos_token = self.config.get("eos_token")
         if isinstance(eos_token, dict):  # older tokenizer_config.json files store an AddedToken object
@@ -118,7 +118,8 @@ def _raise_template_error(message: str):
     raise jinja2.TemplateError(message)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or {} when the file is absent (optional files like generation_config.json)."""
     if not path.is_file():
         return {}
     try:

@@ -459,3 +459,13 @@ def test_pytorch_bin_folder_gives_the_safetensors_logits(tiny_model_dir, tiny_te
     model = Qwen3MoeForCausalLM(folder)
     assert model.weights.embed_tokens.dtype == BF16
     np.testing.assert_array_equal(compute_logits(model, ids), compute_logits(tiny_model_dir, ids))
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
+    """Token ids past vocab_size would index past the embedding table: refuse the folder up front."""
+    from qwen3moe import CheckpointError, Qwen3MoeForCausalLM
+    from qwen3moe.synthetic import TINY_CONFIG, write_synthetic_checkpoint
+
+    folder = write_synthetic_checkpoint(tmp_path / "m", config=dict(TINY_CONFIG, vocab_size=200))
+    with pytest.raises(CheckpointError, match="tokenizer.json has 261 tokens but the model's vocab_size is 200"):
+        Qwen3MoeForCausalLM(folder)
