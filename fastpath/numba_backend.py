@@ -27,6 +27,7 @@ from qwen3moe.weights import Qwen3MoeWeights, SparseMoeBlock
 
 from . import numba_kernels as K
 
+PARALLEL_MIN_BYTES = 1 << 20  # calls that touch less memory run on one thread (K.SERIAL): no thread start-up
 MANY_TOKENS = 16  # from this many tokens (or picks of one expert) on, widen weights in blocks and use BLAS
 BLOCK_ROWS = 512  # rows widened at a time: 4 MB of float32 at hidden 2048, reused by BLAS while in cache
 
@@ -43,6 +44,7 @@ class Layer:
     down: np.ndarray | None  # dense: (H, I/2) words
     router: np.ndarray | None  # MoE: (E, H/2) words
     experts: tuple | None  # MoE: typed Lists of E matrices each: gate (I, H/2), up (I, H/2), down (H, I/2)
+    expert_nbytes: int  # MoE: bytes of one expert's three matrices (indexing a typed List from Python is slow)
 
 
 @dataclass
@@ -74,12 +76,14 @@ def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig) -> State:
             experts = tuple(List([words(getattr(e, p)) for e in lw.mlp.experts])
                             for p in ("gate_proj", "up_proj", "down_proj"))
             gate_up, down, router = None, None, words(lw.mlp.gate)
+            expert_nbytes = sum(m[0].nbytes for m in experts)
         else:
             gate_up, down = words(np.concatenate([lw.mlp.gate_proj, lw.mlp.up_proj])), words(lw.mlp.down_proj)
             router = experts = None
+            expert_nbytes = 0
         layers.append(Layer(f32(lw.input_layernorm), words(np.concatenate([a.q_proj, a.k_proj, a.v_proj])),
                             f32(a.q_norm), f32(a.k_norm), words(a.o_proj), f32(lw.post_attention_layernorm),
-                            gate_up, down, router, experts))
+                            gate_up, down, router, experts, expert_nbytes))
     # np.asarray: a plain ndarray view of the memory map (indexing a np.memmap subclass costs ~0.2 ms per call)
     return State(config, np.asarray(weights.embed_tokens), layers, np.asarray(weights.norm, np.float32),
                  words(weights.lm_head))
@@ -106,10 +110,15 @@ def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
+def run(kernel, nbytes: int, *args):
+    """Run a threaded kernel, or its one-thread twin when the call touches fewer than PARALLEL_MIN_BYTES."""
+    return (kernel if nbytes >= PARALLEL_MIN_BYTES else K.SERIAL[kernel])(*args)
+
+
 def project_into(xe: np.ndarray, xo: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
     """out += x @ W.T, with x given split (and already normalised where a norm precedes the projection)."""
     if xe.shape[0] < MANY_TOKENS:
-        K.project(xe, xo, w, out)
+        run(K.project, w.nbytes * xe.shape[0], xe, xo, w, out)
     else:
         out += matmul(joined(xe, xo), w)
 
@@ -130,7 +139,8 @@ def attention_block(s: State, i: int, x: np.ndarray, cos: np.ndarray, sin: np.nd
         q = K.qk_norm_rope_cache(qkv[rows], layer.q_norm, layer.k_norm, cos[rows], sin[rows], c.rms_norm_eps,
                                  c.num_attention_heads, c.num_key_value_heads, g.k_cache, g.v_cache, g.pos)
         n, end = g.stop - g.start, g.pos + g.stop - g.start
-        heads = K.attend_cached(q, g.k_cache, g.v_cache, g.pos) if n < MANY_TOKENS else \
+        cached_bytes = 2 * g.k_cache[:end].nbytes * n
+        heads = run(K.attend_cached, cached_bytes, q, g.k_cache, g.v_cache, g.pos) if n < MANY_TOKENS else \
             attend(q, g.k_cache[:end], g.v_cache[:end], g.pos)
         attn[rows] = heads.reshape(n, -1)
     out = x.copy()  # the residual; o_proj adds into it
@@ -144,7 +154,7 @@ def feed_forward_block(s: State, i: int, x: np.ndarray) -> tuple[np.ndarray, Rou
     out = x.copy()  # the residual; the down projection adds into it
     if layer.router is None:
         if x.shape[0] < MANY_TOKENS:
-            h = K.dense_gate_up(xe, xo, layer.gate_up)  # (T, I)
+            h = run(K.dense_gate_up, layer.gate_up.nbytes * x.shape[0], xe, xo, layer.gate_up)  # (T, I)
         else:
             gate_up = matmul(joined(xe, xo), layer.gate_up)  # (T, 2I)
             h = silu(gate_up[:, :gate_up.shape[1] // 2]) * gate_up[:, gate_up.shape[1] // 2:]
@@ -157,8 +167,9 @@ def feed_forward_block(s: State, i: int, x: np.ndarray) -> tuple[np.ndarray, Rou
     gates, ups, downs = layer.experts
     few = np.flatnonzero((picks > 0) & (picks < MANY_TOKENS))  # fused kernels: each row read once for its tokens
     if len(few):
-        h = K.experts_gate_up(xe, xo, gates, ups, few, order, starts, top_k)  # (picks, I), rows of the few
-        K.experts_down(h, downs, few, order, starts, weights, top_k, out)
+        expert_bytes = len(few) * layer.expert_nbytes
+        h = run(K.experts_gate_up, expert_bytes, xe, xo, gates, ups, few, order, starts, top_k)  # (picks, I)
+        run(K.experts_down, expert_bytes, h, downs, few, order, starts, weights, top_k, out)
     many = np.flatnonzero(picks >= MANY_TOKENS)  # BLAS on widened weights
     if len(many):
         xn = joined(xe, xo)

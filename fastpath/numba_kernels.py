@@ -217,7 +217,7 @@ def route(xe, xo, gate, top_k, norm_topk_prob):
     """
     T, E = xe.shape[0], gate.shape[0]
     probs = np.zeros((T, E), np.float32)
-    project(xe, xo, gate, probs)
+    project_serial(xe, xo, gate, probs)  # E rows: too little work to start threads for
     experts = np.empty((T, top_k), np.int64)
     weights = np.empty((T, top_k), np.float32)
     for t in range(T):
@@ -313,6 +313,15 @@ def dense_gate_up(xe, xo, gate_up):
             g = _dot(gate_up, r, xe, xo, t)
             h[t, r] = g / (np.float32(1.0) + np.exp(-g)) * _dot(gate_up, inter + r, xe, xo, t)
     return h
+
+
+# ---- serial twins --------------------------------------------------------------------------------------------
+
+# The same kernels built without threads. Starting a parallel region costs tens of microseconds, more than a small
+# model's whole projection takes; the backend runs these when a call touches little memory (see PARALLEL_MIN_BYTES).
+project_serial = njit(**FLAGS)(project.py_func)
+SERIAL = {kernel: njit(**FLAGS)(kernel.py_func)
+          for kernel in (attend_cached, experts_gate_up, experts_down, dense_gate_up)} | {project: project_serial}
 
 
 # ---- measuring the machine -----------------------------------------------------------------------------------

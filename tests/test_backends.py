@@ -27,10 +27,15 @@ def fast_name(request):
     return request.param
 
 
-@pytest.fixture
-def fast(fast_name):
-    """The backend module under test."""
-    return backends.load(fast_name)
+@pytest.fixture(params=["threaded", "one-thread"])
+def fast(fast_name, request, monkeypatch):
+    """The backend module under test; numba's kernels run both threaded and as their one-thread twins."""
+    module = backends.load(fast_name)
+    if hasattr(module, "PARALLEL_MIN_BYTES"):
+        monkeypatch.setattr(module, "PARALLEL_MIN_BYTES", 0 if request.param == "threaded" else 1 << 62)
+    elif request.param == "one-thread":
+        pytest.skip(f"backend {fast_name} has no one-thread variant")
+    return module
 
 
 @pytest.fixture(scope="module", params=["bfloat16", "float32"])
