@@ -23,6 +23,8 @@ Weights may also be float32 (an f32 checkpoint): ``_lo``/``_hi`` read a row's el
 version per dtype. ``cache=True`` stores the compiled code next to this file, so a second process starts at once.
 """
 
+from types import FunctionType
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -317,10 +319,19 @@ def dense_gate_up(xe, xo, gate_up):
 
 # ---- serial twins --------------------------------------------------------------------------------------------
 
-# The same kernels built without threads. Starting a parallel region costs tens of microseconds, more than a small
+
+def _serial_twin(kernel):
+    """The same Python function compiled without threads, under its own name (so its cache files are its own)."""
+    fn = kernel.py_func
+    twin = FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
+    twin.__qualname__ = fn.__qualname__ + "_serial"
+    return njit(**FLAGS)(twin)
+
+
+# The kernels built without threads. Starting a parallel region costs tens of microseconds, more than a small
 # model's whole projection takes; the backend runs these when a call touches little memory (see PARALLEL_MIN_BYTES).
-project_serial = njit(**FLAGS)(project.py_func)
-SERIAL = {kernel: njit(**FLAGS)(kernel.py_func)
+project_serial = _serial_twin(project)
+SERIAL = {kernel: _serial_twin(kernel)
           for kernel in (attend_cached, experts_gate_up, experts_down, dense_gate_up)} | {project: project_serial}
 
 
