@@ -98,16 +98,15 @@ def bench_backend(model_dir: Path, backend: str, prompt_len: int, steps: int, ba
         model.batch_infer_one_round([task])
         return time.perf_counter() - start
 
-    prefill_once()  # warm-up: compiles kernels, touches the weights' pages
-    result["prefill_tokens_per_s"] = prompt_len / prefill_once()
     model.router_stats.trace_enabled = True
     for batch in batches:
         tasks = [Qwen3MoeInferTask(rng.integers(0, min(vocab, 256), 8).tolist(), temperature=0, end_tokens=[],
                                    task_id=b) for b in range(batch)]
-        for t in tasks:
-            t.bind_kvcache(Qwen3MoeKVCache(model, max_tokens=8 + steps + 2))
-        model.batch_infer_one_round(tasks)  # prefill, not timed
-        model.batch_infer_one_round(tasks)  # one decode step as warm-up
+        for t in tasks:  # prefill one short prompt at a time: small steps, like the decode steps to be timed
+            t.bind_kvcache(Qwen3MoeKVCache(model, max_tokens=8 + steps + 4))
+            model.batch_infer_one_round([t])
+        for _ in range(2):  # warm-up: compiles kernels, touches the weights' pages
+            model.batch_infer_one_round(tasks)
         model.router_stats.trace.clear()
         elapsed = 0.0
         for _ in tqdm(range(steps), desc=f"{backend} decode batch {batch}", leave=False, file=sys.stderr):
@@ -119,6 +118,11 @@ def bench_backend(model_dir: Path, backend: str, prompt_len: int, steps: int, ba
         result[f"decode_b{batch}_tokens_per_s"] = batch * steps / elapsed
         result[f"decode_b{batch}_GBps"] = bytes_per_step * steps / elapsed / 1e9
         model.router_stats.trace.clear()
+    model.router_stats.trace_enabled = False
+    # Prefill last: its large matrix products leave BLAS worker threads spinning for a while afterwards, which
+    # would slow decode steps timed right after it on a machine with few cores.
+    prefill_once()  # warm-up
+    result["prefill_tokens_per_s"] = prompt_len / prefill_once()
     model.destroy_model_instance()
     return result
 
