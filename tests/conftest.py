@@ -25,18 +25,22 @@ _CACHE_DIR: list[str] = []
 def pytest_configure(config):
     # Module level of a conftest runs once per session as well, but a hook makes the life cycle explicit and pairs it
     # with the clean-up below. It runs before collection, i.e. before any test module can touch the default model.
+    # Tests run the NumPy reference unless they name a backend: the reference is what the oracle vouches for, and the
+    # tests that exist for the fast backends (the ``backend_name`` fixture) choose them explicitly.
     cache = tempfile.mkdtemp(prefix="qwen3moe-test-cache-")
     _CACHE_DIR.append(cache)
-    _SAVED_ENV["QWEN3MOE_CACHE"] = os.environ.get("QWEN3MOE_CACHE")
-    os.environ["QWEN3MOE_CACHE"] = cache
+    for name, value in (("QWEN3MOE_CACHE", cache), ("QWEN3MOE_BACKEND", "numpy")):
+        _SAVED_ENV[name] = os.environ.get(name)
+        os.environ[name] = value
 
 
 def pytest_unconfigure(config):
-    old = _SAVED_ENV.pop("QWEN3MOE_CACHE", None)
-    if old is None:
-        os.environ.pop("QWEN3MOE_CACHE", None)
-    else:
-        os.environ["QWEN3MOE_CACHE"] = old
+    for name in ("QWEN3MOE_CACHE", "QWEN3MOE_BACKEND"):
+        old = _SAVED_ENV.pop(name, None)
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
     for cache in _CACHE_DIR:
         shutil.rmtree(cache, ignore_errors=True)
     _CACHE_DIR.clear()
@@ -116,3 +120,14 @@ def compute_logits():
         return out
 
     return logits
+
+
+@pytest.fixture(params=sorted(__import__("qwen3moe").backends.BACKENDS))
+def backend_name(request) -> str:
+    """Every backend in the table; one that cannot run here is skipped with its reason."""
+    from qwen3moe import backends
+
+    reason = backends.unavailable_reason(request.param)
+    if reason:
+        pytest.skip(f"backend {request.param} is not available here: {reason}")
+    return request.param

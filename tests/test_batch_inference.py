@@ -4,7 +4,7 @@ gets alone; caches never overflow; bad rounds are refused before they change any
 import numpy as np
 import pytest
 
-from qwen3moe import Qwen3MoeForCausalLM, Qwen3MoeInferTask, Qwen3MoeKVCache
+from qwen3moe import Qwen3MoeForCausalLM, Qwen3MoeInferTask, Qwen3MoeKVCache, backends
 from qwen3moe.synthetic import TINY_CONFIG, write_synthetic_checkpoint
 
 SETTINGS = [  # (temperature, topk, topp): greedy and three sampling regimes
@@ -12,10 +12,11 @@ SETTINGS = [  # (temperature, topk, topp): greedy and three sampling regimes
 ]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
+@pytest.fixture(scope="module", params=[n for n in backends.BACKENDS if backends.unavailable_reason(n) is None])
+def model(request, tmp_path_factory):
+    """The same synthetic model on every backend that can run here."""
     folder = write_synthetic_checkpoint(tmp_path_factory.mktemp("batch") / "m", seed=7)
-    return Qwen3MoeForCausalLM(folder, max_tokens=96)
+    return Qwen3MoeForCausalLM(folder, max_tokens=96, backend=request.param)
 
 
 def make_tasks(rng, n=5, max_new=12):

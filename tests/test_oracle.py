@@ -33,6 +33,15 @@ def assert_logits_close(ours: np.ndarray, ref: np.ndarray, what: str) -> float:
     return worst
 
 
+def greedy_steps_without_near_ties(step_logits: np.ndarray, gap: float = 1e-4) -> int:
+    """How many greedy steps are decided by a margin larger than rounding noise: at a near tie between the two best
+    tokens (closer than ``gap`` relative), float32 summation order alone may pick either, and after it the two
+    continuations legitimately differ. Random weights make such ties rare but possible."""
+    top2 = np.sort(step_logits, axis=-1)[:, -2:]
+    ties = np.flatnonzero(top2[:, 1] - top2[:, 0] < gap * np.abs(step_logits).max())
+    return int(ties[0]) + 1 if len(ties) else len(step_logits)
+
+
 def engine_logits(model: Qwen3MoeForCausalLM, prompt, continuation) -> tuple[np.ndarray, np.ndarray]:
     """Prefill logits (PROMPT_LEN, V) and the logits that predict each continuation token (DECODE_STEPS, V)."""
     cache = KVCache(model.config, PROMPT_LEN + DECODE_STEPS)
@@ -50,18 +59,19 @@ def engine_greedy(model: Qwen3MoeForCausalLM, prompt) -> list[int]:
     return task.generated
 
 
-def check_against(model_dir: Path, ref: dict) -> float:
-    model = Qwen3MoeForCausalLM(model_dir)
+def check_against(model_dir: Path, ref: dict, backend: str = "numpy") -> float:
+    model = Qwen3MoeForCausalLM(model_dir, backend=backend)
     prefill, steps = engine_logits(model, ref["prompt"], ref["greedy_tokens"])
     worst = max(assert_logits_close(prefill, ref["prefill_logits"], "prefill logits"),
                 assert_logits_close(steps, ref["step_logits"], "decode-step logits"))
-    assert engine_greedy(model, ref["prompt"]) == ref["greedy_tokens"].tolist()
+    steps = greedy_steps_without_near_ties(ref["step_logits"])
+    assert engine_greedy(model, ref["prompt"])[:steps] == ref["greedy_tokens"].tolist()[:steps]
     assert model.perplexity([PERPLEXITY_TEXT]) == pytest.approx(float(ref["perplexity"]), rel=1e-5)
     return worst
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_live_oracle(case, tmp_path):
+def test_live_oracle(case, backend_name, tmp_path):
     pytest.importorskip("torch", reason="the live oracle needs torch (pip install -e .[dev])")
     pytest.importorskip("transformers", reason="the live oracle needs transformers (pip install -e .[dev])")
     seed = int.from_bytes(os.urandom(4), "little")  # a fresh model every run; the seed is in the failure message
@@ -70,17 +80,17 @@ def test_live_oracle(case, tmp_path):
     ref = hf_reference(model, prompt)
     folder = save_hf_model(model, tmp_path / case, case)
     try:
-        worst = check_against(folder, ref)
+        worst = check_against(folder, ref, backend_name)
     except AssertionError as e:
         raise AssertionError(f"case {case}, seed {seed}: {e}") from None
-    print(f"{case}: worst relative logit error {worst:.2e}")
+    print(f"{case} on {backend_name}: worst relative logit error {worst:.2e}")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_golden_oracle(case):
+def test_golden_oracle(case, backend_name):
     folder = GOLDEN / case
     ref = dict(np.load(folder / "expected.npz"))
-    check_against(folder, ref)
+    check_against(folder, ref, backend_name)
 
 
 def test_released_config_spelling_gives_the_same_logits(tmp_path):
