@@ -148,7 +148,8 @@ def attention_block(s: State, i: int, x: np.ndarray, cos: np.ndarray, sin: np.nd
     return out
 
 
-def feed_forward_block(s: State, i: int, x: np.ndarray) -> tuple[np.ndarray, Routing | None]:
+def feed_forward_block(s: State, i: int, x: np.ndarray, top_k: int,
+                       disabled: np.ndarray | None) -> tuple[np.ndarray, Routing | None]:
     c, layer = s.config, s.layers[i]
     xe, xo = K.split_even_odd(x, layer.post_norm, c.rms_norm_eps, True)
     out = x.copy()  # the residual; the down projection adds into it
@@ -160,8 +161,8 @@ def feed_forward_block(s: State, i: int, x: np.ndarray) -> tuple[np.ndarray, Rou
             h = silu(gate_up[:, :gate_up.shape[1] // 2]) * gate_up[:, gate_up.shape[1] // 2:]
         project_into(*split(h), layer.down, out)
         return out, None
-    top_k = c.num_experts_per_tok
-    probs, experts, weights = K.route(xe, xo, layer.router, top_k, c.norm_topk_prob)
+    mask = np.zeros(c.num_experts, np.bool_) if disabled is None else disabled
+    probs, experts, weights = K.route(xe, xo, layer.router, top_k, c.norm_topk_prob, mask)
     order, starts = K.group_by_expert(experts, c.num_experts)
     picks = np.diff(starts)  # tokens per expert
     gates, ups, downs = layer.experts

@@ -212,14 +212,19 @@ def attend_cached(q, k_cache, v_cache, pos):
 
 
 @njit(**FLAGS)
-def route(xe, xo, gate, top_k, norm_topk_prob):
+def route(xe, xo, gate, top_k, norm_topk_prob, disabled):
     """Router GEMV + softmax over all experts + top-k (ties to the lower expert id) + optional renormalisation.
 
+    ``disabled`` (E,) masks experts out before the softmax (a what-if of the routing explorer; all False normally).
     Returns probs (T, E), experts (T, K) most probable first, weights (T, K).
     """
     T, E = xe.shape[0], gate.shape[0]
     probs = np.zeros((T, E), np.float32)
     project_serial(xe, xo, gate, probs)  # E rows: too little work to start threads for
+    for t in range(T):
+        for e in range(E):
+            if disabled[e]:
+                probs[t, e] = -np.inf
     experts = np.empty((T, top_k), np.int64)
     weights = np.empty((T, top_k), np.float32)
     for t in range(T):
@@ -231,7 +236,7 @@ def route(xe, xo, gate, top_k, norm_topk_prob):
         for k in range(top_k):
             best = -1
             for e in range(E):  # strict '>' scanning upwards keeps the lowest id among equals
-                if not taken[e] and (best < 0 or p[e] > p[best]):
+                if not taken[e] and not disabled[e] and (best < 0 or p[e] > p[best]):
                     best = e
             taken[best] = True
             experts[t, k], weights[t, k] = best, p[best]

@@ -5,7 +5,9 @@ A backend is a module with five functions, which the model loop (``model.py``) c
     prepare(weights, config) -> state                       once, at load time (lay weights out for the kernels)
     embed(state, token_ids) -> x                            (T,) -> (T, H) float32
     attention_block(state, i, x, cos, sin, segments) -> x   x + attention(norm(x)); writes the KV caches
-    feed_forward_block(state, i, x) -> (x, routing | None)  x + mlp_or_moe(norm(x)); MoE layers return their routing
+    feed_forward_block(state, i, x, top_k, disabled)        x + mlp_or_moe(norm(x)) -> (x, routing | None); top_k and
+                                                            the disabled-expert mask (None) come from the config
+                                                            unless a RoutingOverride is in force
     final_logits(state, x) -> logits                        (T, H) -> (T, V)
 
 The reference is ``qwen3moe/reference_backend.py``. Fast backends live in the ``fastpath`` package and are named

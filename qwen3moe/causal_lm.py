@@ -20,6 +20,7 @@ from .debug import Debugger
 from .errors import CheckpointError
 from .devices import resolve_backend
 from .infer_task import Qwen3MoeInferTask, Qwen3MoeKVCache
+from .layers import RoutingOverride
 from .model import Request, forward
 from .router_stats import RouterStats
 from .sampling import check_sampling, sample
@@ -54,6 +55,29 @@ class Qwen3MoeForCausalLM:
         self.generation_config = read_json(self.model_dir / "generation_config.json")
         self.router_stats = RouterStats(self.config)
         self.debugger = Debugger(enabled=debug)
+        self._routing_override: RoutingOverride | None = None
+
+    @property
+    def routing_override(self) -> RoutingOverride | None:
+        """A what-if for the router (top-k, disabled experts) applied to every later step; None: normal routing."""
+        return self._routing_override
+
+    @routing_override.setter
+    def routing_override(self, override: RoutingOverride | None) -> None:
+        c = self.config
+        if override is not None:
+            if override.top_k is not None and not 1 <= override.top_k <= c.num_experts:
+                raise ValueError(f"top_k must be in 1..{c.num_experts} (num_experts), got {override.top_k}")
+            for layer, experts in override.disabled.items():
+                if layer not in c.moe_layers:
+                    raise ValueError(f"layer {layer} is not an MoE layer (MoE layers: {c.moe_layers})")
+                if any(not 0 <= e < c.num_experts for e in experts):
+                    raise ValueError(f"layer {layer}: expert ids must be in 0..{c.num_experts - 1}, got "
+                                     f"{sorted(experts)}")
+                if c.num_experts - len(set(experts)) < (override.top_k or c.num_experts_per_tok):
+                    raise ValueError(f"layer {layer}: disabling {len(set(experts))} of {c.num_experts} experts "
+                                     f"leaves fewer than top_k={override.top_k or c.num_experts_per_tok}")
+        self._routing_override = override
 
     # ---- batch inference ---------------------------------------------------------------------------------
 
@@ -83,7 +107,8 @@ class Qwen3MoeForCausalLM:
     def forward(self, requests: list[Request], all_logits: bool = False) -> list:
         """One model step (see model.forward): per request, the last token's logits, or all of them."""
         self._check_alive()
-        return forward(self._ops, self._state, self.config, requests, self.router_stats, self.debugger, all_logits)
+        return forward(self._ops, self._state, self.config, requests, self.router_stats, self.debugger, all_logits,
+                       self._routing_override)
 
     # ---- generation --------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ the weights a step touches are ever read (for an MoE layer: the router and the c
 The semantics follow transformers' ``modeling_qwen3_moe.py`` (see REFERENCE.md section 1).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -137,26 +137,54 @@ class Routing:
     weights: np.ndarray  # (T, K) their mixing weights (renormalised to sum 1 when norm_topk_prob)
 
 
-def route(x: np.ndarray, gate: np.ndarray, top_k: int, norm_topk_prob: bool) -> Routing:
+@dataclass(frozen=True)
+class RoutingOverride:
+    """A what-if for the router, as the routing explorer uses it; real Qwen3-MoE routing has no override.
+
+    ``top_k`` replaces num_experts_per_tok in every MoE layer; ``disabled[layer]`` are experts that layer never
+    chooses: their router logits are masked to -inf before the softmax, so tokens go to the next-best experts.
+    """
+
+    top_k: int | None = None
+    disabled: dict[int, frozenset[int]] = field(default_factory=dict)
+
+    def for_layer(self, layer: int, num_experts: int, default_top_k: int) -> tuple[int, np.ndarray | None]:
+        """(top_k, disabled mask (E,) or None) for one layer."""
+        chosen = self.disabled.get(layer)
+        mask = None
+        if chosen:
+            mask = np.zeros(num_experts, dtype=bool)
+            mask[sorted(chosen)] = True
+        return self.top_k or default_top_k, mask
+
+
+def route(x: np.ndarray, gate: np.ndarray, top_k: int, norm_topk_prob: bool,
+          disabled: np.ndarray | None = None) -> Routing:
     """Softmax over ALL experts in float32, keep the top_k, optionally renormalise them.
 
     Ties are broken towards the lower expert index (a stable sort of -probs), so every backend picks the same experts.
+    ``disabled`` (E,) masks experts out before the softmax (a RoutingOverride; never in the real model).
     """
-    probs = softmax(linear(x, gate))  # (T, E)
-    experts = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # (T, K)
+    logits = linear(x, gate)  # (T, E)
+    if disabled is not None:
+        logits[:, disabled] = -np.inf
+    probs = softmax(logits)  # (T, E)
+    order_key = -probs if disabled is None else np.where(disabled, np.inf, -probs)  # disabled never chosen
+    experts = np.argsort(order_key, axis=-1, kind="stable")[:, :top_k]  # (T, K)
     weights = np.take_along_axis(probs, experts, axis=-1)  # (T, K)
     if norm_topk_prob:
         weights = weights / weights.sum(axis=-1, keepdims=True)
     return Routing(probs=probs, experts=experts, weights=weights)
 
 
-def moe_block(x: np.ndarray, w: SparseMoeBlock, top_k: int, norm_topk_prob: bool) -> tuple[np.ndarray, Routing]:
+def moe_block(x: np.ndarray, w: SparseMoeBlock, top_k: int, norm_topk_prob: bool,
+              disabled: np.ndarray | None = None) -> tuple[np.ndarray, Routing]:
     """Route each token to its top_k experts and sum their outputs weighted by the router.
 
     Tokens are grouped by expert so each chosen expert runs once on all of its tokens; experts nobody chose are
     never touched (their weights are not even read). No capacity limit: no token is dropped.
     """
-    routing = route(x, w.gate, top_k, norm_topk_prob)
+    routing = route(x, w.gate, top_k, norm_topk_prob, disabled)
     out = np.zeros_like(x)  # (T, H)
     for e in np.unique(routing.experts):
         tokens, slot = np.nonzero(routing.experts == e)  # which tokens chose e, and in which of their K slots

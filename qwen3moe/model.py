@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import Qwen3MoeConfig
 from .debug import Debugger
-from .layers import AttentionSegment, rope_cos_sin
+from .layers import AttentionSegment, RoutingOverride, rope_cos_sin
 from .router_stats import RouterStats
 
 
@@ -38,7 +38,7 @@ class Request:
 
 
 def forward(backend, state, config: Qwen3MoeConfig, requests: list[Request], stats: RouterStats,
-            debug: Debugger, all_logits: bool = False) -> list[np.ndarray]:
+            debug: Debugger, all_logits: bool = False, override: RoutingOverride | None = None) -> list[np.ndarray]:
     """Run one step; return, per request, the logits of its last token (V,) or of all its tokens (n, V)."""
     for r in requests:
         if not (0 < len(r.tokens) and r.pos + len(r.tokens) <= r.cache.capacity):
@@ -58,8 +58,9 @@ def forward(backend, state, config: Qwen3MoeConfig, requests: list[Request], sta
         with debug.phase("attention"):
             x = backend.attention_block(state, i, x, cos, sin, segments)  # (T, H)
         debug.check(x, "hidden state after attention", i)
+        top_k, disabled = (override or RoutingOverride()).for_layer(i, config.num_experts, config.num_experts_per_tok)
         with debug.phase("moe" if config.is_moe_layer(i) else "mlp"):
-            x, routing = backend.feed_forward_block(state, i, x)  # (T, H)
+            x, routing = backend.feed_forward_block(state, i, x, top_k, disabled)  # (T, H)
         if routing is not None:
             stats.record(i, routing, token_info)
             debug.routing(i, routing.experts, routing.weights, [t for _, _, t in token_info])

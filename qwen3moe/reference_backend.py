@@ -34,13 +34,17 @@ def attention_block(s: State, i: int, x: np.ndarray, cos: np.ndarray, sin: np.nd
     return x + self_attention(rms_norm(x, layer.input_layernorm, eps), layer.self_attn, cos, sin, segments, eps)
 
 
-def feed_forward_block(s: State, i: int, x: np.ndarray) -> tuple[np.ndarray, Routing | None]:
-    """x + mlp(post_attention_layernorm(x)), the MLP being dense or the MoE block (then its routing is returned)."""
+def feed_forward_block(s: State, i: int, x: np.ndarray, top_k: int,
+                       disabled: np.ndarray | None) -> tuple[np.ndarray, Routing | None]:
+    """x + mlp(post_attention_layernorm(x)), the MLP being dense or the MoE block (then its routing is returned).
+
+    ``top_k`` is the layer's num_experts_per_tok and ``disabled`` None, unless a RoutingOverride is in force.
+    """
     layer, c = s.weights.layers[i], s.config
     h = rms_norm(x, layer.post_attention_layernorm, c.rms_norm_eps)  # (T, H)
     if not c.is_moe_layer(i):
         return x + mlp(h, layer.mlp), None
-    out, routing = moe_block(h, layer.mlp, c.num_experts_per_tok, c.norm_topk_prob)
+    out, routing = moe_block(h, layer.mlp, top_k, c.norm_topk_prob, disabled)
     return x + out, routing
 
 

@@ -8,8 +8,8 @@ variation, max/mean, unused experts, mean router entropy and the auxiliary balan
 ``aux = E * sum_e f_e * P_e`` (f_e: fraction of picks that went to e, P_e: mean router probability of e; perfectly
 even routing gives 1).
 
-An optional per-token trace records (layer, position in the step's batch, experts, weights) for the routing explorer
-and the debug mode; it grows with every token, so it is off unless asked for.
+An optional per-token trace records (layer, task, position, token, experts, weights, router probabilities) for the
+routing explorer; it grows with every token, so it is off unless asked for.
 """
 
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ class RouterTraceRecord:
     token: int  # the token id that was routed
     experts: list[int]
     weights: list[float]
+    probs: list[float]  # the router's softmax over all experts
 
 
 class RouterStats:
@@ -52,9 +53,10 @@ class RouterStats:
         self.entropy_sum[layer] += float(-(p * np.log(np.maximum(p, 1e-30))).sum())
         self.prob_sum[layer] += p.sum(axis=0)
         if self.trace_enabled:
-            for (task_id, pos, tok), experts, weights in zip(token_info, routing.experts, routing.weights):
+            for (task_id, pos, tok), experts, weights, probs in zip(token_info, routing.experts, routing.weights,
+                                                                      routing.probs):
                 self.trace.append(RouterTraceRecord(layer, task_id, pos, tok, experts.tolist(),
-                                                    [float(w) for w in weights]))
+                                                    [float(w) for w in weights], probs.tolist()))
 
     def layer_stats(self, layer: int) -> dict:
         if layer not in self.counts:

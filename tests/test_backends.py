@@ -96,8 +96,8 @@ def test_feed_forward_block_and_logits(fast, folder, T):
     rng = np.random.default_rng()
     x = rng.standard_normal((T, config.hidden_size), dtype=np.float32)
     for i in range(config.num_hidden_layers):
-        expected, r_routing = ref.feed_forward_block(r_state, i, x)
-        ours, f_routing = fast.feed_forward_block(f_state, i, x)
+        expected, r_routing = ref.feed_forward_block(r_state, i, x, config.num_experts_per_tok, None)
+        ours, f_routing = fast.feed_forward_block(f_state, i, x, config.num_experts_per_tok, None)
         close(ours, expected, f"layer {i} output")
         assert (f_routing is None) == (r_routing is None) == (not config.is_moe_layer(i))
         if r_routing is not None:
@@ -117,7 +117,7 @@ def test_router_ties_go_to_the_lower_expert(fast, tmp_path):
         tensors[name] = np.zeros_like(tensors[name])
     cfg, _, f_state = states(fast, write_checkpoint(tmp_path / "ties", config, tensors))
     x = np.random.default_rng().standard_normal((6, cfg.hidden_size), dtype=np.float32)
-    _, routing = fast.feed_forward_block(f_state, cfg.moe_layers[0], x)
+    _, routing = fast.feed_forward_block(f_state, cfg.moe_layers[0], x, cfg.num_experts_per_tok, None)
     assert routing.experts.tolist() == [list(range(cfg.num_experts_per_tok))] * 6
 
 
