@@ -63,9 +63,9 @@ class RouterStats:
             kinds = ", ".join(map(str, self.config.moe_layers)) or "none"
             raise ValueError(f"layer {layer} is not an MoE layer of this model (MoE layers: {kinds})")
         counts, tokens = self.counts[layer], self.tokens[layer]
-        E, K = self.config.num_experts, self.config.num_experts_per_tok
-        ideal = tokens * K / E
+        E = self.config.num_experts
         picks = counts.sum()
+        ideal = picks / E  # = tokens * top_k / E, with the top_k in force (a RoutingOverride may change it)
         mean = counts.mean()
         with np.errstate(invalid="ignore", divide="ignore"):
             return {
