@@ -25,24 +25,9 @@ import math
 import numpy as np
 import torch
 
-TOKEN_CLASSES = ("newline", "punctuation", "capitalised", "lowercase", "digit", "other")
-
-
-def token_class(text: str) -> int:
-    """Class index of one token from its decoded text (leading spaces and apostrophes do not count)."""
-    if "\n" in text or "\r" in text:
-        return 0
-    s = text.strip()
-    if not s or "\ufffd" in s:  # pure spaces, or a byte piece of a multi-byte character
-        return 5
-    if s.isdigit():
-        return 4
-    core = s.lstrip("'").replace("'", "").replace("-", "")
-    if core.isalpha():
-        return 2 if core[0].isupper() else 3
-    if all(not c.isalnum() for c in s):
-        return 1
-    return 5
+# The token classes and their rule live in the engine's routing explorer, so that the model card's figures and the
+# explorer's views classify tokens the same way.
+from qwen3moe.explorer import TOKEN_CLASSES, token_class  # noqa: E402,F401
 
 
 def token_classes(tokenizer, vocab_rows: int) -> np.ndarray:

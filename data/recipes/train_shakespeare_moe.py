@@ -45,6 +45,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(REPO))  # the token-class rule comes from the engine (qwen3moe.explorer)
 
 import hf_export  # noqa: E402
 import model_card  # noqa: E402
