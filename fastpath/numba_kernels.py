@@ -338,15 +338,3 @@ def _serial_twin(kernel):
 project_serial = _serial_twin(project)
 SERIAL = {kernel: _serial_twin(kernel)
           for kernel in (attend_cached, experts_gate_up, experts_down, dense_gate_up)} | {project: project_serial}
-
-
-# ---- measuring the machine -----------------------------------------------------------------------------------
-
-
-@njit(cache=True, parallel=True)
-def read_bandwidth_probe(words):
-    """Sum a large uint32 array with every thread: the time it takes gives the machine's read bandwidth."""
-    total = np.uint64(0)
-    for i in prange(words.shape[0]):
-        total += words[i]
-    return total
