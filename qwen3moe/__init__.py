@@ -12,5 +12,5 @@ from .infer_task import Qwen3MoeInferTask, Qwen3MoeKVCache
 
 __all__ = [
     "Qwen3MoeForCausalLM", "Qwen3MoeConfig", "load_config", "DeviceType", "Qwen3MoeInferTask", "Qwen3MoeKVCache",
-    "CheckpointError", "DeviceError", "UnsupportedConfigError",
+    "CheckpointError", "DeviceError", "UnsupportedConfigError", "backends",
 ]

@@ -29,7 +29,6 @@ import csv
 import html
 import io
 import json
-import math
 from dataclasses import dataclass, field
 from collections.abc import Iterable
 

@@ -49,6 +49,7 @@ def forward(backend, state, config: Qwen3MoeConfig, requests: list[Request], sta
     positions = np.concatenate([r.pos + np.arange(len(r.tokens)) for r in requests])  # (T,)
     token_info = [(r.task_id, r.pos + j, t) for r in requests for j, t in enumerate(r.tokens)]
 
+    override = override or RoutingOverride()  # no override: every layer routes as config.json says
     with debug.phase("embedding"):
         x = backend.embed(state, token_ids)  # (T, H)
         cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta)  # (T, D) each
@@ -58,7 +59,7 @@ def forward(backend, state, config: Qwen3MoeConfig, requests: list[Request], sta
         with debug.phase("attention"):
             x = backend.attention_block(state, i, x, cos, sin, segments)  # (T, H)
         debug.check(x, "hidden state after attention", i)
-        top_k, disabled = (override or RoutingOverride()).for_layer(i, config.num_experts, config.num_experts_per_tok)
+        top_k, disabled = override.for_layer(i, config.num_experts, config.num_experts_per_tok)
         with debug.phase("moe" if config.is_moe_layer(i) else "mlp"):
             x, routing = backend.feed_forward_block(state, i, x, top_k, disabled)  # (T, H)
         if routing is not None:

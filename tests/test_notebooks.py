@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom in a fresh kernel; their asserts check what they teach against the library."""
 
-import os
 from pathlib import Path
 
 import pytest
