@@ -4,7 +4,7 @@
   * bf16 matrices become uint32 views of the same memory (two bf16 per word) -- no copy, still memory-mapped;
   * q, k and v projections are stacked into one matrix so one pass over the normalised input computes all three
     (a small copy), and likewise a dense MLP's gate and up;
-  * an MoE layer's experts become three ``numba.typed.List``s of matrices (gate, up, down): views again, so
+  * an MoE layer's experts become one ``numba.typed.List`` of (gate, up, down) matrices: views again, so
     loading a 60 GB checkpoint copies no expert and a decode step touches only the experts it chose;
   * f16 checkpoints are widened to f32 once (Numba has no fast f16 arithmetic); f32 checkpoints are used as they are;
   * the checkpoint's memory maps are populated (every page mapped now, not on first touch; see ``populate``).
@@ -13,21 +13,33 @@ Decode steps (a few tokens) are bound by memory and run on the fused GEMV kernel
 perplexity) does ~2 x tokens flops per weight byte and is bound by arithmetic instead: there each weight matrix is
 widened to float32 block by block, once per step, and multiplied by BLAS, and long prompts attend through the
 reference's BLAS attention. The cut-over is ``MANY_TOKENS``.
+
+A small model's decode step (the bundled model's reads 6.6 MB, ~0.2 ms of kernels) is bound by the cost of the calls
+themselves as much as by memory, so each block is as few compiled calls as its parts allow: the RMSNorm runs inside
+the projection after it, q/k-norm + RoPE + cache write + attention is one call per request, and an MoE block whose
+experts are small is one call altogether. Calls that touch little memory run on one thread (``PARALLEL_MIN_BYTES``).
 """
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from numba.typed import List
 
 from qwen3moe.checkpoint import populate
 from qwen3moe.config import Qwen3MoeConfig
-from qwen3moe.layers import AttentionSegment, Routing, attend, silu
+from qwen3moe.debug import NonFiniteError
+from qwen3moe.layers import AttentionSegment, Routing, attend, rope_cos_sin, silu
+from qwen3moe.router_stats import RouterStats
 from qwen3moe.weights import Qwen3MoeWeights, SparseMoeBlock
 
 from . import numba_kernels as K
 
-PARALLEL_MIN_BYTES = 1 << 20  # calls that touch less memory run on one thread (K.SERIAL): no thread start-up
+xp = np  # activations and KV caches are NumPy arrays
+# Calls that touch less memory run on one thread (K.SERIAL). Waking the worker threads costs ~40 us once they have
+# gone to sleep between two steps (as long as one thread takes to read 2 MB), and far more when another process
+# holds the other cores; at 4 MB the threads win even so.
+PARALLEL_MIN_BYTES = 1 << 22
 MANY_TOKENS = 16  # from this many tokens (or picks of one expert) on, widen weights in blocks and use BLAS
 BLOCK_ROWS = 512  # rows widened at a time: 4 MB of float32 at hidden 2048, reused by BLAS while in cache
 
@@ -43,17 +55,19 @@ class Layer:
     gate_up: np.ndarray | None  # dense: (2I, H/2) words
     down: np.ndarray | None  # dense: (H, I/2) words
     router: np.ndarray | None  # MoE: (E, H/2) words
-    experts: tuple | None  # MoE: typed Lists of E matrices each: gate (I, H/2), up (I, H/2), down (H, I/2)
+    experts: List | None  # MoE: typed List of E (gate (I, H/2), up (I, H/2), down (H, I/2)) words
     expert_nbytes: int  # MoE: bytes of one expert's three matrices (indexing a typed List from Python is slow)
+    no_disabled: np.ndarray | None  # MoE: (E,) all False, the router's mask when no expert is disabled
 
 
 @dataclass
 class State:
     config: Qwen3MoeConfig
-    embed_tokens: np.ndarray  # (V, H), checkpoint dtype
+    embed_tokens: np.ndarray  # (V, H/2) words
     layers: list[Layer]
     norm: np.ndarray  # (H,) f32
     lm_head: np.ndarray  # (V, H/2) words
+    decoding: tuple | None = None  # the weights as K.decode_step takes them, made by the first GreedyDecoder
 
 
 def words(w: np.ndarray) -> np.ndarray:
@@ -73,29 +87,26 @@ def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig) -> State:
         a = lw.self_attn
         f32 = lambda v: np.asarray(v, dtype=np.float32)
         if isinstance(lw.mlp, SparseMoeBlock):
-            experts = tuple(List([words(getattr(e, p)) for e in lw.mlp.experts])
-                            for p in ("gate_proj", "up_proj", "down_proj"))
+            matrices = [(words(e.gate_proj), words(e.up_proj), words(e.down_proj)) for e in lw.mlp.experts]
+            experts = K.expert_list(*matrices[0])
+            for m in matrices[1:]:
+                K.add_expert(experts, *m)
             gate_up, down, router = None, None, words(lw.mlp.gate)
-            expert_nbytes = sum(m[0].nbytes for m in experts)
+            expert_nbytes = sum(m.nbytes for m in matrices[0])
+            no_disabled = np.zeros(config.num_experts, np.bool_)
         else:
             gate_up, down = words(np.concatenate([lw.mlp.gate_proj, lw.mlp.up_proj])), words(lw.mlp.down_proj)
-            router = experts = None
+            router = experts = no_disabled = None
             expert_nbytes = 0
         layers.append(Layer(f32(lw.input_layernorm), words(np.concatenate([a.q_proj, a.k_proj, a.v_proj])),
                             f32(a.q_norm), f32(a.k_norm), words(a.o_proj), f32(lw.post_attention_layernorm),
-                            gate_up, down, router, experts, expert_nbytes))
-    # np.asarray: a plain ndarray view of the memory map (indexing a np.memmap subclass costs ~0.2 ms per call)
-    return State(config, np.asarray(weights.embed_tokens), layers, np.asarray(weights.norm, np.float32),
+                            gate_up, down, router, experts, expert_nbytes, no_disabled))
+    return State(config, words(weights.embed_tokens), layers, np.asarray(weights.norm, np.float32),
                  words(weights.lm_head))
 
 
-def split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Even and odd elements of each row, the form the projection kernels take their input in."""
-    return K.split_even_odd(x, x[0], 0.0, False)
-
-
 def joined(xe: np.ndarray, xo: np.ndarray) -> np.ndarray:
-    """The inverse of split: rows in their natural order, as BLAS takes them."""
+    """The inverse of K.split_even_odd: rows in their natural order, as BLAS takes them."""
     x = np.empty((xe.shape[0], 2 * xe.shape[1]), np.float32)
     x[:, 0::2], x[:, 1::2] = xe, xo
     return x
@@ -110,67 +121,73 @@ def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
+def normed(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm(x) * weight with rows in their natural order, as BLAS takes them."""
+    return joined(*K.split_even_odd(x, weight, eps, True))
+
+
 def run(kernel, nbytes: int, *args):
     """Run a threaded kernel, or its one-thread twin when the call touches fewer than PARALLEL_MIN_BYTES."""
     return (kernel if nbytes >= PARALLEL_MIN_BYTES else K.SERIAL[kernel])(*args)
 
 
-def project_into(xe: np.ndarray, xo: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-    """out += x @ W.T, with x given split (and already normalised where a norm precedes the projection)."""
-    if xe.shape[0] < MANY_TOKENS:
-        run(K.project, w.nbytes * xe.shape[0], xe, xo, w, out)
-    else:
-        out += matmul(joined(xe, xo), w)
-
-
 def embed(s: State, token_ids: np.ndarray) -> np.ndarray:
-    return np.asarray(s.embed_tokens[token_ids], dtype=np.float32)  # (T, H)
+    return K.embed_rows(s.embed_tokens, token_ids, s.config.hidden_size)  # (T,) -> (T, H)
 
 
 def attention_block(s: State, i: int, x: np.ndarray, cos: np.ndarray, sin: np.ndarray,
                     segments: list[AttentionSegment]) -> np.ndarray:
     c, layer = s.config, s.layers[i]
-    xe, xo = K.split_even_odd(x, layer.input_norm, c.rms_norm_eps, True)  # RMSNorm fused into the split
-    qkv = np.zeros((x.shape[0], layer.qkv.shape[0]), np.float32)  # (T, (Hq + 2 Hkv) D)
-    project_into(xe, xo, layer.qkv, qkv)
-    attn = np.empty((x.shape[0], c.num_attention_heads * c.head_dim), np.float32)  # (T, Hq D)
+    T = x.shape[0]
+    if T < MANY_TOKENS:  # qkv: (T, (Hq + 2 Hkv) D)
+        qkv = run(K.norm_project, layer.qkv.nbytes * T, x, layer.input_norm, c.rms_norm_eps, layer.qkv)
+    else:
+        qkv = matmul(normed(x, layer.input_norm, c.rms_norm_eps), layer.qkv)
+    attn = np.empty((T, c.num_attention_heads * c.head_dim), np.float32)  # (T, Hq D)
     for g in segments:
-        rows = slice(g.start, g.stop)
-        q = K.qk_norm_rope_cache(qkv[rows], layer.q_norm, layer.k_norm, cos[rows], sin[rows], c.rms_norm_eps,
-                                 c.num_attention_heads, c.num_key_value_heads, g.k_cache, g.v_cache, g.pos)
-        n, end = g.stop - g.start, g.pos + g.stop - g.start
-        cached_bytes = 2 * g.k_cache[:end].nbytes * n
-        heads = run(K.attend_cached, cached_bytes, q, g.k_cache, g.v_cache, g.pos) if n < MANY_TOKENS else \
-            attend(q, g.k_cache[:end], g.v_cache[:end], g.pos)
-        attn[rows] = heads.reshape(n, -1)
-    out = x.copy()  # the residual; o_proj adds into it
-    project_into(*split(attn), layer.o_proj, out)
-    return out
+        n = g.stop - g.start
+        if n < MANY_TOKENS:
+            cached_bytes = 2 * g.k_cache.strides[0] * (g.pos + n) * n  # keys and values, read once per query
+            run(K.attend_segment, cached_bytes, qkv, cos, sin, layer.q_norm, layer.k_norm, c.rms_norm_eps,
+                c.num_attention_heads, g.start, g.stop, g.k_cache, g.v_cache, g.pos, attn)
+        else:
+            rows = slice(g.start, g.stop)
+            q = K.qk_norm_rope_cache(qkv[rows], layer.q_norm, layer.k_norm, cos[rows], sin[rows], c.rms_norm_eps,
+                                     c.num_attention_heads, c.num_key_value_heads, g.k_cache, g.v_cache, g.pos)
+            attn[rows] = attend(q, g.k_cache[:g.pos + n], g.v_cache[:g.pos + n], g.pos).reshape(n, -1)
+    if T < MANY_TOKENS:  # o_proj adds into the residual
+        return run(K.project_residual, layer.o_proj.nbytes * T, attn, layer.o_proj, x)
+    return x + matmul(attn, layer.o_proj)
 
 
 def feed_forward_block(s: State, i: int, x: np.ndarray, top_k: int,
                        disabled: np.ndarray | None) -> tuple[np.ndarray, Routing | None]:
     c, layer = s.config, s.layers[i]
+    T = x.shape[0]
+    if layer.router is None:
+        if T < MANY_TOKENS:
+            h = run(K.dense_gate_up, layer.gate_up.nbytes * T, x, layer.post_norm, c.rms_norm_eps, layer.gate_up)
+            return run(K.project_residual, layer.down.nbytes * T, h, layer.down, x), None  # h was (T, I)
+        gate_up = matmul(normed(x, layer.post_norm, c.rms_norm_eps), layer.gate_up)
+        h = silu(gate_up[:, :gate_up.shape[1] // 2]) * gate_up[:, gate_up.shape[1] // 2:]  # (T, I)
+        return x + matmul(h, layer.down), None
+    mask = layer.no_disabled if disabled is None else disabled
+    most_experts = min(T * top_k, c.num_experts)  # the step reads at most this many experts
+    if T < MANY_TOKENS and layer.router.nbytes + most_experts * layer.expert_nbytes < PARALLEL_MIN_BYTES:
+        # one thread would run every kernel of the block: run them as one call
+        out, probs, experts, weights = K.moe_block(x, layer.post_norm, c.rms_norm_eps, layer.router, layer.experts,
+                                                   top_k, c.norm_topk_prob, mask)
+        return out, Routing(probs=probs, experts=experts, weights=weights)
     xe, xo = K.split_even_odd(x, layer.post_norm, c.rms_norm_eps, True)
     out = x.copy()  # the residual; the down projection adds into it
-    if layer.router is None:
-        if x.shape[0] < MANY_TOKENS:
-            h = run(K.dense_gate_up, layer.gate_up.nbytes * x.shape[0], xe, xo, layer.gate_up)  # (T, I)
-        else:
-            gate_up = matmul(joined(xe, xo), layer.gate_up)  # (T, 2I)
-            h = silu(gate_up[:, :gate_up.shape[1] // 2]) * gate_up[:, gate_up.shape[1] // 2:]
-        project_into(*split(h), layer.down, out)
-        return out, None
-    mask = np.zeros(c.num_experts, np.bool_) if disabled is None else disabled
     probs, experts, weights = K.route(xe, xo, layer.router, top_k, c.norm_topk_prob, mask)
     order, starts = K.group_by_expert(experts, c.num_experts)
     picks = np.diff(starts)  # tokens per expert
-    gates, ups, downs = layer.experts
     few = np.flatnonzero((picks > 0) & (picks < MANY_TOKENS))  # fused kernels: each row read once for its tokens
     if len(few):
         expert_bytes = len(few) * layer.expert_nbytes
-        h = run(K.experts_gate_up, expert_bytes, xe, xo, gates, ups, few, order, starts, top_k)  # (picks, I)
-        run(K.experts_down, expert_bytes, h, downs, few, order, starts, weights, top_k, out)
+        h = run(K.experts_gate_up, expert_bytes, xe, xo, layer.experts, few, order, starts, top_k)  # (picks, I)
+        run(K.experts_down, expert_bytes, h, layer.experts, few, order, starts, weights, top_k, out)
     many = np.flatnonzero(picks >= MANY_TOKENS)  # BLAS on widened weights
     if len(many):
         xn = joined(xe, xo)
@@ -178,13 +195,114 @@ def feed_forward_block(s: State, i: int, x: np.ndarray, top_k: int,
             chosen = order[starts[e]:starts[e + 1]]  # flat (token, slot) picks of expert e
             tokens = chosen // top_k
             xt = xn[tokens]
-            h = silu(matmul(xt, gates[e])) * matmul(xt, ups[e])  # (n_e, I)
-            out[tokens] += weights.ravel()[chosen][:, None] * matmul(h, downs[e])  # tokens are distinct
+            gate, up, down = layer.experts[e]
+            h = silu(matmul(xt, gate)) * matmul(xt, up)  # (n_e, I)
+            out[tokens] += weights.ravel()[chosen][:, None] * matmul(h, down)  # tokens are distinct
     return out, Routing(probs=probs, experts=experts, weights=weights)
 
 
 def final_logits(s: State, x: np.ndarray) -> np.ndarray:
-    xe, xo = K.split_even_odd(x, s.norm, s.config.rms_norm_eps, True)
-    logits = np.zeros((x.shape[0], s.lm_head.shape[0]), np.float32)  # (T, V)
-    project_into(xe, xo, s.lm_head, logits)
-    return logits
+    """lm_head(norm(x)): (T, H) -> (T, V)."""
+    if x.shape[0] < MANY_TOKENS:
+        return run(K.norm_project, s.lm_head.nbytes * x.shape[0], x, s.norm, s.config.rms_norm_eps, s.lm_head)
+    return matmul(normed(x, s.norm, s.config.rms_norm_eps), s.lm_head)
+
+
+# ---- batch-1 greedy decoding: a whole step in one call ------------------------------------------------------------
+
+
+class GreedyDecoder:
+    """Greedy decoding of one sequence, each step -- embedding, every layer, lm_head, argmax, router counts -- one
+    compiled call (``K.decode_step``).
+
+    Why: through the model loop a decode step of the bundled model is ~20 kernel calls from Python plus the loop's
+    own bookkeeping (requests to rows, RoPE tables, router statistics, sampling): ~330 us, of which the kernels'
+    arithmetic is a small part. Here the step is one call into one parallel region whose threads share every phase
+    (see the notes above ``K.decode_step``), RoPE comes from a table made once, the router statistics are counted
+    in arrays during the step and handed over by ``flush_stats``, and the token is the argmax of the logits (the
+    lowest id among equals; NaN or +Inf logits raise NonFiniteError, as the reference sampler does). ``generate``
+    uses it after the prefill when nothing needs the per-step path (see ``backends.py``).
+
+    ``cache`` must already hold positions [0, pos); ``token`` is the input at ``pos``. The keys and values it writes
+    are the ones the per-step path would write, so the cache stays usable by it. ``logits`` holds the last step's.
+    """
+
+    def __init__(self, s: State, cache, pos: int, token: int):
+        c = s.config
+        if not isinstance(cache.k, np.ndarray):
+            raise TypeError("the numba backend needs KV caches in host memory (NumPy arrays)")
+        s.decoding = s.decoding or decoding_weights(s)
+        self.capacity, self.pos, self.token, self.steps = cache.capacity, int(pos), int(token), 0
+        *self._weights, step_bytes = s.decoding
+        cos, sin = rope_cos_sin(np.arange(cache.capacity), c.head_dim, c.rope_theta)  # (capacity, D) each
+        self._cache = (cache.k, cache.v, cos, sin)
+        self._config = (np.float32(c.rms_norm_eps), c.num_attention_heads, c.num_experts_per_tok,
+                        bool(c.norm_topk_prob), np.zeros(c.num_experts, np.bool_))
+        self.logits = np.empty(s.lm_head.shape[0], np.float32)
+        E, n_moe = c.num_experts, len(c.moe_layers)
+        self._counts = np.zeros((max(n_moe, 1), E), np.int64)  # since the last flush, per MoE layer
+        self._prob_sum = np.zeros((max(n_moe, 1), E), np.float64)
+        self._entropy = np.zeros(max(n_moe, 1), np.float64)
+        self._moe_layers = c.moe_layers
+        # One thread when the step reads less than PARALLEL_MIN_BYTES (waking the others would cost more).
+        threads = numba.get_num_threads() if step_bytes >= PARALLEL_MIN_BYTES else 1
+        self._kernel, self._threads = (K.decode_step, threads) if threads > 1 else (K.SERIAL[K.decode_step], 1)
+
+    def step(self) -> int:
+        """Decode one token: the greedy successor of the previous one (the first time: of ``token``)."""
+        if self.pos >= self.capacity:
+            raise ValueError(f"the KV cache is full ({self.capacity} positions)")
+        token = self._kernel(self.token, self.pos, self._threads, *self._weights, *self._cache, *self._config,
+                             self.logits, self._counts, self._prob_sum, self._entropy)
+        if token < 0:
+            raise NonFiniteError("the logits contain NaN or +Inf; run with debug=True (--debug) to find the layer "
+                                 "and tensor where they first appear")
+        self.pos, self.token, self.steps = self.pos + 1, int(token), self.steps + 1
+        return self.token
+
+    def flush_stats(self, stats: RouterStats) -> None:
+        """Add the routing of the steps since the last flush to ``stats``."""
+        for m, layer in enumerate(self._moe_layers):
+            stats.add(layer, self._counts[m].copy(), self.steps, float(self._entropy[m]), self._prob_sum[m].copy())
+        for a in (self._counts, self._prob_sum, self._entropy):
+            a[:] = 0
+        self.steps = 0
+
+
+def decoding_weights(s: State) -> tuple:
+    """The weights as K.decode_step takes them (views: nothing large is copied), then the bytes a step reads.
+
+    A typed List holds one type: a kind of matrix whose layers differ in dtype is widened to float32 throughout, and
+    a layer without a matrix of the kind (a dense layer's router, an MoE layer's dense MLP) holds a placeholder.
+    """
+    c = s.config
+    dense = [l for l in s.layers if l.router is None]
+    moe = [l for l in s.layers if l.router is not None]
+    placeholder = np.zeros((2, 2), (dense[0].gate_up if dense else s.lm_head).dtype)
+
+    def typed_list(matrices):
+        if len({m.dtype for m in matrices}) > 1:
+            matrices = [K.widen(m) if m.dtype == np.uint32 else m for m in matrices]
+        out = K.matrix_list(matrices[0])
+        for m in matrices[1:]:
+            K.add_matrix(out, m)
+        return out
+
+    if moe:  # every MoE layer's experts in one list: MoE layer m's expert e at m * E + e
+        experts = K.copied_experts(moe[0].experts)
+        for l in moe[1:]:
+            K.add_experts(experts, l.experts)
+    else:
+        experts = K.expert_list(placeholder, placeholder, placeholder)
+    moe_slot = np.full(len(s.layers), -1, np.int64)
+    moe_slot[c.moe_layers] = np.arange(len(c.moe_layers))
+    step_bytes = s.lm_head.nbytes + sum(l.qkv.nbytes + l.o_proj.nbytes for l in s.layers) + sum(
+        l.gate_up.nbytes + l.down.nbytes for l in dense) + sum(
+        l.router.nbytes + c.num_experts_per_tok * l.expert_nbytes for l in moe)
+    return (s.embed_tokens,
+            np.stack([[l.input_norm, l.post_norm] for l in s.layers]),  # (L, 2, H)
+            np.stack([[l.q_norm, l.k_norm] for l in s.layers]),  # (L, 2, D)
+            typed_list([l.qkv for l in s.layers]), typed_list([l.o_proj for l in s.layers]),
+            typed_list([l.gate_up if l.router is None else placeholder for l in s.layers]),
+            typed_list([l.down if l.router is None else placeholder for l in s.layers]),
+            typed_list([l.router for l in moe] or [placeholder]), experts, moe_slot, s.norm, s.lm_head, step_bytes)

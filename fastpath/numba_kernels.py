@@ -15,20 +15,27 @@ bandwidth, not arithmetic. The kernels are written for that:
   that follows it, projections accumulate into their output so the residual add is free, q/k-norm + RoPE + cache
   write is one pass, the router's GEMV + softmax + top-k is one call, gate/up + SiLU·mul is one pass, and the down
   projection applies the routing weight and adds into the residual.
-* **The MoE block reads only chosen experts**, straight from the checkpoint's memory map (experts are passed as
-  lists of matrices, so nothing is copied at load), and groups a step's tokens by expert so each expert's rows are
+* **The MoE block reads only chosen experts**, straight from the checkpoint's memory map (experts are passed as a
+  list of matrices, so nothing is copied at load), and groups a step's tokens by expert so each expert's rows are
   read once per step however many tokens chose it.
+* **Few calls where the work is small.** A call from Python costs ~1 us, and a small model's decode step is a few
+  hundred microseconds of work in all, so a kernel takes a block's whole input (the norm inside the projection
+  after it, the attention of one request in one call) and ``moe_block`` is a whole small MoE block. Each threaded
+  kernel has a one-thread twin (``SERIAL``) for calls too small to pay for waking threads.
 
 Weights may also be float32 (an f32 checkpoint): ``_lo``/``_hi`` read a row's element pairs and Numba compiles one
 version per dtype. ``cache=True`` stores the compiled code next to this file, so a second process starts at once.
 """
 
+import sys
 from types import FunctionType
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import carray, njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
+from numba.typed import List
 
 # fastmath without 'nnan'/'ninf': sums may be reordered (that is what lets LLVM vectorise them) but NaN and Inf
 # still propagate, so debug mode can find them; error_model="numpy": IEEE division, no zero checks in hot loops.
@@ -89,6 +96,25 @@ def _dot(w, r, xe, xo, t) -> np.float32:
     return acc
 
 
+@njit(**FLAGS, inline="always")
+def _dot2(w, r, v, s, xe, xo, t) -> tuple[np.float32, np.float32]:
+    """Row r of w and row s of v times token t of x, in one pass: each load of x serves both rows, and the loop
+    overheads and final horizontal sums of the two overlap. ~15 % faster than two _dot calls on rows of 64-256 words
+    (a small model's), where those per-row costs are a large part of the work; but ~25 % slower on large matrices
+    streamed from DRAM, so only the small-step ``moe_block`` uses it."""
+    a = b = np.float32(0.0)
+    for j in range(xe.shape[1]):
+        e, o = xe[t, j], xo[t, j]
+        a += e * _lo(w, r, j) + o * _hi(w, r, j)
+        b += e * _lo(v, s, j) + o * _hi(v, s, j)
+    return a, b
+
+
+@njit(**FLAGS, inline="always")
+def _silu(g) -> np.float32:
+    return g / (np.float32(1.0) + np.exp(-g))
+
+
 # ---- projections -----------------------------------------------------------------------------------------------
 
 
@@ -98,6 +124,14 @@ def split_even_odd(x, norm_weight, eps, normalize):
     T, K = x.shape
     xe = np.empty((T, K // 2), np.float32)
     xo = np.empty((T, K // 2), np.float32)
+    split_into(x, norm_weight, eps, normalize, xe, xo)
+    return xe, xo
+
+
+@njit(**FLAGS)
+def split_into(x, norm_weight, eps, normalize, xe, xo):
+    """split_even_odd into the caller's xe, xo (rows T and beyond left as they are)."""
+    T, K = x.shape
     for t in range(T):
         scale = np.float32(1.0)
         if normalize:
@@ -110,15 +144,38 @@ def split_even_odd(x, norm_weight, eps, normalize):
             if normalize:
                 a, b = a * norm_weight[2 * j], b * norm_weight[2 * j + 1]
             xe[t, j], xo[t, j] = a, b
-    return xe, xo
 
 
 @njit(**FLAGS, parallel=True)
-def project(xe, xo, w, out):
-    """out[t, r] += x[t] . w[r] for every token t and row r of w (N, K/2 words): y += x @ W.T."""
+def norm_project(x, norm_weight, eps, w):
+    """RMSNorm(x) * norm_weight @ W.T, (T, K) -> (T, N): a projection that follows a norm (q|k|v, lm_head)."""
+    xe, xo = split_even_odd(x, norm_weight, eps, True)
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
     for r in prange(w.shape[0]):
-        for t in range(xe.shape[0]):
-            out[t, r] += _dot(w, r, xe, xo, t)
+        for t in range(x.shape[0]):
+            out[t, r] = _dot(w, r, xe, xo, t)
+    return out
+
+
+@njit(**FLAGS, parallel=True)
+def project_residual(h, w, residual):
+    """residual + h @ W.T, (T, K) -> (T, N): a projection that ends a block (o_proj, a dense MLP's down)."""
+    he, ho = split_even_odd(h, h[0], 0.0, False)
+    out = residual.copy()
+    for r in prange(w.shape[0]):
+        for t in range(h.shape[0]):
+            out[t, r] += _dot(w, r, he, ho, t)
+    return out
+
+
+@njit(**FLAGS)
+def embed_rows(table, token_ids, hidden):
+    """Rows of the embedding table (V, H/2 words) as float32: (T,) -> (T, H)."""
+    out = np.empty((token_ids.shape[0], hidden), np.float32)
+    for t in range(token_ids.shape[0]):
+        for j in range(hidden // 2):
+            out[t, 2 * j], out[t, 2 * j + 1] = _lo(table, token_ids[t], j), _hi(table, token_ids[t], j)
+    return out
 
 
 @njit(**FLAGS)
@@ -143,6 +200,22 @@ def widen(w):
 
 
 @njit(**FLAGS)
+def _norm_rope(src, weight, eps, cos, sin, dst):
+    """One head: RMSNorm(src) * weight, rotated by RoPE (NeoX rotate_half) with this position's cos/sin (D,)."""
+    D = src.shape[0]
+    half = D // 2
+    ss = np.float32(0.0)
+    for d in range(D):
+        ss += src[d] * src[d]
+    scale = np.float32(1.0) / np.sqrt(ss / np.float32(D) + np.float32(eps))
+    for d in range(half):
+        a = src[d] * scale * weight[d]
+        b = src[d + half] * scale * weight[d + half]
+        dst[d] = a * cos[d] - b * sin[d]
+        dst[d + half] = b * cos[d + half] + a * sin[d + half]
+
+
+@njit(**FLAGS)
 def qk_norm_rope_cache(qkv, q_norm, k_norm, cos, sin, eps, n_heads, n_kv_heads, k_cache, v_cache, pos):
     """Split one request's fused q|k|v rows, RMSNorm q and k per head, rotate them, write k and v to the cache.
 
@@ -150,62 +223,98 @@ def qk_norm_rope_cache(qkv, q_norm, k_norm, cos, sin, eps, n_heads, n_kv_heads, 
     """
     n = qkv.shape[0]
     D = q_norm.shape[0]
-    half = D // 2
     q = np.empty((n, n_heads, D), np.float32)
     for t in range(n):
         for h in range(n_heads + 2 * n_kv_heads):
             src = qkv[t, h * D:(h + 1) * D]
             if h >= n_heads + n_kv_heads:  # v: copied as it is
                 v_cache[pos + t, h - n_heads - n_kv_heads, :] = src
-                continue
-            weight = q_norm if h < n_heads else k_norm
-            ss = np.float32(0.0)
-            for d in range(D):
-                ss += src[d] * src[d]
-            scale = np.float32(1.0) / np.sqrt(ss / np.float32(D) + np.float32(eps))
-            dst = q[t, h] if h < n_heads else k_cache[pos + t, h - n_heads]
-            for d in range(half):
-                a = src[d] * scale * weight[d]
-                b = src[d + half] * scale * weight[d + half]
-                dst[d] = a * cos[t, d] - b * sin[t, d]
-                dst[d + half] = b * cos[t, d + half] + a * sin[t, d + half]
+            elif h >= n_heads:
+                _norm_rope(src, k_norm, eps, cos[t], sin[t], k_cache[pos + t, h - n_heads])
+            else:
+                _norm_rope(src, q_norm, eps, cos[t], sin[t], q[t, h])
     return q
 
 
-@njit(**FLAGS, parallel=True)
-def attend_cached(q, k_cache, v_cache, pos):
-    """Causal grouped-query attention of n queries (positions pos..pos+n-1) over the cache; (n, Hq, D) -> same.
+@njit(**FLAGS, inline="always")
+def _exp(x) -> np.float32:
+    """exp(x) for float32 x <= 0, as a polynomial that LLVM vectorises (np.exp is a call per element): 2^n * e^r with
+    r = x - n ln2 in [-ln2/2, ln2/2] (Cephes' expf); within 3e-7 relative of the exact value, as np.exp is within
+    2e-7. Below -87 it returns exp(-87) ~ 1.6e-38 rather than a denormal; NaN stays NaN."""
+    x = np.float32(-87.0) if x < np.float32(-87.0) else x
+    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375)
+    r = r - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * _as_float32(np.int32(n + np.float32(127.0)) << 23)
 
-    One thread per kv head: it reads that head's keys and values once for all its query heads and queries.
+
+@njit(**FLAGS)
+def _attend_kv_head(q, t, g, k_cache, v_cache, L, probs, acc, out):
+    """Query t's heads of kv head g attend over cache rows 0..L-1: q (n, Hq, D) -> out (Hq D,) at those heads.
+
+    Query heads in pairs, each key and value row read once for both (the last head twice if the group is odd): at
+    decode the per-row costs of these short (D) dot products outweigh their arithmetic. probs (2, >= L) and
+    acc (2, D) are the caller's scratch. (Rows are taken as views once per key, not indexed per element: that
+    lets LLVM drop its per-key checks that the arrays might overlap.)
     """
-    n, Hq, D = q.shape
-    Hkv = k_cache.shape[1]
-    group = Hq // Hkv
+    _, n_heads, D = q.shape
+    group = n_heads // k_cache.shape[1]
     scale = np.float32(D ** -0.5)
-    out = np.empty_like(q)
-    for g in prange(Hkv):
-        scores = np.empty(pos + n, np.float32)
+    p0, p1, a0, a1 = probs[0], probs[1], acc[0], acc[1]
+    for first in range(g * group, (g + 1) * group, 2):
+        second = min(first + 1, (g + 1) * group - 1)
+        q0, q1 = q[t, first], q[t, second]
+        for j in range(L):
+            key = k_cache[j, g]
+            s0 = s1 = np.float32(0.0)
+            for d in range(D):
+                s0 += q0[d] * key[d]
+                s1 += q1[d] * key[d]
+            p0[j], p1[j] = s0 * scale, s1 * scale
+        for p in (p0, p1):  # softmax over the L visible keys
+            best = p[:L].max()
+            total = np.float32(0.0)
+            for j in range(L):
+                p[j] = _exp(p[j] - best)
+                total += p[j]
+            for j in range(L):
+                p[j] /= total
+        a0[:] = 0.0
+        a1[:] = 0.0
+        for j in range(L):
+            value, w0, w1 = v_cache[j, g], p0[j], p1[j]
+            for d in range(D):
+                a0[d] += w0 * value[d]
+                a1[d] += w1 * value[d]
+        out[first * D:(first + 1) * D] = a0
+        out[second * D:(second + 1) * D] = a1
+
+
+@njit(**FLAGS, parallel=True)
+def attend_segment(qkv, cos, sin, q_norm, k_norm, eps, n_heads, start, stop, k_cache, v_cache, pos, out):
+    """One request's attention: its rows start:stop of the step's fused q|k|v, into the same rows of ``out``.
+
+    q/k-norm + RoPE + cache write (``qk_norm_rope_cache``), then causal grouped-query attention of its n queries
+    (positions pos..pos+n-1) over the cache; qkv (T, (Hq + 2 Hkv) D), cos/sin (T, D), out (T, Hq D). One call per
+    request rather than two plus the reshaping between them: at decode size each call costs about what its work
+    does. One thread per kv head: it reads that head's keys and values once for all its query heads and queries.
+    """
+    n_kv_heads = k_cache.shape[1]
+    q = qk_norm_rope_cache(qkv[start:stop], q_norm, k_norm, cos[start:stop], sin[start:stop], eps, n_heads,
+                           n_kv_heads, k_cache, v_cache, pos)  # (n, Hq, D)
+    n, _, D = q.shape
+    for g in prange(n_kv_heads):
+        probs = np.empty((2, pos + n), np.float32)  # a pair of query heads' attention over the keys
+        acc = np.empty((2, D), np.float32)  # and their outputs
         for t in range(n):
-            L = pos + t + 1  # keys this query may see
-            for h in range(g * group, (g + 1) * group):
-                best = -np.inf
-                for j in range(L):
-                    s = np.float32(0.0)
-                    for d in range(D):
-                        s += q[t, h, d] * k_cache[j, g, d]
-                    scores[j] = s * scale
-                    best = max(best, scores[j])
-                total = np.float32(0.0)
-                for j in range(L):
-                    scores[j] = np.exp(scores[j] - best)
-                    total += scores[j]
-                for d in range(D):
-                    out[t, h, d] = 0.0
-                for j in range(L):
-                    p = scores[j] / total
-                    for d in range(D):
-                        out[t, h, d] += p * v_cache[j, g, d]
-    return out
+            _attend_kv_head(q, t, g, k_cache, v_cache, pos + t + 1, probs, acc, out[start + t])
 
 
 # ---- router and experts --------------------------------------------------------------------------------------
@@ -219,12 +328,10 @@ def route(xe, xo, gate, top_k, norm_topk_prob, disabled):
     Returns probs (T, E), experts (T, K) most probable first, weights (T, K).
     """
     T, E = xe.shape[0], gate.shape[0]
-    probs = np.zeros((T, E), np.float32)
-    project_serial(xe, xo, gate, probs)  # E rows: too little work to start threads for
+    probs = np.empty((T, E), np.float32)
     for t in range(T):
         for e in range(E):
-            if disabled[e]:
-                probs[t, e] = -np.inf
+            probs[t, e] = -np.inf if disabled[e] else _dot(gate, e, xe, xo, t)
     experts = np.empty((T, top_k), np.int64)
     weights = np.empty((T, top_k), np.float32)
     for t in range(T):
@@ -246,6 +353,23 @@ def route(xe, xo, gate, top_k, norm_topk_prob, disabled):
 
 
 @njit(**FLAGS)
+def expert_list(gate, up, down):
+    """A typed List of experts' (gate, up, down) matrices, holding this first expert; add_expert appends the rest.
+
+    Built by compiled code, which the on-disk cache keeps: numba.typed.List's own methods, called from Python,
+    compile themselves anew in every process (~0.3 s of start-up).
+    """
+    experts = List()
+    experts.append((gate, up, down))
+    return experts
+
+
+@njit(**FLAGS)
+def add_expert(experts, gate, up, down):
+    experts.append((gate, up, down))
+
+
+@njit(**FLAGS)
 def group_by_expert(experts, num_experts):
     """Sort the step's (token, slot) picks by expert: returns order (picks, sorted), starts (E + 1) offsets."""
     picks = experts.ravel()
@@ -262,67 +386,69 @@ ROWS_PER_ITEM = 16  # rows of one expert per parallel work item: amortises fetch
 
 
 @njit(**FLAGS, parallel=True)
-def experts_gate_up(xe, xo, gates, ups, active, order, starts, top_k):
+def experts_gate_up(xe, xo, experts, active, order, starts, top_k):
     """SiLU(gate(x)) * up(x) for every pick of every active expert: (picks, I), rows in ``order``.
 
-    ``gates``/``ups`` are lists of each expert's (I, H/2) matrices, straight from the checkpoint's memory map.
-    Work is split over (expert, block of rows) items so that even one token's 8 experts keep every thread busy;
-    each row is read once for all the expert's tokens.
+    ``experts`` lists each expert's (gate (I, H/2), up (I, H/2), down (H, I/2)), straight from the checkpoint's
+    memory map. Work is split over (expert, block of rows) items so that even one token's 8 experts keep every
+    thread busy; each row is read once for all the expert's tokens.
     """
-    inter = gates[0].shape[0]
+    inter = experts[0][0].shape[0]
     blocks = (inter + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
     h = np.empty((order.shape[0], inter), np.float32)
+    tokens = order // top_k  # (picks,) the token of each pick, divided once rather than once per row
     for item in prange(active.shape[0] * blocks):
         e = active[item // blocks]
-        gate, up = gates[e], ups[e]
+        gate, up = experts[e][0], experts[e][1]
         first = (item % blocks) * ROWS_PER_ITEM
         for r in range(first, min(first + ROWS_PER_ITEM, inter)):
             for a in range(starts[e], starts[e + 1]):
-                t = order[a] // top_k
-                g = _dot(gate, r, xe, xo, t)
-                h[a, r] = g / (np.float32(1.0) + np.exp(-g)) * _dot(up, r, xe, xo, t)
+                t = tokens[a]
+                h[a, r] = _silu(_dot(gate, r, xe, xo, t)) * _dot(up, r, xe, xo, t)
     return h
 
 
 @njit(**FLAGS, parallel=True)
-def experts_down(h, downs, active, order, starts, weights, top_k, out):
+def experts_down(h, experts, active, order, starts, weights, top_k, out):
     """out[t] += weight * down_e(h) for every pick: the routing-weighted sum, added into the residual ``out``.
 
     Two passes. First every (expert, block of rows) item -- the split of experts_gate_up -- writes down_e(h) for
     the expert's picks into y. Then one thread per output column adds the weighted picks of each token into
     ``out`` (in ascending expert order, as the reference sums them).
     """
-    H = downs[0].shape[0]
+    H = experts[0][2].shape[0]
     he, ho = h[:, 0::2].copy(), h[:, 1::2].copy()
     blocks = (H + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
     y = np.empty((order.shape[0], H), np.float32)  # (picks, H), rows in ``order``
     for item in prange(active.shape[0] * blocks):
         e = active[item // blocks]
-        down = downs[e]
+        down = experts[e][2]
         first = (item % blocks) * ROWS_PER_ITEM
         for r in range(first, min(first + ROWS_PER_ITEM, H)):
             for a in range(starts[e], starts[e + 1]):
                 y[a, r] = _dot(down, r, he, ho, a)
-    flat_weights = weights.ravel()
+    tokens = order // top_k  # (picks,) the token of each pick, divided once rather than once per column
+    pick_weights = weights.ravel()[order]  # (picks,)
     for r in prange(H):
         for e in active:
             for a in range(starts[e], starts[e + 1]):
-                out[order[a] // top_k, r] += flat_weights[order[a]] * y[a, r]
+                out[tokens[a], r] += pick_weights[a] * y[a, r]
 
 
 @njit(**FLAGS, parallel=True)
-def dense_gate_up(xe, xo, gate_up):
-    """SiLU(gate(x)) * up(x) of a dense MLP; gate_up (2I, H/2) stacks the gate rows then the up rows."""
-    T, inter = xe.shape[0], gate_up.shape[0] // 2
+def dense_gate_up(x, norm_weight, eps, gate_up):
+    """SiLU(gate(x)) * up(x) of a dense MLP, x normalised first; gate_up (2I, H/2) stacks the gate rows then the up
+    rows. (T, H) -> (T, I)."""
+    xe, xo = split_even_odd(x, norm_weight, eps, True)
+    T, inter = x.shape[0], gate_up.shape[0] // 2
     h = np.empty((T, inter), np.float32)
     for r in prange(inter):
         for t in range(T):
-            g = _dot(gate_up, r, xe, xo, t)
-            h[t, r] = g / (np.float32(1.0) + np.exp(-g)) * _dot(gate_up, inter + r, xe, xo, t)
+            h[t, r] = _silu(_dot(gate_up, r, xe, xo, t)) * _dot(gate_up, inter + r, xe, xo, t)
     return h
 
 
-# ---- serial twins --------------------------------------------------------------------------------------------
+# ---- serial twins ----------------------------------------------------------------------------------------------
 
 
 def _serial_twin(kernel):
@@ -333,8 +459,408 @@ def _serial_twin(kernel):
     return njit(**FLAGS)(twin)
 
 
-# The kernels built without threads. Starting a parallel region costs tens of microseconds, more than a small
-# model's whole projection takes; the backend runs these when a call touches little memory (see PARALLEL_MIN_BYTES).
-project_serial = _serial_twin(project)
-SERIAL = {kernel: _serial_twin(kernel)
-          for kernel in (attend_cached, experts_gate_up, experts_down, dense_gate_up)} | {project: project_serial}
+# The kernels built without threads. Starting a parallel region costs microseconds when the worker threads are
+# spinning and tens of microseconds when they have gone to sleep, more than a small model's whole projection
+# takes; the backend runs these when a call touches little memory (see PARALLEL_MIN_BYTES).
+SERIAL = {kernel: _serial_twin(kernel) for kernel in (norm_project, project_residual, attend_segment, dense_gate_up,
+                                                      experts_gate_up, experts_down)}
+
+
+# ---- a whole MoE block in one call ------------------------------------------------------------------------------
+
+
+@njit(**FLAGS)
+def moe_block(x, norm_weight, eps, router, experts, top_k, norm_topk_prob, disabled):
+    """x + MoE(RMSNorm(x)) in one call, on one thread: for steps whose MoE block touches little memory.
+
+    The bundled model's MoE block reads 0.4 MB at decode. As the threaded path's six calls from Python (norm,
+    router, grouping, gate/up, down, and the index arithmetic between them) it took ~25 us on one thread; composed
+    of the same kernels in one call, ~20 us, for their split into (expert, block of rows) work items and their
+    intermediate buffers cost more than the reading. Here each pick is computed straight through instead, gate/up +
+    SiLU into h, then the down projection, weighted, into its token's row of the residual (experts in ascending
+    order, as the reference sums them): ~13 us. Returns out (T, H) and the routing: probs (T, E), experts (T, K),
+    weights (T, K).
+    """
+    xe, xo = split_even_odd(x, norm_weight, eps, True)
+    probs, chosen, weights = route(xe, xo, router, top_k, norm_topk_prob, disabled)
+    order, starts = group_by_expert(chosen, router.shape[0])
+    out = x.copy()  # the residual
+    half = experts[0][0].shape[0] // 2
+    he, ho = np.empty((1, half), np.float32), np.empty((1, half), np.float32)  # one pick's h, split (I/2,) x 2
+    for e in range(router.shape[0]):
+        for a in range(starts[e], starts[e + 1]):
+            gate, up, down = experts[e]
+            t, k = order[a] // top_k, order[a] % top_k  # the pick's token and slot
+            for j in range(half):
+                g, u = _dot2(gate, 2 * j, up, 2 * j, xe, xo, t)
+                he[0, j] = _silu(g) * u
+                g, u = _dot2(gate, 2 * j + 1, up, 2 * j + 1, xe, xo, t)
+                ho[0, j] = _silu(g) * u
+            for r in range(0, out.shape[1], 2):  # H is even
+                y0, y1 = _dot2(down, r, down, r + 1, he, ho, 0)
+                out[t, r] += weights[t, k] * y0
+                out[t, r + 1] += weights[t, k] * y1
+    return out, probs, chosen, weights
+
+
+# ---- batch-1 greedy decoding: a whole step in one call ----------------------------------------------------------
+#
+# A step of a small model is ~20 projections of a few hundred kilobytes each. As separate calls from Python each one
+# pays for the call, and as separate parallel regions each one pays for starting the threads (~3 us); together that
+# is more than the arithmetic. ``decode_step`` does the whole step in one call and one parallel region: every
+# thread runs the same sequence of phases (the q|k|v projection of layer 0, its attention, its o_proj, ...), the
+# work of a phase is cut into items that threads claim from a shared counter, and a thread moves on to the next
+# phase once every item of this one is done. Nothing waits for a particular thread, so a step completes whatever the
+# scheduling: a thread that starts late finds the early phases done and catches up, and one thread alone does it all.
+
+LINE = 8  # int64 counters per cache line: each thread's claim counter of a phase has a line of its own
+PAIR_WORDS = 256  # rows of at most this many words go in pairs (_dot2): faster for rows in cache, slower from DRAM
+ITEM_BYTES = 1 << 15  # weight bytes of one work item: small enough to even out the threads at the end of a
+#                      phase, large enough that claiming it (one atomic increment) is free in comparison
+
+
+@intrinsic
+def _atomic_increment(typingctx, counters, i):
+    """counters[i] += 1 as one atomic instruction (x86: ``lock xadd``); returns the value it had before, so two
+    threads incrementing at once get different answers. ``counters`` is an int64 array."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        address = cgutils.get_item_pointer(context, builder, signature.args[0], array, [args[1]])
+        return builder.atomic_rmw("add", address, ir.Constant(ir.IntType(64), 1), "seq_cst")
+
+    return types.int64(counters, types.intp), codegen
+
+
+@intrinsic
+def _atomic_read(typingctx, counters, i):
+    """counters[i], read so that what another thread wrote before its atomic increment is visible afterwards."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        address = cgutils.get_item_pointer(context, builder, signature.args[0], array, [args[1]])
+        return builder.load_atomic(address, "acquire", 8)
+
+    return types.int64(counters, types.intp), codegen
+
+
+@njit(**FLAGS)
+def _next_item(sync, phase, me, n_items):
+    """Claim a work item of ``phase`` for thread ``me``: the next one of its own share (items me * n / threads up to
+    the next thread's), else the next one of another thread's share; ``n_items`` when all are taken.
+
+    Each thread has its share of every phase: the same weight rows step after step, which stay in its core's
+    caches; another thread takes them only when it has finished its own share first.
+    """
+    threads = sync.shape[1] // LINE - 1
+    for k in range(threads):
+        owner = (me + k) % threads
+        item = owner * n_items // threads + _atomic_increment(sync[phase], LINE * owner)
+        if item < (owner + 1) * n_items // threads:
+            return item
+    return n_items
+
+
+@njit(**FLAGS)
+def _item_done(sync, phase):
+    _atomic_increment(sync[phase], sync.shape[1] - LINE)
+
+
+@intrinsic
+def _yield_cpu(typingctx):
+    """sched_yield(): let the OS run another thread on this core (linked by name, so cached code stays valid)."""
+    def codegen(context, builder, signature, args):
+        name = "SwitchToThread" if sys.platform == "win32" else "sched_yield"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), name)
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+SPINS = 4000  # reads of a done counter (a few microseconds) before a waiting thread starts yielding its core
+
+
+@njit(**FLAGS)
+def _wait_phase(sync, phase, n_items):
+    """Wait until all ``n_items`` items of ``phase`` are done (each is held by a thread that is computing it).
+
+    Spin first: a phase normally ends within a microsecond of this thread's last item. Then yield the core at every
+    read: the thread being waited for may have been descheduled (another process on a core), and on a machine with
+    as many threads as cores it may need this very core to finish.
+    """
+    spins = 0
+    while _atomic_read(sync[phase], sync.shape[1] - LINE) < n_items:
+        spins += 1
+        if spins > SPINS:
+            _yield_cpu()
+
+
+@njit(**FLAGS)
+def _rows_per_item(w):
+    """Rows of ``w`` per work item: ITEM_BYTES of it, an even number, at least 2."""
+    return max(2, ITEM_BYTES // (4 * w.shape[1]) // 2 * 2)
+
+
+@njit(**FLAGS)
+def _dot_rows(w, r0, r1, xe, xo, t, out, add):
+    """out[r] = (or, with ``add``, +=) row r of w times token t of x, for rows r0..r1-1. Short rows (a small model's)
+    go in pairs through _dot2, which shares each load of x between two rows."""
+    r = r0
+    if w.shape[1] <= PAIR_WORDS:
+        while r + 1 < r1:
+            a, b = _dot2(w, r, w, r + 1, xe, xo, t)
+            out[r], out[r + 1] = out[r] + a if add else a, out[r + 1] + b if add else b
+            r += 2
+    while r < r1:
+        y = _dot(w, r, xe, xo, t)
+        out[r] = out[r] + y if add else y
+        r += 1
+
+
+@njit(**FLAGS)
+def _project_phase(sync, phase, me, w, xe, xo, out, add):
+    """out[r] = (or, with ``add``, +=) row r of w times x for every row of w; returns the next phase."""
+    rows = _rows_per_item(w)
+    n_items = (w.shape[0] + rows - 1) // rows
+    item = _next_item(sync, phase, me, n_items)
+    while item < n_items:
+        _dot_rows(w, item * rows, min((item + 1) * rows, w.shape[0]), xe, xo, 0, out, add)
+        _item_done(sync, phase)
+        item = _next_item(sync, phase, me, n_items)
+    _wait_phase(sync, phase, n_items)
+    return phase + 1
+
+
+# The weight matrices a step reads come as one table of (address, rows, columns), an int64 row per matrix, all of one
+# dtype (that of ``like``, the embedding table). Passing six typed Lists of matrices instead cost ~6 us per call,
+# most of a small model's step budget; an array costs ~0.1 us. Rows 4i..4i+3: layer i's q|k|v, o_proj, and a dense
+# layer's gate|up and down (placeholders in an MoE layer); then MoE layer m's router at 4L + m; then expert e of MoE
+# layer m: gate, up, down at 4L + M + 3(m E + e) + 0, 1, 2 (M MoE layers of E experts).
+QKV, O_PROJ, GATE_UP, DOWN = 0, 1, 2, 3
+
+
+@intrinsic
+def _pointer(typingctx, address, like):
+    """The int64 ``address`` as a pointer to elements of the array ``like``'s dtype."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return types.CPointer(like.dtype)(types.int64, like), codegen
+
+
+@njit(**FLAGS, inline="always")
+def _matrix(table, k, like):
+    """Matrix k of the table as an array: no copy and no reference count (the caller keeps the memory alive)."""
+    return carray(_pointer(table[k, 0], like), (table[k, 1], table[k, 2]))
+
+
+@njit(**FLAGS)
+def _expert(table, like, n_layers, n_moe, num_experts, m, e, part):
+    """Part 0 (gate), 1 (up) or 2 (down) of expert e of MoE layer m."""
+    return _matrix(table, 4 * n_layers + n_moe + 3 * (m * num_experts + e) + part, like)
+
+
+@njit(**FLAGS)
+def _decode_buffers(n_threads, token, embed, lm_head, table, moe_slot, hidden, n_heads, head_dim, top_k,
+                    num_experts):
+    """The arrays the threads of a step share: the embedded token's hidden state x and every intermediate result."""
+    x = np.empty((1, hidden), np.float32)
+    for j in range(hidden // 2):
+        x[0, 2 * j], x[0, 2 * j + 1] = _lo(embed, token, j), _hi(embed, token, j)
+    n_layers, n_moe, dense_inter, moe_inter = moe_slot.shape[0], 0, 1, 1
+    for i in range(n_layers):
+        if moe_slot[i] < 0:
+            dense_inter = max(dense_inter, table[4 * i + GATE_UP, 1] // 2)
+        else:
+            n_moe += 1
+    if n_moe:
+        moe_inter = table[4 * n_layers + n_moe, 1]  # rows of the first expert's gate
+    n_lm_items = (lm_head.shape[0] + _rows_per_item(lm_head) - 1) // _rows_per_item(lm_head)
+    sync = np.zeros((6 * n_layers + 1, LINE * (n_threads + 1)), np.int64)  # per phase (<= 6 a layer): claim
+    # counters of each thread's share, then the count of items done, each on a cache line of its own
+    return (x, sync,
+            np.empty((1, table[QKV, 1]), np.float32), np.empty((1, n_heads * head_dim), np.float32),  # qkv, attn
+            np.empty((1, dense_inter), np.float32), np.empty((top_k, moe_inter), np.float32),  # h: dense, experts
+            np.empty((max(n_moe, 1), top_k), np.int64), np.empty((max(n_moe, 1), top_k), np.float32),  # routing
+            np.empty((max(n_moe, 1), num_experts), np.float32),
+            np.empty(n_lm_items, np.float32), np.empty(n_lm_items, np.int64), np.empty(n_lm_items, np.bool_))
+
+
+@njit(**FLAGS)
+def _decode_worker(me, pos, embed, lm_head, table, layer_norms, qk_norms, moe_slot, final_norm, k_cache, v_cache,
+                   cos, sin, eps, n_heads, top_k, norm_topk_prob, no_disabled, logits, shared):
+    """Thread ``me``'s part of a decode step: every phase, in order, doing the items of it that it claims.
+
+    Per layer: q|k|v rows; attention, one item per kv head (q/k-norm, RoPE, cache write, attention over positions
+    0..pos); o_proj rows, added into x; then the dense MLP (gate|up rows, down rows added into x) or the MoE block
+    (the chosen experts' gate|up rows; down rows summing the experts in ascending id order, as the reference does,
+    added into x). Finally the lm_head rows, each item also finding the largest logit of its rows.
+
+    Inputs a phase reads whole (a norm of x, the attention output split into even/odd, the router's choice) each
+    thread prepares for itself after the phase before has ended, and x is not written again before the phase that
+    uses them has ended. So a thread that prepares them late, when others have already finished the phase, may hold
+    a stale copy -- but then it finds no item left to claim, and the copy is never used.
+    """
+    x, sync, qkv_out, attn, h_dense, h_moe, chosen, pick_weights, router_probs, best_val, best_idx, bad = shared
+    H, D = x.shape[1], qk_norms.shape[2]
+    n_layers, n_kv = layer_norms.shape[0], k_cache.shape[2]
+    group = n_heads // n_kv
+    num_experts = router_probs.shape[1]
+    n_moe = 0
+    for i in range(n_layers):
+        n_moe += moe_slot[i] >= 0
+    xe, xo = np.empty((1, H // 2), np.float32), np.empty((1, H // 2), np.float32)
+    ae, ao = np.empty((1, attn.shape[1] // 2), np.float32), np.empty((1, attn.shape[1] // 2), np.float32)
+    q = np.empty((1, n_heads, D), np.float32)
+    probs, acc = np.empty((2, pos + 1), np.float32), np.empty((2, D), np.float32)
+    y = np.empty(H, np.float32)
+    phase = 0
+    for i in range(n_layers):
+        split_into(x, layer_norms[i, 0], eps, True, xe, xo)
+        phase = _project_phase(sync, phase, me, _matrix(table, 4 * i + QKV, embed), xe, xo, qkv_out[0], False)
+
+        g = _next_item(sync, phase, me, n_kv)
+        while g < n_kv:
+            k_row, v_row = (n_heads + g) * D, (n_heads + n_kv + g) * D
+            _norm_rope(qkv_out[0, k_row:k_row + D], qk_norms[i, 1], eps, cos[pos], sin[pos], k_cache[i, pos, g])
+            v_cache[i, pos, g, :] = qkv_out[0, v_row:v_row + D]
+            for head in range(g * group, (g + 1) * group):
+                _norm_rope(qkv_out[0, head * D:(head + 1) * D], qk_norms[i, 0], eps, cos[pos], sin[pos], q[0, head])
+            _attend_kv_head(q, 0, g, k_cache[i], v_cache[i], pos + 1, probs, acc, attn[0])
+            _item_done(sync, phase)
+            g = _next_item(sync, phase, me, n_kv)
+        _wait_phase(sync, phase, n_kv)
+        phase += 1
+
+        split_into(attn, attn[0], 0.0, False, ae, ao)
+        phase = _project_phase(sync, phase, me, _matrix(table, 4 * i + O_PROJ, embed), ae, ao, x[0], True)
+        split_into(x, layer_norms[i, 1], eps, True, xe, xo)
+
+        m = moe_slot[i]
+        if m < 0:  # dense MLP
+            w = _matrix(table, 4 * i + GATE_UP, embed)
+            inter = w.shape[0] // 2
+            rows = _rows_per_item(w) // 2
+            n_items = (inter + rows - 1) // rows
+            item = _next_item(sync, phase, me, n_items)
+            while item < n_items:
+                for r in range(item * rows, min((item + 1) * rows, inter)):
+                    gate, up = _dot2(w, r, w, inter + r, xe, xo, 0)
+                    h_dense[0, r] = _silu(gate) * up
+                _item_done(sync, phase)
+                item = _next_item(sync, phase, me, n_items)
+            _wait_phase(sync, phase, n_items)
+            phase += 1
+            he, ho = np.empty((1, inter // 2), np.float32), np.empty((1, inter // 2), np.float32)
+            split_into(h_dense[:, :inter], h_dense[0], 0.0, False, he, ho)
+            phase = _project_phase(sync, phase, me, _matrix(table, 4 * i + DOWN, embed), he, ho, x[0], True)
+            continue
+
+        # The router, computed by every thread for itself (a few kilobytes of weights: cheaper than a phase of its
+        # own). The gate|up items publish the routing they used; the down phase and the statistics read that.
+        router = _matrix(table, 4 * n_layers + m, embed)
+        probs_m, experts_m, weights_m = route(xe, xo, router, top_k, norm_topk_prob, no_disabled)
+        inter = h_moe.shape[1]
+        rows = max(1, _rows_per_item(_expert(table, embed, n_layers, n_moe, num_experts, m, 0, 0)) // 2)
+        blocks = (inter + rows - 1) // rows
+        item = _next_item(sync, phase, me, top_k * blocks)
+        while item < top_k * blocks:  # gate|up rows of each pick
+            k, block = item // blocks, item % blocks
+            if block == 0:
+                chosen[m, k], pick_weights[m, k] = experts_m[0, k], weights_m[0, k]
+                if k == 0:
+                    router_probs[m] = probs_m[0]
+            gate_w = _expert(table, embed, n_layers, n_moe, num_experts, m, experts_m[0, k], 0)
+            up_w = _expert(table, embed, n_layers, n_moe, num_experts, m, experts_m[0, k], 1)
+            for r in range(block * rows, min((block + 1) * rows, inter)):
+                gate, up = _dot2(gate_w, r, up_w, r, xe, xo, 0)
+                h_moe[k, r] = _silu(gate) * up
+            _item_done(sync, phase)
+            item = _next_item(sync, phase, me, top_k * blocks)
+        _wait_phase(sync, phase, top_k * blocks)
+        phase += 1
+
+        he, ho = np.empty((top_k, inter // 2), np.float32), np.empty((top_k, inter // 2), np.float32)
+        split_into(h_moe, h_moe[0], 0.0, False, he, ho)
+        for k in range(top_k):  # each pick's h times its routing weight
+            he[k] *= pick_weights[m, k]
+            ho[k] *= pick_weights[m, k]
+        by_id = np.argsort(chosen[m])  # the picks in ascending expert id, the order the reference sums them in
+        rows = _rows_per_item(_expert(table, embed, n_layers, n_moe, num_experts, m, 0, 2))
+        n_items = (H + rows - 1) // rows
+        item = _next_item(sync, phase, me, n_items)
+        while item < n_items:  # down rows: the weighted sum of the picks, added into x
+            r0, r1 = item * rows, min((item + 1) * rows, H)
+            y[r0:r1] = 0.0
+            for k in by_id:
+                down_w = _expert(table, embed, n_layers, n_moe, num_experts, m, chosen[m, k], 2)
+                _dot_rows(down_w, r0, r1, he, ho, k, y, True)
+            x[0, r0:r1] += y[r0:r1]
+            _item_done(sync, phase)
+            item = _next_item(sync, phase, me, n_items)
+        _wait_phase(sync, phase, n_items)
+        phase += 1
+
+    split_into(x, final_norm, eps, True, xe, xo)
+    rows = _rows_per_item(lm_head)
+    item = _next_item(sync, phase, me, best_val.shape[0])
+    while item < best_val.shape[0]:
+        r0, r1 = item * rows, min((item + 1) * rows, lm_head.shape[0])
+        _dot_rows(lm_head, r0, r1, xe, xo, 0, logits, False)
+        best, non_finite = r0, False
+        for r in range(r0, r1):
+            non_finite |= np.isnan(logits[r]) or logits[r] == np.inf
+            if logits[r] > logits[best]:  # strict: the lowest id among equals
+                best = r
+        best_val[item], best_idx[item], bad[item] = logits[best], best, non_finite
+        _item_done(sync, phase)
+        item = _next_item(sync, phase, me, best_val.shape[0])
+    _wait_phase(sync, phase, best_val.shape[0])
+
+
+@njit(**FLAGS)
+def _decode_finish(shared, counts, prob_sum, entropy):
+    """The step's token (the argmax over the lm_head items' bests; -1 for NaN/+Inf logits) and its router counts."""
+    _, _, _, _, _, _, chosen, _, router_probs, best_val, best_idx, bad = shared
+    for m in range(counts.shape[0]):
+        for e in chosen[m]:
+            counts[m, e] += 1
+        for e in range(counts.shape[1]):
+            p = np.float64(router_probs[m, e])
+            prob_sum[m, e] += p
+            entropy[m] -= p * np.log(max(p, 1e-30))
+    best = 0
+    for item in range(best_val.shape[0]):
+        if bad[item]:
+            return -1
+        if best_val[item] > best_val[best]:
+            best = item
+    return best_idx[best]
+
+
+@njit(**FLAGS, parallel=True)
+def decode_step(token, pos, n_threads, embed, lm_head, table, layer_norms, qk_norms, moe_slot, final_norm, k_cache,
+                v_cache, cos, sin, eps, n_heads, top_k, norm_topk_prob, no_disabled, logits, counts, prob_sum,
+                entropy):
+    """One greedy decode step of one sequence: ``token`` at position ``pos`` -> the next token (-1: NaN/+Inf logits).
+
+    ``table`` lists the layers' weight matrices (see QKV above); ``moe_slot[i]`` is layer i's MoE index, -1 for a
+    dense layer. ``layer_norms`` (L, 2, H) are the input and post-attention norms, ``qk_norms`` (L, 2, D); cos/sin
+    (capacity, D) the RoPE table. The step writes the keys and values of ``pos`` into k_cache/v_cache (L, capacity,
+    Hkv, D), the logits (V,) into ``logits``, and adds its routing to counts/prob_sum/entropy (per MoE layer).
+    ``n_threads`` threads run ``_decode_worker`` side by side; the serial twin (SERIAL) runs them one after another.
+    """
+    shared = _decode_buffers(n_threads, token, embed, lm_head, table, moe_slot, layer_norms.shape[2], n_heads,
+                             qk_norms.shape[2], top_k, counts.shape[1])
+    for me in prange(n_threads):
+        _decode_worker(np.int64(me), pos, embed, lm_head, table, layer_norms, qk_norms, moe_slot, final_norm,
+                       k_cache, v_cache, cos, sin, eps, n_heads, top_k, norm_topk_prob, no_disabled, logits, shared)
+    return _decode_finish(shared, counts, prob_sum, entropy)
+
+
+SERIAL[decode_step] = _serial_twin(decode_step)

@@ -8,7 +8,11 @@ A backend is a module with five functions, which the model loop (``model.py``) c
     feed_forward_block(state, i, x, top_k, disabled)        x + mlp_or_moe(norm(x)) -> (x, routing | None); top_k and
                                                             the disabled-expert mask (None) come from the config
                                                             unless a RoutingOverride is in force
-    final_logits(state, x) -> logits                        (T, H) -> (T, V)
+    final_logits(state, x) -> logits                        (T, H) -> (T, V), a NumPy array
+
+and an attribute ``xp``: the array module (numpy or cupy) its KV caches and activations live in. A backend may also
+offer ``GreedyDecoder(state, cache, pos, token)`` with ``step() -> token`` and ``flush_stats(stats)``: batch-1 greedy
+decoding without the host in the loop, which ``generate`` uses where nothing needs the per-step host path.
 
 The reference is ``qwen3moe/reference_backend.py``. Fast backends live in the ``fastpath`` package and are named
 here only by module path, imported when chosen: the reference never imports the fast path.
@@ -33,24 +37,42 @@ class Backend:
 BACKENDS = {
     "numpy": Backend("qwen3moe.reference_backend", "cpu", "the NumPy reference: readable float32 code"),
     "numba": Backend("fastpath.numba_backend", "cpu", "Numba kernels: bf16 weights, fused blocks, all cores"),
+    "cupy": Backend("fastpath.cupy_backend", "nvidia", "CUDA kernels through CuPy, CUDA-graph decoding, one GPU"),
 }
-FASTEST_FIRST = ["numba", "numpy"]  # what "auto" tries, in order
+FASTEST_FIRST = ["cupy", "numba", "numpy"]  # what "auto" tries, in order, among the backends of the device
 
 
 def unavailable_reason(name: str) -> str | None:
     """None if the backend can be imported here, else one sentence saying why not."""
     try:
         importlib.import_module(BACKENDS[name].module)
-    except ImportError as e:
-        return f"its module {BACKENDS[name].module} cannot be imported ({e}); try: pip install -e \".[fast]\""
+    except ModuleNotFoundError as e:
+        extra = "cuda" if BACKENDS[name].device == "nvidia" else "fast"
+        return f"its module {BACKENDS[name].module} cannot be imported ({e}); try: pip install -e \".[{extra}]\""
+    except ImportError as e:  # installed, but cannot run here (e.g. no GPU)
+        return str(e)
     return None
 
 
-def choose(device: str, backend: str | None) -> str:
-    """The backend for ``device``: the argument, else $QWEN3MOE_BACKEND, else the fastest available ("auto")."""
+def choose(device: str | None, backend: str | None) -> str:
+    """The backend for ``device``: the argument, else $QWEN3MOE_BACKEND, else the fastest available ("auto").
+
+    ``device`` None means the named backend's device, or the CPU when the backend is "auto". The environment
+    variable is a preference: it is passed over for a device its backend does not run on.
+    """
     name = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR, "auto")
+    if backend in (None, "auto") and name in BACKENDS and device not in (None, BACKENDS[name].device):
+        name = "auto"
+    if device is None:
+        device = BACKENDS[name].device if name in BACKENDS else "cpu"
     if name == "auto":
-        return next(n for n in FASTEST_FIRST if BACKENDS[n].device == device and unavailable_reason(n) is None)
+        candidates = [n for n in FASTEST_FIRST if BACKENDS[n].device == device]
+        reasons = {n: unavailable_reason(n) for n in candidates}
+        if not any(r is None for r in reasons.values()):
+            raise DeviceError(f"no backend for the {device} device can run here (" +
+                              "; ".join(f"{n}: {r}" for n, r in reasons.items()) + "); run on another device, e.g. "
+                              "the CPU (--cpu)")
+        return next(n for n in candidates if reasons[n] is None)
     if name not in BACKENDS:
         raise DeviceError(f"unknown backend {name!r}; available: auto, {', '.join(BACKENDS)}")
     if BACKENDS[name].device != device:

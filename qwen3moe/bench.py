@@ -3,8 +3,13 @@
 Decoding is bound by reading weights, so the figure that says how good a backend is is the weight bytes it streams
 per second, set against the read bandwidth the machine can reach (measured in the same run, by every core summing
 one large array). Bytes per step are counted from what the step really touched: attention and dense weights, the
-router, the experts its tokens chose (distinct experts per layer, read from the router trace), the embedding rows
-and the lm_head.
+router, the experts its tokens chose (distinct experts per layer, read from the router trace of as many further,
+untimed steps), the embedding rows and the lm_head.
+
+Decode is measured two ways. "decode bN" runs the model loop one step at a time (``batch_infer_one_round``: a
+backend's block operations called from Python, router statistics and sampling on the host), for every batch size.
+"greedy b1" is batch-1 greedy decoding through the backend's ``GreedyDecoder``, the way ``generate`` decodes
+(temperature 0 or top-k 1, after the prefill): a whole step per call. It is measured for backends that have one.
 
 Models: a folder (default: the bundled model), or ``--synthetic qwen3-30b-a3b --layers N``: Qwen3-30B-A3B's real
 shapes (hidden 2048, 128 experts, top-8, moe_intermediate 768, 32/4 heads, head_dim 128, vocab 151936) with random
@@ -98,33 +103,59 @@ def bench_backend(model_dir: Path, backend: str, prompt_len: int, steps: int, ba
         model.batch_infer_one_round([task])
         return time.perf_counter() - start
 
-    model.router_stats.trace_enabled = True
     for batch in batches:
         tasks = [Qwen3MoeInferTask(rng.integers(0, min(vocab, 256), 8).tolist(), temperature=0, end_tokens=[],
                                    task_id=b) for b in range(batch)]
         for t in tasks:  # prefill one short prompt at a time: small steps, like the decode steps to be timed
-            t.bind_kvcache(Qwen3MoeKVCache(model, max_tokens=8 + steps + 4))
+            t.bind_kvcache(Qwen3MoeKVCache(model, max_tokens=8 + 2 * steps + 4))
             model.batch_infer_one_round([t])
         for _ in range(2):  # warm-up: compiles kernels, touches the weights' pages
             model.batch_infer_one_round(tasks)
-        model.router_stats.trace.clear()
         elapsed = 0.0
         for _ in tqdm(range(steps), desc=f"{backend} decode batch {batch}", leave=False, file=sys.stderr):
             start = time.perf_counter()
             model.batch_infer_one_round(tasks)
             elapsed += time.perf_counter() - start
+        # The experts a step reads, from the router trace of as many steps again, untimed: recording the trace
+        # costs ~5 us per MoE layer and step, a good part of a small model's step.
+        model.router_stats.trace_enabled = True
+        for _ in range(steps):
+            model.batch_infer_one_round(tasks)
+        model.router_stats.trace_enabled = False
         distinct = {i: _mean_distinct(model.router_stats.trace, i) for i in model.config.moe_layers}
         bytes_per_step = step_bytes(model, distinct, batch)
         result[f"decode_b{batch}_tokens_per_s"] = batch * steps / elapsed
         result[f"decode_b{batch}_GBps"] = bytes_per_step * steps / elapsed / 1e9
         model.router_stats.trace.clear()
-    model.router_stats.trace_enabled = False
+    if hasattr(model._ops, "GreedyDecoder"):
+        result.update(greedy_decode(model, rng, steps))
     # Prefill last: its large matrix products leave BLAS worker threads spinning for a while afterwards, which
     # would slow decode steps timed right after it on a machine with few cores.
     prefill_once()  # warm-up
     result["prefill_tokens_per_s"] = prompt_len / prefill_once()
     model.destroy_model_instance()
     return result
+
+
+def greedy_decode(model: Qwen3MoeForCausalLM, rng: np.random.Generator, steps: int) -> dict:
+    """Batch-1 greedy decoding through the backend's GreedyDecoder, as ``generate`` runs it: the 8-token prompt
+    prefilled by the model loop, then one ``decoder.step()`` per token over the same positions as "decode b1"."""
+    task = Qwen3MoeInferTask(rng.integers(0, min(model.config.vocab_size, 256), 8).tolist(), temperature=0,
+                             end_tokens=[])
+    task.bind_kvcache(Qwen3MoeKVCache(model, max_tokens=8 + steps + 4))
+    (token,) = model.batch_infer_one_round([task])
+    decoder = model._ops.GreedyDecoder(model._state, task.kvcache, task.pos, token)
+    for _ in range(2):  # warm-up: compiles, touches the weights' pages
+        decoder.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        decoder.step()
+    elapsed = time.perf_counter() - start
+    decoder.flush_stats(model.router_stats)
+    top_k = model.config.num_experts_per_tok  # one token reads top_k distinct experts per MoE layer
+    bytes_per_step = step_bytes(model, dict.fromkeys(model.config.moe_layers, top_k), 1)
+    return {"decode_greedy_b1_tokens_per_s": steps / elapsed, "decode_greedy_b1_GBps": bytes_per_step * steps /
+            elapsed / 1e9}
 
 
 def _mean_distinct(trace, layer: int) -> float:
@@ -140,7 +171,7 @@ def _mean_distinct(trace, layer: int) -> float:
 def run(args) -> int:
     names = args.backends.split(",") if args.backends else [n for n in backends.BACKENDS
                                                              if backends.unavailable_reason(n) is None]
-    model_dir = synthetic_model(args.synthetic, args.layers) if args.synthetic else args.model
+    model_dir = synthetic_model(args.synthetic, args.layers or 2) if args.synthetic else args.model
     if model_dir is None:
         from .bundled import default_model_dir
         model_dir = default_model_dir()
@@ -153,6 +184,8 @@ def run(args) -> int:
     for r in rows:
         for b in batches:
             r[f"decode_b{b}_roofline_fraction"] = r[f"decode_b{b}_GBps"] * 1e9 / bandwidth
+        if "decode_greedy_b1_GBps" in r:
+            r["decode_greedy_b1_roofline_fraction"] = r["decode_greedy_b1_GBps"] * 1e9 / bandwidth
     report = {"model": str(model_dir), "machine": machine, "read_bandwidth_GBps": bandwidth / 1e9,
               "prompt_len": args.prompt_len, "decode_steps": args.steps, "results": rows}
     if args.json:
@@ -162,11 +195,24 @@ def run(args) -> int:
     header = f"{'backend':<8} {'prefill tok/s':>13}"
     for b in batches:
         header += f" {'decode b' + str(b) + ' tok/s':>17} {'GB/s':>6} {'of bw':>6}"
+    header += f" {'greedy b1 tok/s':>16} {'GB/s':>6} {'of bw':>6}"
     print(header)
     for r in rows:
         line = f"{r['backend']:<8} {r['prefill_tokens_per_s']:>13.1f}"
         for b in batches:
             line += (f" {r[f'decode_b{b}_tokens_per_s']:>17.1f} {r[f'decode_b{b}_GBps']:>6.2f}"
                      f" {100 * r[f'decode_b{b}_roofline_fraction']:>5.1f}%")
+        if "decode_greedy_b1_tokens_per_s" in r:
+            line += (f" {r['decode_greedy_b1_tokens_per_s']:>16.1f} {r['decode_greedy_b1_GBps']:>6.2f}"
+                     f" {100 * r['decode_greedy_b1_roofline_fraction']:>5.1f}%")
+        else:
+            line += f" {'-':>16} {'-':>6} {'-':>6}"
         print(line)
+    print("decode bN: the model loop, one step at a time (batch_infer_one_round); greedy b1: the backend's "
+          "GreedyDecoder, a whole step per call, as generate() decodes greedily after the prefill")
+    reference = next((r for r in rows if r["backend"] == "numpy" and "decode_b1_tokens_per_s" in r), None)
+    for r in rows:
+        if reference is not None and "decode_greedy_b1_tokens_per_s" in r:
+            print(f"{r['backend']} greedy b1 vs numpy decode b1: "
+                  f"{r['decode_greedy_b1_tokens_per_s'] / reference['decode_b1_tokens_per_s']:.1f}x")
     return 0

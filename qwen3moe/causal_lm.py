@@ -23,7 +23,7 @@ from .infer_task import Qwen3MoeInferTask, Qwen3MoeKVCache
 from .layers import RoutingOverride
 from .model import Request, forward
 from .router_stats import RouterStats
-from .sampling import check_sampling, sample
+from .sampling import check_sampling, is_greedy, sample
 from .tokenizer import Qwen3Tokenizer, read_json
 from .weights import load_weights
 
@@ -31,11 +31,13 @@ DEFAULT_MAX_TOKENS = 4096  # KV cache positions per task unless the caller asks 
 
 
 class Qwen3MoeForCausalLM:
-    def __init__(self, model_dir_path: str | Path | None = None, device="cpu", ndev: int = 1,
+    def __init__(self, model_dir_path: str | Path | None = None, device=None, ndev: int = 1,
                  max_tokens: int | None = None, backend: str = "auto", debug: bool = False):
         """Load and validate a Hugging Face model folder (default: the bundled model).
 
-        ``backend``: "auto" (the fastest available, or $QWEN3MOE_BACKEND), "numpy" (the reference) or "numba".
+        ``device``: "cpu" or "nvidia" (or a DeviceType); None takes the device of ``backend`` (the CPU for "auto").
+        ``backend``: "auto" (the fastest available, or $QWEN3MOE_BACKEND), "numpy" (the reference), "numba" (CPU)
+        or "cupy" (NVIDIA GPU).
         """
         self.backend = resolve_backend(device, ndev, backend)
         self.model_dir = Path(model_dir_path) if model_dir_path is not None else default_model_dir()
@@ -47,6 +49,7 @@ class Qwen3MoeForCausalLM:
         self.weights = load_weights(self.model_dir, self.config)
         self._ops = backends.load(self.backend)
         self._state = self._ops.prepare(self.weights, self.config)
+        self.xp = self._ops.xp  # numpy, or cupy when the KV caches live on a GPU
         self.tokenizer = Qwen3Tokenizer(self.model_dir, extra_eos_ids=self.config.eos_token_id)
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise CheckpointError(f"{self.model_dir}: tokenizer.json has {self.tokenizer.vocab_size} tokens but the "
@@ -140,17 +143,37 @@ class Qwen3MoeForCausalLM:
             if stream and piece:
                 stream(piece)
 
+        step = lambda: self.batch_infer_one_round([task])[0]
+        whole_steps = None  # the backend's GreedyDecoder, when it takes over after the prefill
         while not task.finished:
             start = time.perf_counter()
-            (token,) = self.batch_infer_one_round([task])
+            token = step()
             if len(task.generated) > 1:  # the first round is the prefill
                 decode_seconds.append(time.perf_counter() - start)
+            elif not task.finished and self._can_decode_in_whole_steps(task):
+                whole_steps = self._ops.GreedyDecoder(self._state, task.kvcache, task.pos, token)
+                step = lambda: self._whole_step(whole_steps, task)
             if task.finish_reason != "stop":  # the end token itself is not part of the reply
                 emit(decoder.push(token))
+        if whole_steps is not None:
+            whole_steps.flush_stats(self.router_stats)
         emit(decoder.flush())
         self.last_task = task
         avg_ms = 1e3 * float(np.mean(decode_seconds)) if decode_seconds else 0.0
         return "".join(pieces), avg_ms
+
+    def _can_decode_in_whole_steps(self, task: Qwen3MoeInferTask) -> bool:
+        """Whether the backend's whole-step decoder (``GreedyDecoder``: one CUDA graph, or one compiled call, per token)
+        may take over: it decodes greedily with the config's routing, and counts router statistics but keeps no
+        per-token trace and runs no debug checks."""
+        return (hasattr(self._ops, "GreedyDecoder") and is_greedy(task.temperature, task.topk)
+                and self._routing_override is None and not self.debugger.enabled
+                and not self.router_stats.trace_enabled)
+
+    def _whole_step(self, whole_steps, task: Qwen3MoeInferTask) -> int:
+        token = whole_steps.step()
+        task.accept(token, self.tokenizer.eos_token_ids)
+        return token
 
     def sampling_defaults(self, temperature, topk, topp) -> tuple[float, int, float]:
         """Fill unset sampling settings from generation_config.json; greedy where it is silent or do_sample=false."""

@@ -3,6 +3,7 @@
     python -m qwen3moe generate "ROMEO:"                     # the bundled model, greedy unless configured otherwise
     python -m qwen3moe generate --model DIR --cpu --temperature 0.7 --topk 50 --topp 0.8 --stats "Hello"
     python -m qwen3moe info DIR                              # validate a folder, print its architecture and size
+    python -m qwen3moe info DIR --ndev 4 [--experts etp]     # how its weights would be split over 4 GPUs
     python -m qwen3moe perplexity --model DIR held_out.txt
     python -m qwen3moe backends                              # which backends can run here, and why not
 
@@ -17,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundled import default_model_dir
 from .causal_lm import Qwen3MoeForCausalLM
+from .config import load_config
 from .debug import NonFiniteError
 from .backends import BACKENDS, unavailable_reason
 from .errors import CheckpointError, DeviceError, UnsupportedConfigError
+from .sharding import plan_sharding
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="validate a model folder and describe it")
     info.add_argument("model", nargs="?", type=Path, help="model folder (default: the bundled model)")
+    info.add_argument("--ndev", type=int, metavar="N",
+                      help="print how the weights would be split over N GPUs (reads config.json only)")
+    info.add_argument("--experts", choices=["ep", "etp"],
+                      help="with --ndev: whole experts per GPU (ep, default) or a slice of every expert (etp)")
     info.set_defaults(run=run_info)
 
     ppl = commands.add_parser("perplexity", help="perplexity of the model on text files")
@@ -66,13 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="prefill/decode speed of each backend against memory bandwidth")
     bench.add_argument("--model", type=Path, help="model folder (default: the bundled model)")
     bench.add_argument("--synthetic", choices=["qwen3-30b-a3b"], help="a synthetic checkpoint with real shapes")
-    bench.add_argument("--layers", type=int, default=2, help="layers of the synthetic model (default 2)")
+    bench.add_argument("--layers", type=int, help="layers of the synthetic model (default 2; --nvidia: all 48)")
+    bench.add_argument("--nvidia", action="store_true",
+                       help="the cupy backend on one GPU: Qwen3-30B-A3B shapes, against transformers and the copy "
+                            "bandwidth")
     bench.add_argument("--backends", help="comma-separated (default: every available backend)")
     bench.add_argument("--prompt-len", type=int, default=128, help="prefill length (default 128)")
     bench.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
     bench.add_argument("--batch", default="1,8", help="decode batch sizes (default 1,8)")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
-    bench.set_defaults(run=lambda args: __import__("qwen3moe.bench", fromlist=["run"]).run(args))
+    bench.set_defaults(run=run_bench)
 
     listing = commands.add_parser("backends", help="list the backends and whether they can run here")
     listing.set_defaults(run=run_backends)
@@ -95,7 +106,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args) -> Qwen3MoeForCausalLM:
-    device = "nvidia" if args.ndev is not None else (args.device or "cpu")
+    device = "nvidia" if args.ndev is not None else args.device  # None: the --backend's device (CPU for auto)
     return Qwen3MoeForCausalLM(args.model, device=device, ndev=args.ndev or 1, max_tokens=args.max_tokens,
                                backend=args.backend, debug=args.debug)
 
@@ -118,6 +129,8 @@ def run_generate(args) -> int:
 
 
 def run_info(args) -> int:
+    if args.ndev is not None or args.experts is not None:
+        return run_sharding_plan(args)
     model = Qwen3MoeForCausalLM(args.model)  # loading validates every tensor name and shape
     c, w = model.config, model.weights
     arrays = {id(a): a for a in _all_arrays(w)}.values()  # tied embeddings count once
@@ -148,6 +161,17 @@ def run_info(args) -> int:
     return 0
 
 
+def run_sharding_plan(args) -> int:
+    """The plan needs only config.json, so a model can be planned for before its weights are downloaded."""
+    if args.ndev is None:
+        raise ValueError("--experts chooses how --ndev GPUs share the experts: give --ndev N as well")
+    model_dir = args.model or default_model_dir()
+    plan = plan_sharding(load_config(model_dir), args.ndev, args.experts or "ep")
+    print(f"model folder      {model_dir}")
+    print(plan.format_table())
+    return 0
+
+
 def _all_arrays(w) -> list[np.ndarray]:
     arrays = [w.embed_tokens, w.norm, w.lm_head]
     for layer in w.layers:
@@ -158,6 +182,13 @@ def _all_arrays(w) -> list[np.ndarray]:
         arrays += [layer.mlp.gate] if hasattr(layer.mlp, "experts") else []
         arrays += [m for mlp in mlps for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
     return arrays
+
+
+def run_bench(args) -> int:
+    """The CPU benchmark (qwen3moe/bench.py), or with --nvidia the GPU one, which lives with the CUDA backend."""
+    import importlib
+
+    return importlib.import_module("fastpath.cupy_bench" if args.nvidia else "qwen3moe.bench").run(args)
 
 
 def run_backends(args) -> int:

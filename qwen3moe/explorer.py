@@ -245,10 +245,10 @@ class RoutingTrace:
         layer = self.moe_layers[0] if layer is None else layer
         top1 = self.layer(layer).experts[:, 0]  # (T,)
         esc = html.escape
-        spans = "".join(f'<span class="tok" style="background:{self._colour(int(e))}" '
-                        f'title="{esc(self._tooltip(t), quote=True)}">{esc(tok)}</span>'
+        spans = "".join(f'<span class="tok" style="background:{self.expert_colour(int(e))}" '
+                        f'title="{esc(self.token_summary(t), quote=True)}">{esc(tok)}</span>'
                         for t, (tok, e) in enumerate(zip(self.tokens, top1)))
-        legend = "".join(f'<span class="chip" style="background:{self._colour(e)}">{e}</span>'
+        legend = "".join(f'<span class="chip" style="background:{self.expert_colour(e)}">{e}</span>'
                          for e in range(self.num_experts))
         override = f"top-k {self.top_k}" + (f", disabled experts {self.disabled}" if self.disabled else "")
         return "\n".join([
@@ -264,11 +264,13 @@ class RoutingTrace:
             "</body></html>",
         ])
 
-    def _colour(self, expert: int) -> str:
-        """A pastel colour per expert, hues spread evenly around the wheel."""
+    def expert_colour(self, expert: int) -> str:
+        """A pastel colour per expert, hues spread evenly around the wheel (shared by the HTML export and the widget,
+        so an expert has the same colour in both)."""
         return f"hsl({round(360 * expert / self.num_experts)}, 70%, 80%)"
 
-    def _tooltip(self, t: int) -> str:
+    def token_summary(self, t: int) -> str:
+        """One line on token ``t``: position, id, class and its experts (weights) in every MoE layer; the hover text."""
         choices = "; ".join(f"layer {layer}: " + ", ".join(f"{e} ({w:.2f})" for e, w in zip(r.experts[t], r.weights[t]))
                             for layer, r in self.layers.items())
         return f"#{t} id {self.token_ids[t]} {TOKEN_CLASSES[self.classes[t]]} | {choices}"
@@ -278,7 +280,7 @@ class RoutingTrace:
         rows = []
         for t, (tok, experts) in enumerate(zip(self.tokens, self.top1_grid())):
             shown = html.escape(tok.replace("\n", "⏎"))  # one table row per token, so line breaks are drawn
-            cells = "".join(f'<td style="background:{self._colour(int(e))}">{e}</td>' for e in experts)
+            cells = "".join(f'<td style="background:{self.expert_colour(int(e))}">{e}</td>' for e in experts)
             rows.append(f'<tr><td>{t}</td><td class="token">{shown}</td>{cells}</tr>')
         return f'<table><tr><th>#</th><th>token</th>{head}</tr>{"".join(rows)}</table>'
 
@@ -375,7 +377,7 @@ class RoutingExplorer:
         start, was_enabled = len(stats.trace), stats.trace_enabled
         stats.trace_enabled = True
         try:
-            (logits,) = model.forward([Request(ids, 0, KVCache(model.config, len(ids)))], all_logits=True)
+            (logits,) = model.forward([Request(ids, 0, KVCache(model.config, len(ids), xp=model.xp))], all_logits=True)
             records = stats.trace[start:]
         finally:
             stats.trace_enabled = was_enabled

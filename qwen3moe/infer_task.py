@@ -24,7 +24,7 @@ class Qwen3MoeKVCache(KVCache):
         if not 0 < capacity <= model.config.max_position_embeddings:
             raise ValueError(f"a KV cache needs 1..{model.config.max_position_embeddings} positions "
                              f"(max_position_embeddings), got {capacity}")
-        super().__init__(model.config, capacity)
+        super().__init__(model.config, capacity, xp=model.xp)
 
 
 class Qwen3MoeInferTask:

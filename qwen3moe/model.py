@@ -7,24 +7,28 @@ each against its own KV cache. The backend (``backends.py``; the reference is ``
 each block is computed; the loop is the same for all of them.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
 from .config import Qwen3MoeConfig
 from .debug import Debugger
-from .layers import AttentionSegment, RoutingOverride, rope_cos_sin
+from .layers import AttentionSegment, Routing, RoutingOverride, rope_cos_sin
 from .router_stats import RouterStats
 
 
 class KVCache:
-    """Keys and values of one sequence for every layer, float32, for up to ``capacity`` positions."""
+    """Keys and values of one sequence for every layer, float32, for up to ``capacity`` positions.
 
-    def __init__(self, config: Qwen3MoeConfig, capacity: int):
+    ``xp`` is the array module of the backend that will use it: numpy, or cupy for a cache in GPU memory.
+    """
+
+    def __init__(self, config: Qwen3MoeConfig, capacity: int, xp=np):
         shape = (config.num_hidden_layers, capacity, config.num_key_value_heads, config.head_dim)
         self.capacity = capacity
-        self.k = np.zeros(shape, dtype=np.float32)  # (layers, capacity, Hkv, D)
-        self.v = np.zeros(shape, dtype=np.float32)  # (layers, capacity, Hkv, D)
+        self.k = xp.zeros(shape, dtype=np.float32)  # (layers, capacity, Hkv, D)
+        self.v = xp.zeros(shape, dtype=np.float32)  # (layers, capacity, Hkv, D)
 
 
 @dataclass
@@ -44,9 +48,9 @@ def forward(backend, state, config: Qwen3MoeConfig, requests: list[Request], sta
         if not (0 < len(r.tokens) and r.pos + len(r.tokens) <= r.cache.capacity):
             raise ValueError(f"request of {len(r.tokens)} tokens at position {r.pos} does not fit its cache "
                              f"of {r.cache.capacity} positions")
-    bounds = np.cumsum([0] + [len(r.tokens) for r in requests])  # request j owns rows bounds[j]:bounds[j+1]
-    token_ids = np.concatenate([np.asarray(r.tokens, dtype=np.int64) for r in requests])  # (T,)
-    positions = np.concatenate([r.pos + np.arange(len(r.tokens)) for r in requests])  # (T,)
+    bounds = [0, *itertools.accumulate(len(r.tokens) for r in requests)]  # request j owns rows bounds[j]:bounds[j+1]
+    token_ids = np.array([t for r in requests for t in r.tokens], dtype=np.int64)  # (T,)
+    positions = np.array([r.pos + j for r in requests for j in range(len(r.tokens))])  # (T,)
     token_info = [(r.task_id, r.pos + j, t) for r in requests for j, t in enumerate(r.tokens)]
 
     override = override or RoutingOverride()  # no override: every layer routes as config.json says
@@ -54,7 +58,7 @@ def forward(backend, state, config: Qwen3MoeConfig, requests: list[Request], sta
         x = backend.embed(state, token_ids)  # (T, H)
         cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta)  # (T, D) each
     for i in range(config.num_hidden_layers):
-        segments = [AttentionSegment(int(bounds[j]), int(bounds[j + 1]), r.pos, r.cache.k[i], r.cache.v[i])
+        segments = [AttentionSegment(bounds[j], bounds[j + 1], r.pos, r.cache.k[i], r.cache.v[i])
                     for j, r in enumerate(requests)]
         with debug.phase("attention"):
             x = backend.attention_block(state, i, x, cos, sin, segments)  # (T, H)
@@ -63,14 +67,21 @@ def forward(backend, state, config: Qwen3MoeConfig, requests: list[Request], sta
         with debug.phase("moe" if config.is_moe_layer(i) else "mlp"):
             x, routing = backend.feed_forward_block(state, i, x, top_k, disabled)  # (T, H)
         if routing is not None:
+            routing = on_host(routing)
             stats.record(i, routing, token_info)
             debug.routing(i, routing.experts, routing.weights, [t for _, _, t in token_info])
         debug.check(x, "hidden state after the MLP/MoE block", i)
 
     with debug.phase("lm_head"):
-        rows = np.arange(len(token_ids)) if all_logits else bounds[1:] - 1  # last token of each request
+        rows = slice(None) if all_logits else [b - 1 for b in bounds[1:]]  # the last token of each request
         logits = backend.final_logits(state, x[rows])  # (rows, V)
     debug.check(logits, "logits", "lm_head")
     if all_logits:
         return [logits[bounds[j]:bounds[j + 1]] for j in range(len(requests))]
     return list(logits)
+
+
+def on_host(routing: Routing) -> Routing:
+    """The routing as NumPy arrays: a GPU backend returns it in device memory; statistics are counted on the host."""
+    return Routing(*(a if isinstance(a, np.ndarray) else a.get() for a in (routing.probs, routing.experts,
+                                                                          routing.weights)))

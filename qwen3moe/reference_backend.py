@@ -12,6 +12,8 @@ from .config import Qwen3MoeConfig
 from .layers import AttentionSegment, Routing, embedding, linear, mlp, moe_block, rms_norm, self_attention
 from .weights import Qwen3MoeWeights
 
+xp = np  # activations and KV caches are NumPy arrays
+
 
 @dataclass
 class State:

@@ -47,16 +47,22 @@ class RouterStats:
 
     def record(self, layer: int, routing: Routing, token_info: list[tuple[object, int, int]]) -> None:
         """Count one step's routing; ``token_info[t] = (task_id, position, token id)`` describes row t."""
-        self.counts[layer] += np.bincount(routing.experts.ravel(), minlength=self.config.num_experts)
-        self.tokens[layer] += routing.experts.shape[0]
         p = routing.probs.astype(np.float64)  # (T, E)
-        self.entropy_sum[layer] += float(-(p * np.log(np.maximum(p, 1e-30))).sum())
-        self.prob_sum[layer] += p.sum(axis=0)
+        self.add(layer, np.bincount(routing.experts.ravel(), minlength=self.config.num_experts),
+                 routing.experts.shape[0], float(-(p * np.log(np.maximum(p, 1e-30))).sum()), p.sum(axis=0))
         if self.trace_enabled:
             for (task_id, pos, tok), experts, weights, probs in zip(token_info, routing.experts, routing.weights,
                                                                       routing.probs):
                 self.trace.append(RouterTraceRecord(layer, task_id, pos, tok, experts.tolist(),
                                                     [float(w) for w in weights], probs.tolist()))
+
+    def add(self, layer: int, counts: np.ndarray, tokens: int, entropy_sum: float, prob_sum: np.ndarray) -> None:
+        """Add sums gathered elsewhere (a GPU decode loop counts on the device): picks per expert (E,), tokens
+        routed, the sum of their router entropies and of their router probabilities (E,)."""
+        self.counts[layer] += counts
+        self.tokens[layer] += tokens
+        self.entropy_sum[layer] += entropy_sum
+        self.prob_sum[layer] += prob_sum
 
     def layer_stats(self, layer: int) -> dict:
         if layer not in self.counts:

@@ -115,7 +115,7 @@ def compute_logits():
         if not isinstance(model, Qwen3MoeForCausalLM):
             model = Qwen3MoeForCausalLM(model)
         ids = [int(i) for i in ids]
-        cache = KVCache(model.config, len(ids))
+        cache = KVCache(model.config, len(ids), xp=model.xp)
         (out,) = model.forward([Request(ids, 0, cache)], all_logits=True)
         return out
 

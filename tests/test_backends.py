@@ -11,6 +11,7 @@ import pytest
 from test_oracle import greedy_steps_without_near_ties
 from qwen3moe import DeviceError, Qwen3MoeForCausalLM, Qwen3MoeInferTask, Qwen3MoeKVCache, backends
 from qwen3moe import reference_backend as ref
+from qwen3moe.bundled import BUNDLED_MODEL
 from qwen3moe.layers import AttentionSegment, rope_cos_sin
 from qwen3moe.model import KVCache, Request
 from qwen3moe.synthetic import TINY_CONFIG, random_weights, write_checkpoint
@@ -50,9 +51,14 @@ def folder(request, tmp_path_factory):
                             random_weights(config, seed=seed, dtype=dtype))
 
 
+def host(a) -> np.ndarray:
+    """A backend's array as NumPy (a GPU backend's arrays live in device memory)."""
+    return a if isinstance(a, np.ndarray) else a.get()
+
+
 def close(ours, expected, what):
     scale = float(np.abs(expected).max())
-    np.testing.assert_allclose(ours, expected, rtol=RTOL, atol=RTOL * scale, err_msg=what)
+    np.testing.assert_allclose(host(ours), expected, rtol=RTOL, atol=RTOL * scale, err_msg=what)
 
 
 def states(fast, folder):
@@ -77,17 +83,25 @@ def test_attention_block(fast, folder, lengths):
     for j, n in enumerate(lengths):
         pos = int(rng.integers(0, capacity - n))  # earlier tokens already cached
         positions += range(pos, pos + n)
-        for side in segments:
-            k_cache, v_cache = k_prefix[j].copy(), k_prefix[j][::-1].copy()
+        for side, xp in (("ref", np), ("fast", fast.xp)):
+            k_cache, v_cache = xp.asarray(k_prefix[j]).copy(), xp.asarray(k_prefix[j][::-1]).copy()
             segments[side].append(AttentionSegment(start, start + n, pos, k_cache, v_cache))
         start += n
     cos, sin = rope_cos_sin(np.array(positions), config.head_dim, config.rope_theta)
     for i in range(config.num_hidden_layers):
         expected = ref.attention_block(r_state, i, x, cos, sin, segments["ref"])
-        close(fast.attention_block(f_state, i, x, cos, sin, segments["fast"]), expected, f"layer {i} output")
+        close(fast.attention_block(f_state, i, fast.xp.asarray(x), cos, sin, segments["fast"]), expected,
+              f"layer {i} output")
         for a, b in zip(segments["fast"], segments["ref"]):
             close(a.k_cache, b.k_cache, "keys written to the cache")
             close(a.v_cache, b.v_cache, "values written to the cache")
+
+
+@pytest.mark.parametrize("lengths", [(1,), (3, 1, 9)])
+def test_attention_block_with_three_query_heads_per_kv_head(fast, tmp_path, lengths):
+    """numba's attention takes a kv head's query heads in pairs: a group of three leaves one on its own."""
+    config = dict(TINY_CONFIG, num_attention_heads=6)
+    test_attention_block(fast, write_checkpoint(tmp_path / "m", config, random_weights(config, seed=1)), lengths)
 
 
 @pytest.mark.parametrize("T", [1, 4, 33, 100])
@@ -97,16 +111,31 @@ def test_feed_forward_block_and_logits(fast, folder, T):
     x = rng.standard_normal((T, config.hidden_size), dtype=np.float32)
     for i in range(config.num_hidden_layers):
         expected, r_routing = ref.feed_forward_block(r_state, i, x, config.num_experts_per_tok, None)
-        ours, f_routing = fast.feed_forward_block(f_state, i, x, config.num_experts_per_tok, None)
+        ours, f_routing = fast.feed_forward_block(f_state, i, fast.xp.asarray(x), config.num_experts_per_tok, None)
         close(ours, expected, f"layer {i} output")
         assert (f_routing is None) == (r_routing is None) == (not config.is_moe_layer(i))
         if r_routing is not None:
-            assert f_routing.experts.tolist() == r_routing.experts.tolist()
+            assert host(f_routing.experts).tolist() == r_routing.experts.tolist()
             close(f_routing.weights, r_routing.weights, "routing weights")
             close(f_routing.probs, r_routing.probs, "router probabilities")
-    close(fast.final_logits(f_state, x), ref.final_logits(r_state, x), "logits")
+    close(fast.final_logits(f_state, fast.xp.asarray(x)), ref.final_logits(r_state, x), "logits")
     ids = rng.integers(0, config.vocab_size, T)
-    np.testing.assert_array_equal(fast.embed(f_state, ids), ref.embed(r_state, ids))
+    np.testing.assert_array_equal(host(fast.embed(f_state, ids)), ref.embed(r_state, ids))
+
+
+@pytest.mark.parametrize("T", [1, 4, 20])
+def test_feed_forward_block_with_a_routing_override(fast, folder, T):
+    """A RoutingOverride's top_k and disabled experts (the routing explorer's what-if), in small and large steps."""
+    config, r_state, f_state = states(fast, folder)
+    x = np.random.default_rng().standard_normal((T, config.hidden_size), dtype=np.float32)
+    disabled = np.zeros(config.num_experts, dtype=bool)
+    disabled[[0, 3]] = True
+    for i in config.moe_layers:
+        expected, r_routing = ref.feed_forward_block(r_state, i, x, 1, disabled)
+        ours, f_routing = fast.feed_forward_block(f_state, i, fast.xp.asarray(x), 1, disabled)
+        close(ours, expected, f"layer {i} output")
+        assert host(f_routing.experts).tolist() == r_routing.experts.tolist()
+        close(f_routing.weights, r_routing.weights, "routing weights")
 
 
 def test_router_ties_go_to_the_lower_expert(fast, tmp_path):
@@ -117,8 +146,9 @@ def test_router_ties_go_to_the_lower_expert(fast, tmp_path):
         tensors[name] = np.zeros_like(tensors[name])
     cfg, _, f_state = states(fast, write_checkpoint(tmp_path / "ties", config, tensors))
     x = np.random.default_rng().standard_normal((6, cfg.hidden_size), dtype=np.float32)
-    _, routing = fast.feed_forward_block(f_state, cfg.moe_layers[0], x, cfg.num_experts_per_tok, None)
-    assert routing.experts.tolist() == [list(range(cfg.num_experts_per_tok))] * 6
+    _, routing = fast.feed_forward_block(f_state, cfg.moe_layers[0], fast.xp.asarray(x), cfg.num_experts_per_tok,
+                                         None)
+    assert host(routing.experts).tolist() == [list(range(cfg.num_experts_per_tok))] * 6
 
 
 def test_whole_model_64_greedy_steps_and_logits(fast_name, folder):
@@ -127,7 +157,7 @@ def test_whole_model_64_greedy_steps_and_logits(fast_name, folder):
     prompt = np.random.default_rng().integers(0, 256, 12).tolist()
     tokens, logits = {}, {}
     for name, model in models.items():
-        cache, seq, steps = KVCache(model.config, 12 + 64), list(prompt), []
+        cache, seq, steps = KVCache(model.config, 12 + 64, xp=model.xp), list(prompt), []
         pending, pos = list(prompt), 0
         for _ in range(64):
             (last,) = model.forward([Request(pending, pos, cache)])
@@ -158,13 +188,161 @@ def test_batch_inference_matches_the_reference(fast_name, folder):
     assert generated[fast_name] == generated["numpy"]
 
 
+# ---- batch-1 greedy decoding through a backend's GreedyDecoder ----------------------------------------------------
+
+
+@pytest.fixture
+def decoding(fast, fast_name):
+    """The backend module under test, when it offers a whole-step GreedyDecoder."""
+    if not hasattr(fast, "GreedyDecoder"):
+        pytest.skip(f"backend {fast_name} has no GreedyDecoder")
+    return fast
+
+
+def prefill_and_decoder(module, model, prompt, capacity):
+    """Prefill ``prompt`` through the model loop, then a GreedyDecoder from its greedy token: (decoder, token, logits)."""
+    cache = KVCache(model.config, capacity, xp=model.xp)
+    (logits,) = model.forward([Request(list(prompt), 0, cache)])
+    token = int(np.argmax(logits))
+    return module.GreedyDecoder(model._state, cache, len(prompt), token), token, logits
+
+
+def test_greedy_decoder_gives_the_reference_tokens_and_logits(decoding, fast_name, folder):
+    """40 tokens from the decoder equal the reference's step-by-step greedy tokens (until a near tie), and each step's
+    logits are within tolerance of the reference's (numba: threaded and on one thread, bf16 and f32 weights)."""
+    prompt = np.random.default_rng().integers(0, 256, 9).tolist()
+    reference = Qwen3MoeForCausalLM(folder, backend="numpy")
+    cache, expected, expected_logits = KVCache(reference.config, 9 + 40), [], []
+    pending, pos = list(prompt), 0
+    for _ in range(40):
+        (last,) = reference.forward([Request(pending, pos, cache)])
+        expected_logits.append(last)
+        pos += len(pending)
+        pending = [int(np.argmax(last))]
+        expected += pending
+    model = Qwen3MoeForCausalLM(folder, backend=fast_name)
+    decoder, first, logits = prefill_and_decoder(decoding, model, prompt, 9 + 40)
+    tokens, step_logits = [first], [logits]
+    for _ in range(39):
+        tokens.append(decoder.step())
+        step_logits.append(host(decoder.logits).reshape(-1).copy())
+    steps = greedy_steps_without_near_ties(np.stack(expected_logits))  # a near tie may legitimately go either way
+    assert tokens[:steps] == expected[:steps]
+    close(np.stack(step_logits[:steps]), np.stack(expected_logits[:steps]), "logits of each decoded step")
+
+
+def test_greedy_decoder_with_three_query_heads_per_kv_head(decoding, fast_name, tmp_path):
+    config = dict(TINY_CONFIG, num_attention_heads=6)
+    test_greedy_decoder_gives_the_reference_tokens_and_logits(
+        decoding, fast_name, write_checkpoint(tmp_path / "m", config, random_weights(config, seed=2)))
+
+
+def test_greedy_decoder_refuses_a_full_cache(decoding, fast_name, tiny_model_dir):
+    model = Qwen3MoeForCausalLM(tiny_model_dir, backend=fast_name)
+    decoder, _, _ = prefill_and_decoder(decoding, model, [1, 2, 3], 5)
+    decoder.step(), decoder.step()  # positions 3 and 4
+    with pytest.raises(ValueError, match="KV cache is full"):
+        decoder.step()
+
+
+def test_greedy_decoder_counts_router_statistics(decoding, fast_name, tiny_model_dir):
+    """flush_stats adds what the reference's per-step path counts for the same tokens, and starts afresh."""
+    from qwen3moe.router_stats import RouterStats
+
+    prompt = [5, 17, 2, 250]
+    model = Qwen3MoeForCausalLM(tiny_model_dir, backend=fast_name)
+    decoder, first, _ = prefill_and_decoder(decoding, model, prompt, 4 + 12)
+    tokens = [first] + [decoder.step() for _ in range(11)]
+    ours = RouterStats(model.config)
+    decoder.flush_stats(ours)
+    decoder.flush_stats(ours)  # nothing new
+    reference = Qwen3MoeForCausalLM(tiny_model_dir, backend="numpy")
+    cache = KVCache(reference.config, 16)
+    reference.forward([Request(prompt, 0, cache)])
+    reference.reset_router_stats()  # count the decode steps only: the tokens fed after the prefill
+    for k, token in enumerate(tokens[:-1]):
+        reference.forward([Request([token], 4 + k, cache)])
+    theirs = reference.router_stats
+    for layer in model.config.moe_layers:
+        assert ours.tokens[layer] == theirs.tokens[layer] == 11
+        np.testing.assert_array_equal(ours.counts[layer], theirs.counts[layer])
+        np.testing.assert_allclose(ours.prob_sum[layer], theirs.prob_sum[layer], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(ours.entropy_sum[layer], theirs.entropy_sum[layer], rtol=1e-4)
+
+
+def test_greedy_decoder_ties_go_to_the_lowest_token_and_nan_is_refused(decoding, fast_name, tmp_path):
+    """An all-zero lm_head: every logit ties, so the lowest id (0) wins, as np.argmax picks it. A NaN in the lm_head
+    stops decoding with the reference sampler's error rather than a made-up token."""
+    from qwen3moe.debug import NonFiniteError
+
+    tensors = random_weights(TINY_CONFIG, seed=1)
+    tensors["lm_head.weight"] = np.zeros_like(tensors["lm_head.weight"])
+    model = Qwen3MoeForCausalLM(write_checkpoint(tmp_path / "ties", dict(TINY_CONFIG), tensors), backend=fast_name)
+    decoder, _, _ = prefill_and_decoder(decoding, model, [1, 2, 3], 8)
+    assert [decoder.step() for _ in range(4)] == [0] * 4
+    tensors["lm_head.weight"] = tensors["lm_head.weight"].copy()
+    tensors["lm_head.weight"][301, 0] = np.nan
+    model = Qwen3MoeForCausalLM(write_checkpoint(tmp_path / "nan", dict(TINY_CONFIG), tensors), backend=fast_name)
+    decoder, _, _ = prefill_and_decoder(decoding, model, [1, 2, 3], 8)
+    with pytest.raises(NonFiniteError, match="NaN"):
+        decoder.step()
+
+
+def test_numba_decoder_does_not_depend_on_thread_scheduling(tiny_model_dir, monkeypatch):
+    """The decoder's threads claim work items, so the result does not depend on how many run or when: more workers
+    than Numba has threads (some run one after another) give the same tokens as one worker."""
+    if fast_unavailable := backends.unavailable_reason("numba"):
+        pytest.skip(fast_unavailable)
+    nb = backends.load("numba")
+    monkeypatch.setattr(nb, "PARALLEL_MIN_BYTES", 0)
+    model = Qwen3MoeForCausalLM(tiny_model_dir, backend="numba")
+    runs = []
+    for workers in (1, 2, 5):
+        decoder, first, _ = prefill_and_decoder(nb, model, [7, 8, 9], 3 + 20)
+        decoder._threads = workers
+        runs.append([first] + [decoder.step() for _ in range(19)])
+    assert runs[0] == runs[1] == runs[2]
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="the bundled model is not in this copy")
+def test_generate_decodes_the_bundled_model_through_the_greedy_decoder(fast_name, monkeypatch):
+    """generate() with temperature 0 hands decoding to the backend's GreedyDecoder: 64 tokens equal to the
+    reference's, and the router statistics it counted equal the ones the reference counted step by step."""
+    module = backends.load(fast_name)
+    if not hasattr(module, "GreedyDecoder"):
+        pytest.skip(f"backend {fast_name} has no GreedyDecoder")
+    made = []
+
+    class Spy(module.GreedyDecoder):
+        def __init__(self, *args):
+            made.append(self)
+            super().__init__(*args)
+
+    monkeypatch.setattr(module, "GreedyDecoder", Spy)
+    runs = {}
+    for name in ("numpy", fast_name):
+        model = Qwen3MoeForCausalLM(backend=name, max_tokens=256)
+        model.generate("ROMEO:\nBut soft, what light", max_steps=64, temperature=0, chat=False)
+        runs[name] = (model.last_task.generated, model.router_stats)
+    assert len(made) == 1
+    assert len(runs["numpy"][0]) == 64
+    assert runs[fast_name][0] == runs["numpy"][0]
+    (_, ours), (_, theirs) = runs[fast_name], runs["numpy"]
+    for layer in theirs.counts:
+        assert ours.tokens[layer] == theirs.tokens[layer]
+        np.testing.assert_array_equal(ours.counts[layer], theirs.counts[layer])
+        np.testing.assert_allclose(ours.prob_sum[layer], theirs.prob_sum[layer], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(ours.entropy_sum[layer], theirs.entropy_sum[layer], rtol=1e-4)
+
+
 # ---- the registry ---------------------------------------------------------------------------------------------
 
 
 def test_choose_by_argument_environment_and_auto(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     assert backends.choose("cpu", "numpy") == "numpy"
-    available = [n for n in backends.FASTEST_FIRST if backends.unavailable_reason(n) is None]
+    available = [n for n in backends.FASTEST_FIRST
+                 if backends.BACKENDS[n].device == "cpu" and backends.unavailable_reason(n) is None]
     assert backends.choose("cpu", "auto") == available[0]
     monkeypatch.setenv(backends.ENV_VAR, "numpy")
     assert backends.choose("cpu", None) == "numpy"
@@ -179,3 +357,4 @@ def test_an_uninstalled_backend_fails_with_one_sentence(monkeypatch):
     assert "fastpath.no_such_module cannot be imported" in reason
     with pytest.raises(DeviceError, match="backend 'ghost' is not available"):
         backends.choose("cpu", "ghost")
+

@@ -138,7 +138,8 @@ def test_prompt_fed_in_chunks_gives_the_same_logits_as_at_once(model):
 
     tokens = np.random.default_rng().integers(0, 256, 20).tolist()
     run = lambda chunk, pos, cache: model.forward([Request(chunk, pos, cache)], all_logits=True)[0]
-    whole = run(tokens, 0, KVCache(model.config, 32))
-    cache = KVCache(model.config, 32)
+    whole = run(tokens, 0, KVCache(model.config, 32, xp=model.xp))
+    cache = KVCache(model.config, 32, xp=model.xp)
     pieces = [run(tokens[a:b], a, cache) for a, b in ((0, 7), (7, 8), (8, 20))]
-    np.testing.assert_allclose(np.concatenate(pieces), whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
+    # 1e-4 as between backends: a GPU step of 20 tokens runs on other kernels (tensor cores) than steps of 1 and 12
+    np.testing.assert_allclose(np.concatenate(pieces), whole, rtol=1e-4, atol=1e-4 * np.abs(whole).max())

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
+from qwen3moe import backends
+from qwen3moe.bench import QWEN3_30B_A3B
 from qwen3moe.synthetic import TINY_CONFIG, write_checkpoint
 from qwen3moe.tokenizer import Qwen3Tokenizer
 
@@ -202,6 +204,41 @@ def test_info_without_a_folder_never_writes_into_home(tmp_path):
         assert str(cache / "synthetic-tiny") in out
 
 
+def test_info_ndev_prints_the_sharding_plan(tiny_model_dir, tmp_path):
+    status, out, err = cli("info", tiny_model_dir, "--ndev", "2", cwd=tmp_path)
+    assert status == 0, err
+    rows = [line.split() for line in out.splitlines() if re.match(r"^\s+\d+\s", line)]
+    # rank, q heads, kv heads, mlp rows, experts, lm_head rows: TINY_CONFIG has 4/2 heads, 8 experts, 384 tokens
+    assert [row[:6] for row in rows] == [["0", "0-1", "0", "0-63", "0-3", "(4)"],
+                                         ["1", "2-3", "1", "64-127", "4-7", "(4)"]]
+    assert [row[6] for row in rows] == ["0-191", "192-383"]
+    assert "6 all-reduces" in out  # after attention and after the MLP/MoE block of each of the 3 layers
+    status, out, err = cli("info", tiny_model_dir, "--ndev", "2", "--experts", "etp", cwd=tmp_path)
+    assert status == 0, err
+    assert "all 8, rows 0-15" in out and "all 8, rows 16-31" in out
+
+
+def test_info_ndev_needs_only_config_json(tmp_path):
+    """A plan for Qwen3-30B-A3B before downloading its 61 GB: a folder with its config.json is enough."""
+    folder = tmp_path / "qwen3-30b-a3b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    status, out, err = cli("info", folder, "--ndev", "4", cwd=tmp_path)
+    assert status == 0, err
+    assert re.search(r"^\s+3\s+24-31\s+3\s+96-127 \(32\)\s+113952-151935\s+15\.75 GB", out, re.MULTILINE), out
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--ndev", "3"], ["cannot split this model over ndev=3", "num_attention_heads 4 is not a multiple of 3",
+                       "ndev values that work: 1, 2, 4"]),
+    (["--experts", "etp"], ["give --ndev N as well"]),
+])
+def test_info_ndev_refusals(tiny_model_dir, tmp_path, extra, words):
+    line = assert_one_line_error(*cli("info", tiny_model_dir, *extra, cwd=tmp_path))
+    for w in words:
+        assert w in line
+
+
 # --- perplexity -----------------------------------------------------------------------------------------------------
 
 
@@ -228,9 +265,12 @@ def test_perplexity_of_the_flat_model_is_the_vocabulary_size(flat_model_dir, tmp
 # --- errors ---------------------------------------------------------------------------------------------------------
 
 
+NO_GPU = pytest.mark.skipif(backends.unavailable_reason("cupy") is None, reason="a GPU is present: --nvidia works")
+
+
 @pytest.mark.parametrize("extra, words", [
-    (["--nvidia"], ["NVIDIA", "--cpu"]),
-    (["--nvidia", "2"], ["NVIDIA"]),
+    pytest.param(["--nvidia"], ["nvidia device", "cupy", "--cpu"], marks=NO_GPU),
+    (["--nvidia", "2"], ["ndev=2"]),
     (["--ascend"], ["ascend devices are not supported", "--cpu"]),
     (["--cambricon"], ["cambricon devices are not supported", "--cpu"]),
     (["--backend", "nonsense"], ["unknown backend 'nonsense'", "numpy"]),

@@ -44,7 +44,7 @@ def greedy_steps_without_near_ties(step_logits: np.ndarray, gap: float = 1e-4) -
 
 def engine_logits(model: Qwen3MoeForCausalLM, prompt, continuation) -> tuple[np.ndarray, np.ndarray]:
     """Prefill logits (PROMPT_LEN, V) and the logits that predict each continuation token (DECODE_STEPS, V)."""
-    cache = KVCache(model.config, PROMPT_LEN + DECODE_STEPS)
+    cache = KVCache(model.config, PROMPT_LEN + DECODE_STEPS, xp=model.xp)
     run = lambda tokens, pos, all_logits: model.forward([Request(tokens, pos, cache)], all_logits)[0]
     prefill = run(list(prompt), 0, True)
     steps = [prefill[-1]] + [run([int(t)], PROMPT_LEN + k, False) for k, t in enumerate(continuation[:-1])]

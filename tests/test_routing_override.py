@@ -18,7 +18,7 @@ def routed(model, tokens):
     """Logits of every position, and the router trace of that one forward."""
     model.router_stats.reset()
     model.router_stats.trace_enabled = True
-    (logits,) = model.forward([Request(tokens, 0, KVCache(model.config, len(tokens)))], all_logits=True)
+    (logits,) = model.forward([Request(tokens, 0, KVCache(model.config, len(tokens), xp=model.xp))], all_logits=True)
     return logits, list(model.router_stats.trace)
 
 

@@ -1,0 +1,145 @@
+// Helpers shared by every qwen3moe CUDA kernel: weights widened in registers, warp and block reductions.
+//
+// Weights stay in their checkpoint dtype on the GPU. CuPy has no bfloat16 array type, so a bf16 weight is held as its
+// raw 16 bits (bf16_t) and widened here: a bf16 is the upper half of a float32, so widening is a 16-bit shift.
+#pragma once
+
+typedef unsigned short bf16_t;
+
+#ifndef INFINITY  // NVRTC compiles without the C library's math.h
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+__device__ __forceinline__ float widen(bf16_t w) { return __uint_as_float(static_cast<unsigned>(w) << 16); }
+__device__ __forceinline__ float widen(float w) { return w; }
+
+// 16 bytes of weights: one vector load per lane (a warp reads 512 contiguous bytes at once), widened on use.
+template <typename W> struct Pack;
+
+template <> struct Pack<bf16_t> {
+    static constexpr int N = 8;  // weights per pack
+    uint4 raw;
+    __device__ __forceinline__ void load(const bf16_t* p) { raw = __ldg(reinterpret_cast<const uint4*>(p)); }
+    __device__ __forceinline__ float operator[](int i) const {  // i must be a compile-time constant
+        const unsigned word = (&raw.x)[i / 2];
+        return __uint_as_float(i % 2 ? (word & 0xffff0000u) : (word << 16));
+    }
+};
+
+template <> struct Pack<float> {
+    static constexpr int N = 4;
+    float4 raw;
+    __device__ __forceinline__ void load(const float* p) { raw = __ldg(reinterpret_cast<const float4*>(p)); }
+    __device__ __forceinline__ float operator[](int i) const { return (&raw.x)[i]; }
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float partial[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_sum(v);
+    __syncthreads();  // partial[] may still be read by an earlier call
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+// 1 / rms(x) = 1 / sqrt(mean(x^2) + eps) of one row, computed by one warp.
+__device__ __forceinline__ float warp_inv_rms(const float* x, int n, float eps) {
+    float ss = 0.0f;
+    for (int k = threadIdx.x % 32; k < n; k += 32) ss += x[k] * x[k];
+    return 1.0f / sqrtf(warp_sum(ss) / n + eps);
+}
+
+// 1 / rms(x) = 1 / sqrt(mean(x^2) + eps) of one row, computed by the whole block.
+__device__ __forceinline__ float block_inv_rms(const float* x, int n, float eps) {
+    float ss = 0.0f;
+    for (int k = threadIdx.x; k < n; k += blockDim.x) ss += x[k] * x[k];
+    return 1.0f / sqrtf(block_sum(ss) / n + eps);
+}
+
+// acc[r][t] += sum_k w[r][k] * scale[k] * x[t][k] for t < nt, for ROWS weight rows at once (an expert's gate and up
+// rows share their input): the inner loop of every projection.
+//
+// The 32 lanes of a warp split a weight row in 16-byte packs; each lane keeps UNROLL packs of every row in flight
+// before using them, so that enough bytes are on their way to hide memory latency. ``scale`` (a norm's weight) may be
+// null. Rows whose length is not a whole number of packs (only in tiny test models) take the scalar loop.
+// UNROLL x ROWS = 8 packs per lane at batch-1 decode (a whole 4 KB bf16 row of hidden 2048, or half of two), 4 when
+// registers also hold MAXT accumulators per token.
+template <typename W, int MAXT, int ROWS>
+__device__ __forceinline__ void warp_dot_rows_n(const W* const (&w)[ROWS], int K, const float* const (&x)[MAXT],
+                                                int nt, const float* __restrict__ scale, float (&acc)[ROWS][MAXT]) {
+    constexpr int N = Pack<W>::N, UNROLL = MAXT == 1 ? 8 / ROWS : 4;
+    const int lane = threadIdx.x % 32;
+    const int packs = K % N == 0 ? K / N : 0;
+    auto use = [&](const Pack<W>& wp, int p, float (&a)[MAXT]) {
+        float wk[N];
+#pragma unroll
+        for (int i = 0; i < N; ++i) wk[i] = wp[i];
+        if (scale) {
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+                const float4 s = __ldg(reinterpret_cast<const float4*>(scale + p * N) + q);
+                wk[4 * q] *= s.x; wk[4 * q + 1] *= s.y; wk[4 * q + 2] *= s.z; wk[4 * q + 3] *= s.w;
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) {
+            if (t >= nt) break;
+            const float4* xp = reinterpret_cast<const float4*>(x[t] + p * N);
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+                const float4 v = xp[q];
+                a[t] += wk[4 * q] * v.x + wk[4 * q + 1] * v.y + wk[4 * q + 2] * v.z + wk[4 * q + 3] * v.w;
+            }
+        }
+    };
+    int p = lane;
+    for (; p + 32 * (UNROLL - 1) < packs; p += 32 * UNROLL) {
+        Pack<W> wp[UNROLL][ROWS];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) wp[u][r].load(w[r] + static_cast<long long>(p + 32 * u) * N);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) use(wp[u][r], p + 32 * u, acc[r]);
+    }
+    for (; p < packs; p += 32) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            Pack<W> wp;
+            wp.load(w[r] + static_cast<long long>(p) * N);
+            use(wp, p, acc[r]);
+        }
+    }
+    for (int k = packs * N + lane; k < K; k += 32) {  // scalar tail
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const float wk = widen(w[r][k]) * (scale ? scale[k] : 1.0f);
+#pragma unroll
+            for (int t = 0; t < MAXT; ++t)
+                if (t < nt) acc[r][t] += wk * x[t][k];
+        }
+    }
+}
+
+// One weight row: acc[t] += sum_k w[k] * scale[k] * x[t][k].
+template <typename W, int MAXT>
+__device__ __forceinline__ void warp_dot_rows(const W* w, int K, const float* const (&x)[MAXT], int nt,
+                                              const float* __restrict__ scale, float (&acc)[MAXT]) {
+    const W* rows[1] = {w};
+    warp_dot_rows_n<W, MAXT, 1>(rows, K, x, nt, scale, reinterpret_cast<float (&)[1][MAXT]>(acc));
+}

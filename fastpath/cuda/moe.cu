@@ -1,0 +1,212 @@
+// The MoE block: router, grouping of tokens by expert, SwiGLU experts over the chosen experts only, and the
+// weighted sum. A dense MLP layer runs through the same expert kernels as one expert that every token chose.
+//
+// Vocabulary: a *pair* is (token t, slot k), one of the T*K expert picks of a step, numbered t*K + k. Pairs are grouped
+// by expert into *slots*: slot s is the s-th distinct chosen expert, its pairs are pair_src[slot_offset[s] ..
+// slot_offset[s+1]). Grids are sized for the most slots a step can have; blocks of slots past n_slots exit at once.
+#include "common.cuh"
+
+constexpr int WARPS = 8;  // every block is 256 threads
+constexpr int MAX_EXPERTS = 512;  // route_topk keeps a token's router probabilities in one warp's registers
+
+// Per token (one block each), after the router logits (T, E) were computed by the projection kernel (linear.cu, with
+// the RMSNorm fused): mask ``disabled`` experts; softmax over all experts in float32; the top_k experts, ties to the
+// lower id; their weights, renormalised if norm_topk_prob. Also writes xn = RMSNorm(x), the experts' input.
+// ``stat_*`` (may be null) accumulate router statistics on the device: picks and the sum of probabilities per
+// expert, and the entropy sum, so that a captured decode step never needs the host to count.
+// With one token (``slots`` non-null) the K picks are already grouped -- each is its own slot -- and written as such,
+// which saves the grouping kernel at batch-1 decode.             grid (T), block 256, dynamic smem top_k floats
+__global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logits, const float* __restrict__ x, int H,
+                                                  const float* __restrict__ norm_weight, float eps, int E, int top_k,
+                                                  int norm_topk_prob, const unsigned char* __restrict__ disabled,
+                                                  float* __restrict__ xn, float* __restrict__ probs,
+                                                  int* __restrict__ topk_ids, float* __restrict__ topk_weights,
+                                                  unsigned long long* stat_counts, double* stat_prob_sum,
+                                                  double* stat_entropy_sum, int* slot_expert, int* slot_offset,
+                                                  int* pair_src, int* pair_token, int* n_slots) {
+    extern __shared__ float chosen_weight[];  // (top_k,)
+    const long long t = blockIdx.x;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+    const float inv = block_inv_rms(x + t * H, H, eps);
+    for (int k = threadIdx.x; k < H; k += blockDim.x) xn[t * H + k] = norm_weight[k] * (x[t * H + k] * inv);
+    if (warp != 0) return;  // softmax and top-k in one warp, the probabilities in its registers
+
+    // lane holds experts lane, lane + 32, ...: every loop over i below is unrolled, so p stays in registers
+    float p[MAX_EXPERTS / 32];
+    float m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < MAX_EXPERTS / 32; ++i) {
+        const int e = lane + 32 * i;
+        p[i] = e < E && !(disabled && disabled[e]) ? logits[t * E + e] : -INFINITY;
+        m = fmaxf(m, p[i]);
+    }
+    m = warp_max(m);
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < MAX_EXPERTS / 32; ++i) s += lane + 32 * i < E ? expf(p[i] - m) : 0.0f;
+    s = warp_sum(s);
+    double entropy = 0.0;
+#pragma unroll
+    for (int i = 0; i < MAX_EXPERTS / 32; ++i) {
+        const int e = lane + 32 * i;
+        if (e >= E) {
+            p[i] = -2.0f;  // no such expert: never chosen
+            continue;
+        }
+        const float prob = expf(p[i] - m) / s;
+        probs[t * E + e] = prob;
+        if (stat_prob_sum) atomicAdd(stat_prob_sum + e, static_cast<double>(prob));
+        entropy -= static_cast<double>(prob) * log(fmax(static_cast<double>(prob), 1e-30));
+        p[i] = disabled && disabled[e] ? -1.0f : prob;  // disabled experts are never chosen, even at p = 0
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) entropy += __shfl_xor_sync(0xffffffffu, entropy, offset);
+    if (stat_entropy_sum && lane == 0) atomicAdd(stat_entropy_sum, entropy);
+
+    float total = 0.0f;
+    for (int j = 0; j < top_k; ++j) {  // j-th best: the largest probability not yet taken, lowest id on ties
+        float best = -1.0f;
+        int best_e = E;
+#pragma unroll
+        for (int i = 0; i < MAX_EXPERTS / 32; ++i)  // increasing ids: ">" keeps the lowest of equals
+            if (p[i] > best) best = p[i], best_e = lane + 32 * i;
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            const float other = __shfl_xor_sync(0xffffffffu, best, offset);
+            const int other_e = __shfl_xor_sync(0xffffffffu, best_e, offset);
+            if (other > best || (other == best && other_e < best_e)) best = other, best_e = other_e;
+        }
+#pragma unroll
+        for (int i = 0; i < MAX_EXPERTS / 32; ++i)
+            if (lane + 32 * i == best_e) p[i] = -1.0f;  // taken
+        if (lane == 0) {
+            chosen_weight[j] = best;
+            topk_ids[t * top_k + j] = best_e;
+            if (stat_counts) atomicAdd(stat_counts + best_e, 1ull);
+            if (slot_expert) slot_expert[j] = best_e, slot_offset[j] = j, pair_src[j] = j, pair_token[j] = 0;
+        }
+        total += best;
+    }
+    __syncwarp();
+    for (int j = lane; j < top_k; j += 32)
+        topk_weights[t * top_k + j] = norm_topk_prob ? chosen_weight[j] / total : chosen_weight[j];
+    if (slot_expert && lane == 0) slot_offset[top_k] = top_k, n_slots[0] = top_k;
+}
+
+// Group the P = T*K pairs by expert (a counting sort in one block): slot_expert, slot_offset (n_slots + 1 entries),
+// pair_src (pair numbers in slot order) and pair_token (their tokens); n_slots[0] = distinct experts chosen.
+// The order of pairs inside a slot is not fixed, and need not be: each pair's result is computed on its own and the
+// weighted sum (moe_combine) adds a token's K results in slot-number order.
+// For the tensor-core kernels (matmul.cu) it also lists tiles of at most ``tile_rows`` pairs of one slot:
+// tile_slot, tile_row (the first pair) and n_tiles[0].                    grid (1), block 1024, smem 2E ints
+__global__ void group_by_expert(const int* __restrict__ topk_ids, int P, int K, int E, int* __restrict__ slot_expert,
+                                int* __restrict__ slot_offset, int* __restrict__ pair_src, int* __restrict__ pair_token,
+                                int* __restrict__ n_slots, int tile_rows, int* __restrict__ tile_slot,
+                                int* __restrict__ tile_row, int* __restrict__ n_tiles) {
+    extern __shared__ int counts[];  // (E,) picks, then (E,) write cursors
+    int* cursor = counts + E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < P; p += blockDim.x) atomicAdd(&counts[topk_ids[p]], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int s = 0, offset = 0, tiles = 0;
+        for (int e = 0; e < E; ++e) {
+            cursor[e] = offset;
+            if (counts[e]) {
+                for (int r = 0; r < counts[e]; r += tile_rows) tile_slot[tiles] = s, tile_row[tiles++] = offset + r;
+                slot_expert[s] = e;
+                slot_offset[s++] = offset;
+                offset += counts[e];
+            }
+        }
+        slot_offset[s] = offset;
+        n_slots[0] = s;
+        n_tiles[0] = tiles;
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < P; p += blockDim.x) {
+        const int at = atomicAdd(&cursor[topk_ids[p]], 1);
+        pair_src[at] = p;
+        pair_token[at] = p / K;
+    }
+}
+
+// act[q, r] = silu(gate_e[r] . xn[tok]) * (up_e[r] . xn[tok]) for every pair q of slot s (expert e, token tok).
+// Expert e's gate rows start at gate + e * expert_stride, its up rows at up + e * expert_stride. Pairs of a slot are
+// taken MAXT at a time, so an expert's rows are read once per MAXT of its tokens.  grid (ceil(I / rows_per_block), slots)
+template <typename W, int MAXT>
+__global__ void __launch_bounds__(256) expert_gate_up(const float* __restrict__ xn, int H, const W* __restrict__ gate,
+                                                      const W* __restrict__ up, long long expert_stride, int I,
+                                                      int rows_per_block, const int* __restrict__ slot_expert,
+                                                      const int* __restrict__ slot_offset,
+                                                      const int* __restrict__ pair_token,
+                                                      const int* __restrict__ n_slots, float* __restrict__ act) {
+    const int s = blockIdx.y;
+    if (s >= n_slots[0]) return;
+    const long long e = slot_expert[s];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row_end = min(I, (blockIdx.x + 1) * rows_per_block);
+    for (int q0 = slot_offset[s]; q0 < slot_offset[s + 1]; q0 += MAXT) {
+        const int nt = min(MAXT, slot_offset[s + 1] - q0);
+        const float* xt[MAXT];
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) xt[t] = xn + static_cast<long long>(pair_token[q0 + min(t, nt - 1)]) * H;
+        for (int r = blockIdx.x * rows_per_block + warp; r < row_end; r += WARPS) {
+            const W* rows[2] = {gate + e * expert_stride + static_cast<long long>(r) * H,
+                                up + e * expert_stride + static_cast<long long>(r) * H};
+            float gu[2][MAXT] = {};  // gate and up rows read together: their loads are in flight at once
+            warp_dot_rows_n<W, MAXT, 2>(rows, H, xt, nt, nullptr, gu);
+#pragma unroll
+            for (int t = 0; t < MAXT; ++t) {
+                if (t >= nt) break;
+                const float gs = warp_sum(gu[0][t]), us = warp_sum(gu[1][t]);
+                if (lane == 0) act[static_cast<long long>(q0 + t) * I + r] = gs / (1.0f + expf(-gs)) * us;
+            }
+        }
+    }
+}
+
+// out[pair_src[q], n] = weight(pair) * (down_e[n] . act[q]): each pair's expert output already scaled by its routing
+// weight (pair_weight null: 1, for a dense MLP).                      grid (ceil(H / rows_per_block), slots)
+template <typename W, int MAXT>
+__global__ void __launch_bounds__(256) expert_down(const float* __restrict__ act, int I, const W* __restrict__ down,
+                                                   long long expert_stride, int H, int rows_per_block,
+                                                   const int* __restrict__ slot_expert,
+                                                   const int* __restrict__ slot_offset,
+                                                   const int* __restrict__ pair_src,
+                                                   const float* __restrict__ pair_weight,
+                                                   const int* __restrict__ n_slots, float* __restrict__ out) {
+    const int s = blockIdx.y;
+    if (s >= n_slots[0]) return;
+    const long long e = slot_expert[s];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row_end = min(H, (blockIdx.x + 1) * rows_per_block);
+    for (int q0 = slot_offset[s]; q0 < slot_offset[s + 1]; q0 += MAXT) {
+        const int nt = min(MAXT, slot_offset[s + 1] - q0);
+        const float* xt[MAXT];
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) xt[t] = act + static_cast<long long>(q0 + min(t, nt - 1)) * I;
+        for (int n = blockIdx.x * rows_per_block + warp; n < row_end; n += WARPS) {
+            float acc[MAXT] = {};
+            warp_dot_rows<W, MAXT>(down + e * expert_stride + static_cast<long long>(n) * I, I, xt, nt, nullptr, acc);
+#pragma unroll
+            for (int t = 0; t < MAXT; ++t) {
+                if (t >= nt) break;
+                const float sum = warp_sum(acc[t]);
+                const int src = pair_src[q0 + t];
+                if (lane == 0) out[static_cast<long long>(src) * H + n] = (pair_weight ? pair_weight[src] : 1.0f) * sum;
+            }
+        }
+    }
+}
+
+// x[t, :] += sum_k out[t*K + k, :], the K picks added in slot order: the weighted sum and the residual add, in a fixed
+// order so that results do not depend on scheduling.                   grid (ceil(T * H / 256)), block 256
+__global__ void moe_combine(float* __restrict__ x, const float* __restrict__ out, int T, int H, int K) {
+    const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= static_cast<long long>(T) * H) return;
+    const long long t = i / H, h = i % H;
+    float sum = 0.0f;
+    for (int k = 0; k < K; ++k) sum += out[(t * K + k) * H + h];
+    x[i] += sum;
+}

@@ -1,0 +1,55 @@
+// Greedy decoding on the device, so that a captured decode step feeds its own next input: the argmax of the logits
+// (the lowest index on ties, as numpy.argmax), in two passes, then the step's bookkeeping.
+#include "common.cuh"
+
+__device__ __forceinline__ void keep_better(float& best, int& best_i, float v, int i) {
+    if (v > best || (v == best && i < best_i)) best = v, best_i = i;
+}
+
+__device__ __forceinline__ void warp_argmax(float& best, int& best_i) {
+    for (int offset = 16; offset > 0; offset >>= 1)
+        keep_better(best, best_i, __shfl_xor_sync(0xffffffffu, best, offset),
+                    __shfl_xor_sync(0xffffffffu, best_i, offset));
+}
+
+// Each block: the best of its contiguous share of the vocabulary. A NaN or +Inf logit sets non_finite[0] = 1 (the
+// host refuses the token then, as the reference sampler does).          grid (B <= 1024), block 256
+__global__ void argmax_partial(const float* __restrict__ logits, int V, float* __restrict__ best_val,
+                               int* __restrict__ best_idx, int* __restrict__ non_finite) {
+    __shared__ float vals[8];
+    __shared__ int idxs[8];
+    const int per_block = (V + gridDim.x - 1) / gridDim.x;
+    const int begin = blockIdx.x * per_block, end = min(V, begin + per_block);
+    float best = -INFINITY;
+    int best_i = 0x7fffffff;
+    for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
+        const float v = logits[i];
+        if (isnan(v) || v == INFINITY) non_finite[0] = 1;
+        keep_better(best, best_i, v, i);
+    }
+    warp_argmax(best, best_i);
+    if (threadIdx.x % 32 == 0) vals[threadIdx.x / 32] = best, idxs[threadIdx.x / 32] = best_i;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        best = threadIdx.x < blockDim.x / 32 ? vals[threadIdx.x] : -INFINITY;
+        best_i = threadIdx.x < blockDim.x / 32 ? idxs[threadIdx.x] : 0x7fffffff;
+        warp_argmax(best, best_i);
+        if (threadIdx.x == 0) best_val[blockIdx.x] = best, best_idx[blockIdx.x] = best_i;
+    }
+}
+
+// The winner of the partial results becomes the next step's input token; the position moves on by one.
+//                                                                       grid (1), block 32
+__global__ void greedy_advance(const float* __restrict__ best_val, const int* __restrict__ best_idx, int blocks,
+                               long long* __restrict__ next_id, int* __restrict__ tok_pos,
+                               int* __restrict__ sampled) {
+    float best = -INFINITY;
+    int best_i = 0x7fffffff;
+    for (int b = threadIdx.x; b < blocks; b += 32) keep_better(best, best_i, best_val[b], best_idx[b]);
+    warp_argmax(best, best_i);
+    if (threadIdx.x == 0) {
+        next_id[0] = best_i;
+        sampled[0] = best_i;
+        tok_pos[0] += 1;
+    }
+}

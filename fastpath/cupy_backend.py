@@ -1,0 +1,515 @@
+"""The ``cupy`` backend: the reference's block operations (``qwen3moe/reference_backend.py``) as CUDA kernels on one
+NVIDIA GPU, plus batch-1 greedy decoding captured as a CUDA graph (``GreedyDecoder``).
+
+``prepare`` uploads the weights once, in their checkpoint dtype: bf16 stays 16-bit (held as raw uint16 words, since
+CuPy has no bfloat16 type, and widened in registers by the kernels); f32 stays f32; f16 is widened to f32 once.
+Two layout changes, both plain copies made during the upload: q, k and v projections are stacked into one matrix
+(one pass over the normalised input computes all three), and each layer's experts are stacked into one
+(E, 2I, H) gate/up and one (E, H, I) down array (a dense MLP is the same with E = 1).
+
+Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) are:
+    linear                RMSNorm (fused) + projection, or projection + residual add        q/k/v, o_proj, lm_head
+    qk_norm_rope_cache    q/k RMSNorm, RoPE, K/V written into the sequence's cache
+    attention (+combine)  grouped-query attention, keys split across blocks (flash-decoding)
+    linear + route_topk   RMSNorm + router GEMV; softmax + top-k (+ renormalise) + the experts' normalised input
+    group_by_expert       a counting sort of the (token, slot) picks by expert (not needed for a single token)
+    expert_gate_up        SiLU(gate . x) * (up . x), only for the chosen experts, each expert's rows read once
+    expert_down           down . act, scaled by the routing weight
+    moe_combine           the weighted sum over a token's experts and the residual add, in a fixed order
+    mma_tiles             steps of 16 tokens or more: the projections and experts on the tensor cores (matmul.cu)
+Kernel ladders that build up to the central ones step by step: ``python -m fastpath.ladder``.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+import cupy as cp
+
+try:
+    devices = cp.cuda.runtime.getDeviceCount()
+except Exception as e:  # no driver: CuPy imports but cannot run anything
+    raise ImportError(f"no usable NVIDIA GPU ({type(e).__name__}: {e})") from None
+if devices == 0:
+    raise ImportError("no NVIDIA GPU is visible")
+
+from qwen3moe.config import Qwen3MoeConfig
+from qwen3moe.debug import NonFiniteError
+from qwen3moe.errors import UnsupportedConfigError
+from qwen3moe.layers import AttentionSegment, Routing
+from qwen3moe.router_stats import RouterStats
+from qwen3moe.weights import Qwen3MoeWeights, SparseMoeBlock
+
+from .cuda_build import MAXT, kernel
+
+xp = cp  # the array module of this backend's KV caches
+BLOCK = 256  # threads per block of every kernel
+NULL = np.uint64(0)  # a null pointer argument
+KEYS_PER_SPLIT = 32  # attention: the fewest keys worth a block of their own
+TARGET_BLOCKS = 264  # attention: enough blocks to fill 132 SMs twice over
+MAX_ATTENTION_ROWS = 32  # attention: (query token, head) rows one block handles
+MMA_MIN_TOKENS = 16  # from this many rows on, products run on the tensor cores (matmul.cu)
+TILE = 64  # rows and outputs of one tensor-core tile
+MAX_EXPERTS = 512  # route_topk holds a token's router probabilities in one warp's registers (moe.cu)
+
+
+@dataclass
+class Layer:
+    input_norm: cp.ndarray  # (H,) f32
+    qkv: cp.ndarray  # ((Hq + 2 Hkv) D, H) weight dtype
+    q_norm: cp.ndarray  # (D,) f32
+    k_norm: cp.ndarray  # (D,) f32
+    o_proj: cp.ndarray  # (H, Hq D)
+    post_norm: cp.ndarray  # (H,) f32
+    gate_up: cp.ndarray  # (E, 2I, H): rows [0, I) gate, [I, 2I) up; E = 1 for a dense MLP
+    down: cp.ndarray  # (E, H, I)
+    router: cp.ndarray | None  # (E, H), MoE layers only
+
+
+@dataclass
+class State:
+    config: Qwen3MoeConfig
+    wtype: str  # the kernels' weight type: "bf16_t" or "float"
+    embed_tokens: cp.ndarray  # (V, H)
+    layers: list[Layer]
+    norm: cp.ndarray  # (H,) f32
+    lm_head: cp.ndarray  # (V, H)
+    inv_freq: cp.ndarray  # (D/2,) f32, RoPE frequencies exactly as the reference computes them
+
+
+def upload(w: np.ndarray) -> cp.ndarray:
+    """A weight on the GPU in the kernels' form: bf16 as its uint16 bits, f32 as it is, f16 widened to f32."""
+    w = np.ascontiguousarray(w)
+    return cp.asarray(w.view(np.uint16) if w.dtype.name == "bfloat16" else w.astype(np.float32, copy=False))
+
+
+def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig) -> State:
+    c = config
+    if c.num_attention_heads // c.num_key_value_heads > MAX_ATTENTION_ROWS:
+        raise UnsupportedConfigError(f"the cupy backend supports at most {MAX_ATTENTION_ROWS} query heads per "
+                                     "key/value head")
+    if c.head_dim > 256:
+        raise UnsupportedConfigError(f"the cupy backend supports head_dim up to 256, not {c.head_dim}")
+    if c.num_experts > MAX_EXPERTS:
+        raise UnsupportedConfigError(f"the cupy backend supports up to {MAX_EXPERTS} experts, not {c.num_experts}")
+    f32 = lambda v: cp.asarray(np.asarray(v, dtype=np.float32))
+    layers = []
+    for lw in weights.layers:
+        a, m = lw.self_attn, lw.mlp
+        experts = m.experts if isinstance(m, SparseMoeBlock) else [m]
+        layers.append(Layer(
+            f32(lw.input_layernorm), upload(np.concatenate([a.q_proj, a.k_proj, a.v_proj])), f32(a.q_norm),
+            f32(a.k_norm), upload(a.o_proj), f32(lw.post_attention_layernorm),
+            upload(np.stack([np.concatenate([e.gate_proj, e.up_proj]) for e in experts])),
+            upload(np.stack([e.down_proj for e in experts])),
+            upload(m.gate) if isinstance(m, SparseMoeBlock) else None))
+    wtype = "bf16_t" if weights.lm_head.dtype.name == "bfloat16" else "float"
+    if any(l.qkv.dtype != layers[0].qkv.dtype for l in layers) or (layers[0].qkv.dtype == cp.uint16) != (
+            wtype == "bf16_t"):
+        raise UnsupportedConfigError("the cupy backend needs one weight dtype for all matrices of a checkpoint")
+    return State(c, wtype, upload(weights.embed_tokens), layers, f32(weights.norm), upload(weights.lm_head),
+                 rope_inv_freq(c))
+
+
+def rope_inv_freq(c: Qwen3MoeConfig) -> cp.ndarray:
+    """(D/2,) RoPE frequencies, computed exactly as the reference does; the kernels take angle = position * f."""
+    exponents = np.arange(0, c.head_dim, 2, dtype=np.float32) / np.float32(c.head_dim)
+    return cp.asarray((np.float32(1) / np.float32(c.rope_theta) ** exponents).astype(np.float32))
+
+
+# ---- launches: every kernel call of the backend goes through one of these -------------------------------------------
+
+def i32(v) -> np.int32:
+    return np.int32(v)
+
+
+def tensor_cores(s: State, tokens: int, *dims: int) -> bool:
+    """Whether a product over ``tokens`` rows goes to the tensor-core kernel (matmul.cu): bf16 weights, enough rows
+    to fill a tile, and reduction dimensions that are whole 32-column steps."""
+    return s.wtype == "bf16_t" and tokens >= MMA_MIN_TOKENS and all(d % 32 == 0 for d in dims)
+
+
+def rms_norm(s: State, x: cp.ndarray, weight: cp.ndarray, out: cp.ndarray) -> None:
+    kernel("linear.cu", "rms_norm")((x.shape[0],), (BLOCK,), (x, i32(x.shape[1]), weight,
+                                                                np.float32(s.config.rms_norm_eps), out))
+
+
+def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.ndarray | None = None,
+           residual: cp.ndarray | None = None, rows_per_block: int = 8) -> None:
+    """out = [residual +] w @ [rmsnorm(x, norm)]: x (T, K) -> out (T, N)."""
+    T, K = x.shape
+    N = w.shape[0]
+    if tensor_cores(s, T, K):
+        if norm is not None:
+            xn = cp.empty_like(x)
+            rms_norm(s, x, norm, xn)
+            x = xn
+        kernel("matmul.cu", "mma_tiles<LINEAR>")(
+            (math.ceil(N / TILE), math.ceil(T / TILE)), (128,),
+            (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 8,
+             NULL if residual is None else residual, out))
+        return
+    m = 1 if T == 1 else MAXT[-1]
+    kernel("linear.cu", f"linear<{s.wtype}, {m}>")(
+        (math.ceil(N / rows_per_block), math.ceil(T / m)), (BLOCK,),
+        (x, i32(T), i32(K), NULL if norm is None else norm, np.float32(s.config.rms_norm_eps), w, i32(N),
+         i32(rows_per_block), NULL if residual is None else residual, out))
+
+
+@dataclass
+class Grouping:
+    """Which expert each (token, slot) pick goes to, grouped by expert (see moe.cu)."""
+
+    slot_expert: cp.ndarray  # (max_slots,) int32
+    slot_offset: cp.ndarray  # (max_slots + 1,) int32
+    pair_src: cp.ndarray  # (P,) int32
+    pair_token: cp.ndarray  # (P,) int32
+    n_slots: cp.ndarray  # (1,) int32
+    pair_weight: cp.ndarray | None  # (P,) f32 routing weights by pair number, None for a dense MLP
+    tile_slot: cp.ndarray  # (max_tiles,) int32: tiles of at most TILE pairs of one slot, for the tensor cores
+    tile_row: cp.ndarray  # (max_tiles,) int32: the tile's first pair
+    n_tiles: cp.ndarray  # (1,) int32
+
+    @staticmethod
+    def empty(P: int, E: int) -> "Grouping":
+        slots, tiles = min(P, E), math.ceil(P / TILE) + min(P, E)
+        z = lambda n: cp.zeros(n, dtype=cp.int32)
+        return Grouping(z(slots), z(slots + 1), z(P), z(P), z(1), cp.zeros(P, dtype=cp.float32), z(tiles), z(tiles),
+                        z(1))
+
+    @staticmethod
+    def dense(T: int) -> "Grouping":
+        """Every token to the one 'expert' of a dense MLP."""
+        ids, tiles = cp.arange(T, dtype=cp.int32), math.ceil(T / TILE)
+        return Grouping(cp.zeros(1, cp.int32), cp.asarray([0, T], cp.int32), ids, ids, cp.ones(1, cp.int32), None,
+                        cp.zeros(tiles, cp.int32), cp.arange(0, T, TILE, dtype=cp.int32),
+                        cp.asarray([tiles], cp.int32))
+
+
+@dataclass
+class MoeBuffers:
+    """Everything a feed-forward block writes, allocated once per shape so that a captured graph can reuse it."""
+
+    xn: cp.ndarray  # (T, H) normalised input
+    logits: cp.ndarray  # (T, E) router logits
+    probs: cp.ndarray  # (T, E) router probabilities
+    topk_ids: cp.ndarray  # (T, K) int32
+    act: cp.ndarray  # (P, I) SiLU(gate) * up per pick
+    out: cp.ndarray  # (P, H) weighted expert output per pick
+    grouping: Grouping
+
+    @staticmethod
+    def empty(T: int, c: Qwen3MoeConfig, top_k: int) -> "MoeBuffers":
+        P = T * top_k
+        f = lambda *shape: cp.empty(shape, dtype=cp.float32)
+        return MoeBuffers(f(T, c.hidden_size), f(T, c.num_experts), f(T, c.num_experts),
+                          cp.empty((T, top_k), cp.int32),
+                          f(P, c.moe_intermediate_size), f(P, c.hidden_size), Grouping.empty(P, c.num_experts))
+
+
+def swiglu_experts_into(s: State, layer: Layer, x: cp.ndarray, xn: cp.ndarray, g: Grouping, act: cp.ndarray,
+                        out: cp.ndarray, max_slots: int, top_k: int) -> None:
+    """x += sum over each token's picks of weight * down_e(SiLU(gate_e xn) * up_e xn), each expert's rows read once;
+    out[pair] holds each pick's weighted output on the way."""
+    E, two_i, H = layer.gate_up.shape
+    I = two_i // 2
+    up = np.uint64(layer.gate_up.data.ptr + I * H * layer.gate_up.itemsize)  # expert 0's up rows
+    pair_weight = NULL if g.pair_weight is None else g.pair_weight
+    if tensor_cores(s, xn.shape[0], H, I):
+        tiles, grouped = g.tile_slot.shape[0], (g.tile_slot, g.tile_row, g.n_tiles, g.slot_expert, g.slot_offset,
+                                                g.pair_token, g.pair_src)
+        kernel("matmul.cu", "mma_tiles<GATE_UP>")(
+            (math.ceil(I / TILE), tiles), (128,),
+            (xn, i32(H), layer.gate_up, up, np.int64(two_i * H), i32(I), i32(0), *grouped, NULL, NULL, act))
+        kernel("matmul.cu", "mma_tiles<DOWN>")(
+            (math.ceil(H / TILE), tiles), (128,),
+            (act, i32(I), layer.down, NULL, np.int64(H * I), i32(H), i32(0), *grouped, pair_weight, NULL, out))
+    else:
+        m = 1 if xn.shape[0] == 1 else MAXT[-1]  # one token: every slot holds one pick
+        kernel("moe.cu", f"expert_gate_up<{s.wtype}, {m}>")(
+            (math.ceil(I / 8), max_slots), (BLOCK,),
+            (xn, i32(H), layer.gate_up, up, np.int64(two_i * H), i32(I), i32(8), g.slot_expert, g.slot_offset,
+             g.pair_token, g.n_slots, act))
+        kernel("moe.cu", f"expert_down<{s.wtype}, {m}>")(
+            (math.ceil(H / 8), max_slots), (BLOCK,),
+            (act, i32(I), layer.down, np.int64(H * I), i32(H), i32(8), g.slot_expert, g.slot_offset, g.pair_src,
+             pair_weight, g.n_slots, out))
+    combine(x, out, top_k)
+
+
+def moe_into(s: State, layer: Layer, x: cp.ndarray, top_k: int, disabled: cp.ndarray | None, b: MoeBuffers,
+             stats: tuple | None = None) -> None:
+    """x += MoE(post_attention_layernorm(x)), in place; the routing lands in b.probs, b.topk_ids, b.grouping."""
+    c, T = s.config, x.shape[0]
+    E, g = c.num_experts, b.grouping
+    route(s, layer.router, layer.post_norm, x, top_k, disabled, b, stats)
+    P = T * top_k
+    if T > 1:  # a single token's picks are grouped already (route_topk wrote them as slots)
+        kernel("moe.cu", "group_by_expert")(
+            (1,), (1024,), (b.topk_ids, i32(P), i32(top_k), i32(E), g.slot_expert, g.slot_offset, g.pair_src,
+                            g.pair_token, g.n_slots, i32(TILE), g.tile_slot, g.tile_row, g.n_tiles), shared_mem=8 * E)
+    swiglu_experts_into(s, layer, x, b.xn, g, b.act, b.out, min(P, E), top_k)
+
+
+def route(s: State, gate: cp.ndarray, norm: cp.ndarray, x: cp.ndarray, top_k: int, disabled: cp.ndarray | None,
+          b: MoeBuffers, stats: tuple | None = None) -> None:
+    """The router: logits = gate @ RMSNorm(x), then softmax, top-k and weights (route_topk) into b; b.xn gets the
+    experts' normalised input. ``stats``: device accumulators (counts, prob_sum, entropy) or None."""
+    c, T = s.config, x.shape[0]
+    H, E, g = c.hidden_size, c.num_experts, b.grouping
+    linear(s, x, gate, b.logits, norm=norm)
+    slots = (g.slot_expert, g.slot_offset, g.pair_src, g.pair_token, g.n_slots) if T == 1 else (NULL,) * 5
+    kernel("moe.cu", "route_topk")(
+        (T,), (BLOCK,),
+        (b.logits, x, i32(H), norm, np.float32(c.rms_norm_eps), i32(E), i32(top_k), i32(c.norm_topk_prob),
+         NULL if disabled is None else disabled, b.xn, b.probs, b.topk_ids, g.pair_weight,
+         *(stats or (NULL, NULL, NULL)), *slots), shared_mem=4 * top_k)
+
+
+def combine(x: cp.ndarray, out: cp.ndarray, k: int) -> None:
+    T, H = x.shape
+    kernel("moe.cu", "moe_combine")((math.ceil(T * H / BLOCK),), (BLOCK,), (x, out, i32(T), i32(H), i32(k)))
+
+
+@dataclass
+class DenseBuffers:
+    xn: cp.ndarray  # (T, H)
+    act: cp.ndarray  # (T, I)
+    out: cp.ndarray  # (T, H)
+    grouping: Grouping  # every token to the one "expert"
+
+    @staticmethod
+    def empty(T: int, c: Qwen3MoeConfig) -> "DenseBuffers":
+        return DenseBuffers(cp.empty((T, c.hidden_size), cp.float32), cp.empty((T, c.intermediate_size), cp.float32),
+                            cp.empty((T, c.hidden_size), cp.float32), Grouping.dense(T))
+
+
+def dense_mlp_into(s: State, layer: Layer, x: cp.ndarray, b: DenseBuffers) -> None:
+    """x += MLP(post_attention_layernorm(x)), in place, through the expert kernels with one expert."""
+    rms_norm(s, x, layer.post_norm, b.xn)
+    swiglu_experts_into(s, layer, x, b.xn, b.grouping, b.act, b.out, 1, 1)
+
+
+@dataclass
+class AttentionPlan:
+    """Where a step's tokens go: positions, sequences, query tiles and key splits (the same for every layer)."""
+
+    tok_pos: cp.ndarray  # (T,) int32
+    tok_seq: cp.ndarray  # (T,) int32
+    tile_seq: cp.ndarray  # (tiles,) int32
+    tile_row: cp.ndarray  # (tiles,) int32
+    tile_rows: cp.ndarray  # (tiles,) int32
+    splits: int
+    chunk: int  # keys per split
+
+    @staticmethod
+    def build(c: Qwen3MoeConfig, segments: list[tuple[int, int, int]], max_keys: int) -> "AttentionPlan":
+        """``segments``: (first row, end row, first position) per sequence; ``max_keys``: the most keys any query
+        may see (the grid is sized for it: a captured step passes the cache capacity)."""
+        per_tile = max(1, MAX_ATTENTION_ROWS // (c.num_attention_heads // c.num_key_value_heads))
+        pos, seq, tiles = [], [], []
+        for j, (start, stop, first) in enumerate(segments):
+            pos += range(first, first + stop - start)
+            seq += [j] * (stop - start)
+            tiles += [(j, r, min(per_tile, stop - r)) for r in range(start, stop, per_tile)]
+        blocks = len(tiles) * c.num_key_value_heads
+        splits = max(1, min(math.ceil(max_keys / KEYS_PER_SPLIT), math.ceil(TARGET_BLOCKS / blocks)))
+        chunk = math.ceil(max_keys / splits / 32) * 32
+        a = lambda v: cp.asarray(np.asarray(v, dtype=np.int32))
+        tile_seq, tile_row, tile_rows = zip(*tiles)
+        return AttentionPlan(a(pos), a(seq), a(tile_seq), a(tile_row), a(tile_rows), math.ceil(max_keys / chunk),
+                             chunk)
+
+
+@dataclass
+class AttentionBuffers:
+    qkv: cp.ndarray  # (T, (Hq + 2 Hkv) D)
+    q: cp.ndarray  # (T, Hq, D) normed and rotated
+    part_acc: cp.ndarray  # (splits, T, Hq, D)
+    part_m: cp.ndarray  # (splits, T, Hq)
+    part_l: cp.ndarray  # (splits, T, Hq)
+    attn: cp.ndarray  # (T, Hq D)
+
+    @staticmethod
+    def empty(T: int, c: Qwen3MoeConfig, splits: int) -> "AttentionBuffers":
+        Hq, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        f = lambda *shape: cp.empty(shape, dtype=cp.float32)
+        return AttentionBuffers(f(T, (Hq + 2 * Hkv) * D), f(T, Hq, D), f(splits, T, Hq, D), f(splits, T, Hq),
+                                f(splits, T, Hq), f(T, Hq * D))
+
+
+def attention_into(s: State, layer: Layer, x: cp.ndarray, plan: AttentionPlan, k_caches: cp.ndarray,
+                   v_caches: cp.ndarray, b: AttentionBuffers) -> None:
+    """x += o_proj(attention(input_layernorm(x))), in place; writes the step's keys and values into the caches.
+    ``k_caches``/``v_caches``: (sequences,) uint64 addresses of each sequence's cache for this layer."""
+    c, T = s.config, x.shape[0]
+    Hq, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    linear(s, x, layer.qkv, b.qkv, norm=layer.input_norm)
+    kernel("attention.cu", "qk_norm_rope_cache")(
+        (T, math.ceil((Hq + 2 * Hkv) / 8)), (BLOCK,), (b.qkv, i32(Hq), i32(Hkv), i32(D), layer.q_norm, layer.k_norm,
+                         np.float32(c.rms_norm_eps), s.inv_freq, plan.tok_pos, plan.tok_seq, k_caches, v_caches, b.q),
+        shared_mem=4 * 8 * D)
+    attend(c, plan, k_caches, v_caches, b)
+    linear(s, b.attn, layer.o_proj, x, residual=x)
+
+
+def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_caches: cp.ndarray,
+           b: AttentionBuffers) -> None:
+    """b.attn = grouped-query attention of the queries b.q over the caches: the key splits, then their merge."""
+    T, Hq, Hkv, D = b.q.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    attention = kernel("attention.cu", "attention")
+    smem = 4 * (MAX_ATTENTION_ROWS * D + 32 * (2 * D + 1))
+    attention.max_dynamic_shared_size_bytes = smem
+    attention((plan.splits, Hkv, plan.tile_seq.shape[0]), (BLOCK,),
+              (b.q, i32(Hq), i32(Hkv), i32(D), k_caches, v_caches, plan.tile_seq, plan.tile_row, plan.tile_rows,
+               plan.tok_pos, i32(T), i32(plan.chunk), np.float32(D ** -0.5), b.part_acc, b.part_m, b.part_l),
+              shared_mem=smem)
+    kernel("attention.cu", "attention_combine")(
+        (T, Hq), (min(1024, math.ceil(D / 32) * 32),),
+        (b.part_acc, b.part_m, b.part_l, i32(plan.splits), i32(T), i32(Hq), i32(D), b.attn))
+
+
+# ---- the backend interface (see qwen3moe/backends.py) ----------------------------------------------------------------
+
+def embed_into(s: State, ids: cp.ndarray, x: cp.ndarray) -> None:
+    kernel("linear.cu", f"embed<{s.wtype}>")((ids.shape[0],), (BLOCK,), (ids, s.embed_tokens, i32(x.shape[1]), x))
+
+
+def embed(s: State, token_ids: np.ndarray) -> cp.ndarray:
+    ids = cp.asarray(np.asarray(token_ids, dtype=np.int64))
+    x = cp.empty((ids.shape[0], s.config.hidden_size), cp.float32)  # (T, H)
+    embed_into(s, ids, x)
+    return x
+
+
+def cache_addresses(segments: list[AttentionSegment]) -> tuple[cp.ndarray, cp.ndarray]:
+    for seg in segments:
+        if not isinstance(seg.k_cache, cp.ndarray):
+            raise TypeError("the cupy backend needs KV caches in GPU memory; create them with "
+                            "Qwen3MoeKVCache(model) (or KVCache(config, n, xp=cupy))")
+    addresses = lambda caches: cp.asarray(np.array([c.data.ptr for c in caches], dtype=np.uint64))
+    return addresses([g.k_cache for g in segments]), addresses([g.v_cache for g in segments])
+
+
+def attention_block(s: State, i: int, x: cp.ndarray, cos, sin, segments: list[AttentionSegment]) -> cp.ndarray:
+    """x + self_attn(input_layernorm(x)); positions come from the segments (RoPE is computed on the device)."""
+    plan = AttentionPlan.build(s.config, [(g.start, g.stop, g.pos) for g in segments],
+                               max(g.pos + g.stop - g.start for g in segments))
+    y = x.copy()
+    attention_into(s, s.layers[i], y, plan, *cache_addresses(segments),
+                   AttentionBuffers.empty(x.shape[0], s.config, plan.splits))
+    return y
+
+
+def feed_forward_block(s: State, i: int, x: cp.ndarray, top_k: int,
+                       disabled: np.ndarray | None) -> tuple[cp.ndarray, Routing | None]:
+    y = x.copy()
+    if not s.config.is_moe_layer(i):
+        dense_mlp_into(s, s.layers[i], y, DenseBuffers.empty(x.shape[0], s.config))
+        return y, None
+    b = MoeBuffers.empty(x.shape[0], s.config, top_k)
+    moe_into(s, s.layers[i], y, top_k, None if disabled is None else cp.asarray(disabled.astype(np.uint8)), b)
+    T = x.shape[0]
+    return y, Routing(b.probs, b.topk_ids, b.grouping.pair_weight.reshape(T, top_k))
+
+
+def final_logits(s: State, x: cp.ndarray) -> np.ndarray:
+    logits = cp.empty((x.shape[0], s.lm_head.shape[0]), cp.float32)  # (T, V)
+    linear(s, cp.ascontiguousarray(x), s.lm_head, logits, norm=s.norm, rows_per_block=64)
+    return logits.get()
+
+
+# ---- batch-1 greedy decoding as one CUDA graph ------------------------------------------------------------------------
+
+ARGMAX_BLOCKS = 256
+
+
+class GreedyDecoder:
+    """Greedy decoding of one sequence with the host out of the loop.
+
+    A whole decode step -- embedding, every layer, lm_head and the argmax -- is captured once as a CUDA graph and
+    replayed for every token. What changes from step to step lives in device memory and is advanced by the step
+    itself (``greedy_advance``): the input token id and its position. The attention grid is sized for the whole
+    cache, and blocks past the current length return at once. Router statistics are counted on the device too
+    (``flush_stats``). The only host round trip per token is reading the sampled id back.
+
+    ``cache`` must already hold positions [0, pos); ``token`` is the input at ``pos``.
+    """
+
+    def __init__(self, s: State, cache, pos: int, token: int):
+        c = s.config
+        self.s, self.capacity, self.pos, self.token, self.steps = s, cache.capacity, pos, token, 0
+        self.ids = cp.zeros(1, cp.int64)
+        self.plan = AttentionPlan.build(c, [(0, 1, pos)], cache.capacity)
+        address = lambda a: cp.asarray(np.array([a.data.ptr], np.uint64))
+        self.k_caches = [address(cache.k[i]) for i in range(c.num_hidden_layers)]
+        self.v_caches = [address(cache.v[i]) for i in range(c.num_hidden_layers)]
+        self.x = cp.empty((1, c.hidden_size), cp.float32)
+        self.attn = AttentionBuffers.empty(1, c, self.plan.splits)
+        self.moe = MoeBuffers.empty(1, c, c.num_experts_per_tok)
+        self.dense = DenseBuffers.empty(1, c)
+        self.logits = cp.empty((1, s.lm_head.shape[0]), cp.float32)
+        self.best_val, self.best_idx = cp.empty(ARGMAX_BLOCKS, cp.float32), cp.empty(ARGMAX_BLOCKS, cp.int32)
+        self.sampled = cp.zeros(2, cp.int32)  # the token, and a flag for non-finite logits
+        self.host = cp.cuda.alloc_pinned_memory(8)
+        E = c.num_experts
+        self.stats = {i: (cp.zeros(E, cp.uint64), cp.zeros(E, cp.float64), cp.zeros(1, cp.float64))
+                      for i in c.moe_layers}
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        cp.cuda.Device().synchronize()  # the prefill (on the default stream) has filled the cache
+        with self.stream:
+            self._step()  # compiles and loads every kernel; writes the same keys and values a replay will
+            self._reset()
+            self.stream.begin_capture()
+            self._step()
+            self.graph = self.stream.end_capture()
+            self._reset()
+
+    def _reset(self) -> None:
+        self.ids.fill(self.token)
+        self.plan.tok_pos.fill(self.pos)
+        self.sampled.fill(0)
+        for arrays in self.stats.values():
+            for a in arrays:
+                a.fill(0)
+
+    def _step(self) -> None:
+        s, c = self.s, self.s.config
+        embed_into(s, self.ids, self.x)
+        for i, layer in enumerate(s.layers):
+            attention_into(s, layer, self.x, self.plan, self.k_caches[i], self.v_caches[i], self.attn)
+            if c.is_moe_layer(i):
+                moe_into(s, layer, self.x, c.num_experts_per_tok, None, self.moe, self.stats[i])
+            else:
+                dense_mlp_into(s, layer, self.x, self.dense)
+        linear(s, self.x, s.lm_head, self.logits, norm=s.norm, rows_per_block=64)
+        kernel("sampling.cu", "argmax_partial")(
+            (ARGMAX_BLOCKS,), (BLOCK,),
+            (self.logits, i32(self.logits.shape[1]), self.best_val, self.best_idx, self.sampled[1:]))
+        kernel("sampling.cu", "greedy_advance")(
+            (1,), (32,), (self.best_val, self.best_idx, i32(ARGMAX_BLOCKS), self.ids, self.plan.tok_pos,
+                          self.sampled))
+
+    def step(self) -> int:
+        """Decode one token: the greedy successor of the previous one (the first time: of ``token``)."""
+        if self.pos >= self.capacity:
+            raise ValueError(f"the KV cache is full ({self.capacity} positions)")
+        self.graph.launch(self.stream)
+        cp.cuda.runtime.memcpyAsync(self.host.ptr, self.sampled.data.ptr, 8, cp.cuda.runtime.memcpyDeviceToHost,
+                                    self.stream.ptr)
+        self.stream.synchronize()
+        token, non_finite = np.frombuffer(self.host, np.int32, 2)
+        if non_finite:
+            raise NonFiniteError("the logits contain NaN or +Inf; run with debug=True (--debug) to find the layer "
+                                 "and tensor where they first appear")
+        self.pos, self.steps = self.pos + 1, self.steps + 1
+        return int(token)
+
+    def flush_stats(self, stats: RouterStats) -> None:
+        """Add the routing counted on the device since the last flush to ``stats``."""
+        for i, (counts, prob_sum, entropy) in self.stats.items():
+            stats.add(i, counts.get().astype(np.int64), self.steps, float(entropy.get()[0]), prob_sum.get())
+            for a in (counts, prob_sum, entropy):
+                a.fill(0)
+        self.steps = 0

@@ -1,0 +1,276 @@
+"""``python -m qwen3moe bench --nvidia``: the cupy backend on Qwen3-30B-A3B shapes, against transformers on the same
+weights and against the GPU's copy bandwidth, all measured in one run on one GPU.
+
+The weights are random bf16, generated on the GPU by transformers' own initialisation (61 GB for all 48 layers: no
+file is written). Our backend reads the very same memory: transformers 5 already holds each layer's experts packed as
+(E, 2I, H) gate/up and (E, H, I) down, the layout our kernels take, so only q/k/v are stacked (a 1 GB copy).
+
+Measured: decode tokens/s at batch 1 (the captured graph) and at larger batches (one step per token, greedy on the
+device), prefill of a long prompt, the weight bytes a decode step must read against the copy bandwidth, the same
+decode for transformers, and the time of each kernel of one batch-1 step against its own bytes.
+"""
+
+import json
+import sys
+import time
+from collections import defaultdict
+
+import cupy as cp
+import numpy as np
+
+from qwen3moe.bench import QWEN3_30B_A3B
+from qwen3moe.config import config_from_dict
+from qwen3moe.layers import AttentionSegment
+
+from . import cupy_backend as cb
+from .cupy_backend import Layer, State
+
+
+def copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 10) -> float:
+    """Device-to-device copy of a large buffer, bytes read plus bytes written per second (the best repeat)."""
+    src, dst = cp.ones(nbytes // 4, cp.float32), cp.empty(nbytes // 4, cp.float32)
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    best = 0.0
+    for _ in range(repeats):
+        start.record()
+        dst[...] = src
+        end.record()
+        end.synchronize()
+        best = max(best, 2 * nbytes / (cp.cuda.get_elapsed_time(start, end) / 1e3))
+    del src, dst
+    cp.get_default_memory_pool().free_all_blocks()
+    return best
+
+
+def build_transformers_model(config: dict):
+    """transformers' Qwen3MoeForCausalLM with random bf16 weights, created directly on the GPU."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    hf_config = Qwen3MoeConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = Qwen3MoeForCausalLM(hf_config)
+    torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def as_cupy(t) -> cp.ndarray:
+    """A torch CUDA tensor as a CuPy array of the same memory; bf16 as uint16 words (CuPy has no bf16)."""
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return cp.from_dlpack(t.detach().contiguous().view(torch.int16)).view(cp.uint16)
+    return cp.from_dlpack(t.detach().contiguous().float())
+
+
+def state_from_transformers(model, c) -> State:
+    import torch
+
+    p = dict(model.named_parameters())
+    f32 = lambda name: as_cupy(p[name].float())
+    layers = []
+    for i in range(c.num_hidden_layers):
+        a = f"model.layers.{i}.self_attn."
+        qkv = torch.cat([p[a + f"{n}_proj.weight"] for n in "qkv"])
+        e = f"model.layers.{i}.mlp."
+        layers.append(Layer(f32(f"model.layers.{i}.input_layernorm.weight"), as_cupy(qkv), f32(a + "q_norm.weight"),
+                            f32(a + "k_norm.weight"), as_cupy(p[a + "o_proj.weight"]),
+                            f32(f"model.layers.{i}.post_attention_layernorm.weight"),
+                            as_cupy(p[e + "experts.gate_up_proj"]), as_cupy(p[e + "experts.down_proj"]),
+                            as_cupy(p[e + "gate.weight"])))
+    return State(c, "bf16_t", as_cupy(p["model.embed_tokens.weight"]), layers, f32("model.norm.weight"),
+                 as_cupy(p["lm_head.weight"]), cb.rope_inv_freq(c))
+
+
+def decode_bytes(c, distinct_experts: float) -> float:
+    """Weight bytes one decode step must read (bf16): attention, router and the distinct chosen experts per layer,
+    and lm_head."""
+    H, D, I = c.hidden_size, c.head_dim, c.moe_intermediate_size
+    attention = (c.num_attention_heads + 2 * c.num_key_value_heads) * D * H + H * c.num_attention_heads * D
+    per_layer = attention + c.num_experts * H + distinct_experts * 3 * I * H
+    return 2 * (c.num_hidden_layers * per_layer + c.vocab_size * H)
+
+
+def forward_on_device(s: State, ids: np.ndarray, segments: list[tuple[int, int, int]], caches) -> cp.ndarray:
+    """One step through the backend's block functions with the logits kept on the GPU; returns the greedy tokens
+    of each segment's last row (argmax on the device)."""
+    c = s.config
+    x = cb.embed(s, ids)
+    plan = cb.AttentionPlan.build(c, segments, max(p + b - a for a, b, p in segments))
+    attn = cb.AttentionBuffers.empty(x.shape[0], c, plan.splits)
+    moe = cb.MoeBuffers.empty(x.shape[0], c, c.num_experts_per_tok)
+    for i, layer in enumerate(s.layers):
+        k, v = cb.cache_addresses([AttentionSegment(0, 0, 0, cache.k[i], cache.v[i]) for cache in caches])
+        cb.attention_into(s, layer, x, plan, k, v, attn)
+        cb.moe_into(s, layer, x, c.num_experts_per_tok, None, moe)
+    last = x[[b - 1 for _, b, _ in segments]]
+    logits = cp.empty((last.shape[0], s.lm_head.shape[0]), cp.float32)
+    cb.linear(s, last, s.lm_head, logits, norm=s.norm, rows_per_block=64)
+    return logits.argmax(axis=1)
+
+
+class Cache:
+    def __init__(self, c, capacity):
+        shape = (c.num_hidden_layers, capacity, c.num_key_value_heads, c.head_dim)
+        self.k, self.v, self.capacity = cp.zeros(shape, cp.float32), cp.zeros(shape, cp.float32), capacity
+
+
+def timed(fn) -> float:
+    cp.cuda.Device().synchronize()
+    start = time.perf_counter()
+    fn()
+    cp.cuda.Device().synchronize()
+    return time.perf_counter() - start
+
+
+def bench_ours(s: State, batches: list[int], steps: int, prompt_len: int, prefill_len: int, log) -> dict:
+    c, rng, out = s.config, np.random.default_rng(0), {}
+    # batch 1: prefill, then the captured graph
+    cache = Cache(c, prompt_len + steps + 16)
+    prompt = rng.integers(0, c.vocab_size, prompt_len)
+    first = int(forward_on_device(s, prompt, [(0, prompt_len, 0)], [cache])[0])
+    decoder = cb.GreedyDecoder(s, cache, prompt_len, first)
+    for _ in range(4):
+        decoder.step()
+    seconds = timed(lambda: [decoder.step() for _ in range(steps)])
+    out["decode_b1_tokens_per_s"] = steps / seconds
+    log(f"ours batch 1: {steps / seconds:.1f} tokens/s")
+    out["profile_b1"] = profile(decoder._step, decoder.stream)
+    for B in batches:
+        caches = [Cache(c, 16 + steps + 4) for _ in range(B)]
+        ids = rng.integers(0, c.vocab_size, 16 * B)
+        tokens = forward_on_device(s, ids, [(16 * j, 16 * j + 16, 0) for j in range(B)], caches)
+        pos = 16
+
+        def step():
+            nonlocal tokens, pos
+            tokens = forward_on_device(s, tokens.get(), [(j, j + 1, pos) for j in range(B)], caches)
+            pos += 1
+
+        step()
+        n = max(4, steps // 4)
+        seconds = timed(lambda: [step() for _ in range(n)])
+        out[f"decode_b{B}_tokens_per_s"] = B * n / seconds
+        log(f"ours batch {B}: {B * n / seconds:.1f} tokens/s")
+    cache = Cache(c, prefill_len)
+    ids = rng.integers(0, c.vocab_size, prefill_len)
+    forward_on_device(s, ids, [(0, prefill_len, 0)], [cache])  # warm
+    out["prefill_ms"] = 1e3 * timed(lambda: forward_on_device(s, ids, [(0, prefill_len, 0)], [cache]))
+    log(f"ours prefill {prefill_len}: {out['prefill_ms']:.1f} ms")
+    out["profile_prefill"] = profile(lambda: forward_on_device(s, ids, [(0, prefill_len, 0)], [cache]), hold=False)
+    return out
+
+
+HOLD = r"""
+extern "C" __global__ void hold(unsigned long long ns) {  // keep the GPU busy while the host queues launches
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        __nanosleep(1000);
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < ns);
+}
+"""
+
+
+def profile(run, stream=None, hold: bool = True) -> dict:
+    """GPU time of each kernel that ``run()`` launches, summed by kernel (weight types and token counts merged).
+
+    With ``hold`` the work is queued behind a kernel that holds the GPU for 200 ms, so that every launch is queued
+    before the first one runs: the events around each kernel then time the GPU alone, not the host's launch overhead
+    (for a batch-1 step; a long prefill's kernels outlast their launches anyway)."""
+    times, events = defaultdict(float), []
+    real_kernel = cb.kernel
+
+    def timed_kernel(file, name):
+        k = real_kernel(file, name)
+
+        def launch(*args, **kwargs):
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            k(*args, **kwargs)
+            end.record()
+            events.append((name if name.startswith("mma") else name.split("<")[0], start, end))
+
+        launch.max_dynamic_shared_size_bytes = k.max_dynamic_shared_size_bytes
+        return launch
+
+    cb.kernel = timed_kernel
+    stream = stream or cp.cuda.Stream.null
+    try:
+        with stream:
+            if hold:
+                cp.RawKernel(HOLD, "hold")((1,), (1,), (np.uint64(200_000_000),))
+            run()
+        stream.synchronize()
+    finally:
+        cb.kernel = real_kernel
+    for name, start, end in events:
+        times[name] += cp.cuda.get_elapsed_time(start, end) / 1e3
+    return dict(times)
+
+
+def bench_transformers(model, batches: list[int], steps: int, prompt_len: int) -> dict:
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for B in [1, *batches]:
+            ids = torch.randint(0, model.config.vocab_size, (B, prompt_len), device="cuda")
+            result = model(ids, use_cache=True)
+            past, nxt = result.past_key_values, result.logits[:, -1].argmax(-1, keepdim=True)
+            n = max(3, steps // (4 if B > 1 else 2))
+
+            def run():
+                nonlocal past, nxt
+                for _ in range(n):
+                    r = model(nxt, past_key_values=past, use_cache=True)
+                    past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
+                torch.cuda.synchronize()
+
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            out[f"decode_b{B}_tokens_per_s"] = B * n / (time.perf_counter() - start)
+            print(f"transformers batch {B}: {out[f'decode_b{B}_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    return out
+
+
+def run(args) -> int:
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    layers = args.layers if args.layers else QWEN3_30B_A3B["num_hidden_layers"]
+    config = dict(QWEN3_30B_A3B, num_hidden_layers=layers)
+    c = config_from_dict(config)
+    batches = [int(b) for b in args.batch.split(",") if int(b) > 1]
+    bandwidth = copy_bandwidth()
+    log(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    log(f"creating Qwen3-30B-A3B-shaped weights ({layers} layers) on the GPU ...")
+    hf = build_transformers_model(config)
+    ours = bench_ours(state_from_transformers(hf, c), batches, args.steps, 32, args.prompt_len, log)
+    peer = bench_transformers(hf, batches, args.steps, 32)
+    floor_b1 = decode_bytes(c, c.num_experts_per_tok) / bandwidth
+    result = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "layers": layers,
+              "copy_bandwidth_GBps": bandwidth / 1e9, "bytes_per_token_b1": decode_bytes(c, c.num_experts_per_tok),
+              "floor_b1_tokens_per_s": 1 / floor_b1, "ours": ours, "transformers": peer}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{result['device']}, {layers} layers of Qwen3-30B-A3B shapes, copy bandwidth "
+          f"{bandwidth / 1e9:.0f} GB/s")
+    print(f"{'batch':>5} {'ours tok/s':>11} {'transformers':>12} {'ratio':>7} {'weight GB/s':>11} {'of copy bw':>10}")
+    for B in [1, *batches]:
+        mine, theirs = ours[f"decode_b{B}_tokens_per_s"], peer[f"decode_b{B}_tokens_per_s"]
+        distinct = c.num_experts * (1 - (1 - c.num_experts_per_tok / c.num_experts) ** B)
+        gbps = decode_bytes(c, distinct) * mine / B / 1e9
+        print(f"{B:>5} {mine:>11.1f} {theirs:>12.1f} {mine / theirs:>6.1f}x {gbps:>11.0f} "
+              f"{gbps / (bandwidth / 1e9):>9.0%}")
+    print(f"bandwidth floor at batch 1: {1 / floor_b1:.0f} tokens/s; prefill of {args.prompt_len} tokens: "
+          f"{ours['prefill_ms']:.1f} ms")
+    for key, title in (("profile_b1", "one batch-1 step, uncaptured"), ("profile_prefill", "the prefill")):
+        total = sum(ours[key].values())
+        print(f"{title}, by kernel (ms):")
+        for name, t in sorted(ours[key].items(), key=lambda kv: -kv[1]):
+            print(f"  {name:<20} {1e3 * t:8.3f}  {t / total:6.1%}")
+    return 0

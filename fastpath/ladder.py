@@ -1,0 +1,224 @@
+"""Kernel ladders: ``python -m fastpath.ladder [moe_gemv|attention|router ...]``.
+
+In the style of llm.c's dev/cuda: for each central kernel of batch-1 decode, a naive first version and then each
+optimisation on its own (``fastpath/cuda/ladder/*.cu``, each with a comment saying what it improves), ending with the
+kernel the backend really runs. Every version is checked against a float64 NumPy reference on fresh random inputs
+(its output poisoned with NaN before it runs) and timed with CUDA events (median of many runs, inputs rotated so
+that the weights do not sit in the 50 MB L2 cache), at Qwen3-30B-A3B shapes.
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass
+from functools import cache
+
+import cupy as cp
+import numpy as np
+
+from qwen3moe.bench import QWEN3_30B_A3B
+from qwen3moe.config import config_from_dict
+
+from . import cupy_backend as cb
+from .cuda_build import LADDER_DIR, LADDER_KERNELS, OPTIONS, kernel
+
+CONFIG = config_from_dict(dict(QWEN3_30B_A3B, num_hidden_layers=1))
+
+
+@cache
+def ladder_kernel(file: str, name: str):
+    return cp.RawModule(code=(LADDER_DIR / file).read_text(), options=(*OPTIONS, f"-I{LADDER_DIR}"),
+                        name_expressions=LADDER_KERNELS[file]).get_function(name)
+
+
+def random_bf16(*shape, scale=0.02) -> cp.ndarray:
+    """Random bf16 weights as uint16 bits (rounded toward zero from float32 normals)."""
+    return ((cp.random.standard_normal(shape, dtype=cp.float32) * scale).view(cp.uint32) >> 16).astype(cp.uint16)
+
+
+def widen(bits: cp.ndarray) -> np.ndarray:
+    return (bits.get().astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def median_us(launch, rounds: int = 50) -> float:
+    """Median GPU time of one call of ``launch(i)`` (i: the round, to rotate inputs), after a warm-up.
+
+    All rounds are queued behind a kernel that holds the GPU (fastpath/cupy_bench.py: HOLD), so the events time the
+    GPU alone, not the host's launch overhead -- which would otherwise dominate the small kernels."""
+    from .cupy_bench import HOLD
+
+    for i in range(3):
+        launch(i)
+    cp.RawKernel(HOLD, "hold")((1,), (1,), (np.uint64(100_000_000),))
+    events = [(cp.cuda.Event(), cp.cuda.Event()) for _ in range(rounds)]
+    for i, (start, end) in enumerate(events):
+        start.record()
+        launch(i)
+        end.record()
+    events[-1][1].synchronize()
+    return float(np.median([cp.cuda.get_elapsed_time(start, end) * 1e3 for start, end in events]))
+
+
+def relative_error(ours: cp.ndarray, ref: np.ndarray) -> float:
+    got = ours.get().astype(np.float64)
+    if not np.isfinite(got).all():
+        return float("nan")  # an output element was never written (it still holds the poison) or overflowed
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+@dataclass
+class Row:
+    version: str
+    why: str
+    us: float
+    error: float
+    nbytes: float
+
+
+def report(title: str, rows: list[Row]) -> None:
+    print(f"\n{title}")
+    print(f"{'version':<8} {'time us':>9} {'GB/s':>7} {'rel error':>10}  what it improves")
+    for r in rows:
+        print(f"{r.version:<8} {r.us:>9.1f} {r.nbytes / r.us / 1e3:>7.0f} {r.error:>10.1e}  {r.why}")
+
+
+def ladder_moe_gemv() -> list[Row]:
+    c = CONFIG
+    E, I, H, K = c.num_experts, c.moe_intermediate_size, c.hidden_size, c.num_experts_per_tok
+    gate_up = random_bf16(E, 2 * I, H)  # (E, 2I, H): gate rows then up rows, as the backend holds them
+    up = np.uint64(gate_up.data.ptr + I * H * 2)
+    x = cp.random.standard_normal(H, dtype=cp.float32)
+    choices = [cp.asarray(np.random.default_rng(i).choice(E, K, replace=False).astype(np.int32)) for i in range(8)]
+    experts = choices[0].get()
+    w = widen(gate_up[cp.asarray(experts)])  # (K, 2I, H) float64
+    g, u = w[:, :I] @ x.get().astype(np.float64), w[:, I:] @ x.get().astype(np.float64)
+    ref = g / (1 + np.exp(-g)) * u  # (K, I)
+    act = cp.empty((K, I), cp.float32)
+    stride = np.int64(2 * I * H)
+    nbytes = K * 2 * I * H * 2
+    versions = {
+        "v1": ("one thread per row: uncoalesced", lambda ex: ladder_kernel("moe_gemv.cu", "moe_gemv_v1")(
+            (I // 256 + 1, K), (256,), (x, gate_up, up, stride, ex, np.int32(H), np.int32(I), act))),
+        "v2": ("one warp per row: coalesced 2-byte loads, shuffle reduction", lambda ex: ladder_kernel(
+            "moe_gemv.cu", "moe_gemv_v2")((I // 8, K), (256,), (x, gate_up, up, stride, ex, np.int32(H), np.int32(I),
+                                                                act))),
+        "v3": ("16-byte loads: 8 bf16 per lane per load", lambda ex: ladder_kernel("moe_gemv.cu", "moe_gemv_v3")(
+            (I // 8, K), (256,), (x, gate_up, up, stride, ex, np.int32(H), np.int32(I), act))),
+    }
+    offsets, zeros, n = cp.arange(K + 1, dtype=cp.int32), cp.zeros(K, cp.int32), cp.asarray([K], cp.int32)
+    versions["v4"] = ("production: gate and up rows together, 8 packs in flight per lane, x as float4 (moe.cu)",
+                      lambda ex: kernel(
+        "moe.cu", "expert_gate_up<bf16_t, 1>")((I // 8, K), (256,), (x[None], np.int32(H), gate_up, up, stride,
+                                                                     np.int32(I), np.int32(8), ex, offsets, zeros, n,
+                                                                     act)))
+    rows = []
+    for name, (why, run) in versions.items():
+        act.fill(np.nan)
+        run(choices[0])
+        error = relative_error(act, ref)
+        rows.append(Row(name, why, median_us(lambda i: run(choices[i % len(choices)])), error, nbytes))
+    return rows
+
+
+def ladder_attention(L: int = 8192) -> list[Row]:
+    c = CONFIG
+    Hq, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    caches = [(cp.random.standard_normal((L, Hkv, D), dtype=cp.float32),
+               cp.random.standard_normal((L, Hkv, D), dtype=cp.float32)) for _ in range(3)]
+    q = cp.random.standard_normal((1, Hq, D), dtype=cp.float32)
+    k, v = (a.get().astype(np.float64) for a in caches[0])
+    qh = q.get()[0].astype(np.float64)  # (Hq, D)
+    kv_of = np.arange(Hq) // (Hq // Hkv)
+    scores = np.einsum("hd,lhd->hl", qh, k[:, kv_of]) / np.sqrt(D)  # (Hq, L)
+    p = np.exp(scores - scores.max(axis=1, keepdims=True))
+    ref = np.einsum("hl,lhd->hd", p / p.sum(axis=1, keepdims=True), v[:, kv_of])  # (Hq, D)
+    out = cp.empty((Hq, D), cp.float32)
+    scratch = cp.empty((Hq, L), cp.float32)
+    nbytes = 2 * L * Hkv * D * 4
+    addr = lambda a: cp.asarray(np.array([a.data.ptr], np.uint64))
+    addresses = [(addr(kc), addr(vc)) for kc, vc in caches]
+
+    def production(splits: int):
+        plan = cb.AttentionPlan.build(c, [(0, 1, L - 1)], L)
+        if splits == 1:
+            plan.splits, plan.chunk = 1, L
+        b = cb.AttentionBuffers.empty(1, c, plan.splits)
+        b.q[...] = q
+        return b, lambda i: cb.attend(c, plan, *addresses[i % 3], b)
+
+    b2, run2 = production(1)
+    b3, run3 = production(0)
+    versions = {
+        "v1": ("a block per query head, scores via global memory", out, lambda i: ladder_kernel(
+            "attention_decode.cu", "attention_v1")((Hq,), (256,), (q, caches[i % 3][0], caches[i % 3][1],
+                                                                    np.int32(Hq), np.int32(Hkv), np.int32(D),
+                                                                    np.int32(L), scratch, out))),
+        "v2": ("a block per kv head: K/V read once for G heads, online softmax", b2.attn, run2),
+        "v3": (f"production: keys split over {b3.part_m.shape[0]} blocks per head + merge", b3.attn, run3),
+    }
+    rows = []
+    for name, (why, result, run) in versions.items():
+        result.fill(np.nan)
+        run(0)
+        error = relative_error(result.reshape(Hq, D), ref)
+        rows.append(Row(name, why, median_us(run), error, nbytes))
+    return rows
+
+
+def ladder_router() -> list[Row]:
+    c = CONFIG
+    E, H, K = c.num_experts, c.hidden_size, c.num_experts_per_tok
+    gates = [random_bf16(E, H) for _ in range(8)]
+    norm = cp.asarray(np.random.default_rng(0).uniform(0.5, 1.5, H).astype(np.float32))
+    x = cp.random.standard_normal((1, H), dtype=cp.float32)
+    xn = x.get()[0].astype(np.float64) * norm.get() / np.sqrt(np.mean(x.get().astype(np.float64) ** 2) + c.rms_norm_eps)
+    logits = widen(gates[0]) @ xn
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    top = np.argsort(-probs, kind="stable")[:K]
+    ref = probs[top] / probs[top].sum()
+    ids, weights = cp.empty(K, cp.int32), cp.empty(K, cp.float32)
+    state = cb.State(c, "bf16_t", None, [], None, None, None)
+    b = cb.MoeBuffers.empty(1, c, K)
+    eps = np.float32(c.rms_norm_eps)
+    versions = {
+        "v1": ("one block, a thread per expert, one thread for top-k", (ids, weights), lambda i: ladder_kernel(
+            "router.cu", "router_v1")((1,), (E,), (x, norm, eps, gates[i % 8], np.int32(H), np.int32(E),
+                                                   np.int32(K), ids, weights), shared_mem=4 * E)),
+        "v2": ("one block, a warp per expert (16-byte loads), warp top-k", (ids, weights), lambda i: ladder_kernel(
+            "router.cu", "router_v2")((1,), (256,), (x, norm, eps, gates[i % 8], np.int32(H), np.int32(E),
+                                                     np.int32(K), ids, weights), shared_mem=4 * E)),
+        "v3": ("production: GEMV over E/8 blocks, then route_topk",
+               (b.topk_ids, b.grouping.pair_weight),
+               lambda i: cb.route(state, gates[i % 8], norm, x, K, None, b)),
+    }
+    rows = []
+    for name, (why, (got_ids, got_w), run) in versions.items():
+        got_w.fill(np.nan)
+        run(0)
+        same = got_ids.get().ravel().tolist() == top.tolist()
+        error = relative_error(got_w.ravel(), ref) if same else float("inf")  # inf: it chose other experts
+        rows.append(Row(name, why, median_us(run), error, E * H * 2))
+    return rows
+
+
+LADDERS = {"moe_gemv": ("MoE gate/up GEMV, 8 of 128 experts (50 MB)", ladder_moe_gemv),
+           "attention": ("attention decode, 8192 cached positions (33 MB of K/V)", ladder_attention),
+           "router": ("router: 128 x 2048 GEMV, softmax, top-8 (0.5 MB)", ladder_router)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastpath.ladder", description=__doc__.split("\n\n")[0])
+    parser.add_argument("ladders", nargs="*", help=f"any of {', '.join(LADDERS)} (default: all)")
+    args = parser.parse_args(argv)
+    unknown = set(args.ladders) - set(LADDERS)
+    if unknown:
+        parser.error(f"unknown ladder(s) {', '.join(sorted(unknown))}; choose from {', '.join(LADDERS)}")
+    print(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}, Qwen3-30B-A3B shapes")
+    for name in args.ladders or LADDERS:
+        title, run = LADDERS[name]
+        report(title, run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
