@@ -20,6 +20,8 @@ the projection after it, q/k-norm + RoPE + cache write + attention is one call p
 experts are small is one call altogether. Calls that touch little memory run on one thread (``PARALLEL_MIN_BYTES``).
 """
 
+import sys
+import time
 from dataclasses import dataclass
 
 import numba
@@ -40,6 +42,7 @@ xp = np  # activations and KV caches are NumPy arrays
 # gone to sleep between two steps (as long as one thread takes to read 2 MB), and far more when another process
 # holds the other cores; at 4 MB the threads win even so.
 PARALLEL_MIN_BYTES = 1 << 22
+SLOW_STEP, BACKOFF_STEPS, MAX_BACKOFF_STEPS = 1.5, 16, 1024  # GreedyDecoder: when to fall back to one thread
 MANY_TOKENS = 16  # from this many tokens (or picks of one expert) on, widen weights in blocks and use BLAS
 BLOCK_ROWS = 512  # rows widened at a time: 4 MB of float32 at hidden 2048, reused by BLAS while in cache
 
@@ -58,6 +61,7 @@ class Layer:
     experts: List | None  # MoE: typed List of E (gate (I, H/2), up (I, H/2), down (H, I/2)) words
     expert_nbytes: int  # MoE: bytes of one expert's three matrices (indexing a typed List from Python is slow)
     no_disabled: np.ndarray | None  # MoE: (E,) all False, the router's mask when no expert is disabled
+    expert_matrices: list | None = None  # MoE: the same (gate, up, down) as a Python list
 
 
 @dataclass
@@ -67,7 +71,7 @@ class State:
     layers: list[Layer]
     norm: np.ndarray  # (H,) f32
     lm_head: np.ndarray  # (V, H/2) words
-    decoding: tuple | None = None  # the weights as K.decode_step takes them, made by the first GreedyDecoder
+    decoding: "DecodingWeights | None" = None  # the weights as K.decode_step takes them (GreedyDecoder)
 
 
 def words(w: np.ndarray) -> np.ndarray:
@@ -100,7 +104,8 @@ def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig) -> State:
             expert_nbytes = 0
         layers.append(Layer(f32(lw.input_layernorm), words(np.concatenate([a.q_proj, a.k_proj, a.v_proj])),
                             f32(a.q_norm), f32(a.k_norm), words(a.o_proj), f32(lw.post_attention_layernorm),
-                            gate_up, down, router, experts, expert_nbytes, no_disabled))
+                            gate_up, down, router, experts, expert_nbytes, no_disabled,
+                            matrices if router is not None else None))
     return State(config, words(weights.embed_tokens), layers, np.asarray(weights.norm, np.float32),
                  words(weights.lm_head))
 
@@ -217,14 +222,15 @@ class GreedyDecoder:
 
     Why: through the model loop a decode step of the bundled model is ~20 kernel calls from Python plus the loop's
     own bookkeeping (requests to rows, RoPE tables, router statistics, sampling): ~330 us, of which the kernels'
-    arithmetic is a small part. Here the step is one call into one parallel region whose threads share every phase
-    (see the notes above ``K.decode_step``), RoPE comes from a table made once, the router statistics are counted
-    in arrays during the step and handed over by ``flush_stats``, and the token is the argmax of the logits (the
-    lowest id among equals; NaN or +Inf logits raise NonFiniteError, as the reference sampler does). ``generate``
-    uses it after the prefill when nothing needs the per-step path (see ``backends.py``).
+    arithmetic is well under half. Here the step is one call into one parallel region whose threads share out every
+    phase (see the notes above ``K.decode_step``), RoPE comes from a table made once, the router statistics are
+    counted in arrays during the step and handed over by ``flush_stats``, and the token is the argmax of the logits
+    (the lowest id among equals; NaN or +Inf logits raise NonFiniteError, as the reference sampler does).
+    ``generate`` uses it after the prefill when nothing needs the per-step path (see ``backends.py``).
 
     ``cache`` must already hold positions [0, pos); ``token`` is the input at ``pos``. The keys and values it writes
     are the ones the per-step path would write, so the cache stays usable by it. ``logits`` holds the last step's.
+    A checkpoint whose matrices are not all of one dtype (bf16, or f32) decodes through the block operations.
     """
 
     def __init__(self, s: State, cache, pos: int, token: int):
@@ -232,77 +238,116 @@ class GreedyDecoder:
         if not isinstance(cache.k, np.ndarray):
             raise TypeError("the numba backend needs KV caches in host memory (NumPy arrays)")
         s.decoding = s.decoding or decoding_weights(s)
-        self.capacity, self.pos, self.token, self.steps = cache.capacity, int(pos), int(token), 0
-        *self._weights, step_bytes = s.decoding
-        cos, sin = rope_cos_sin(np.arange(cache.capacity), c.head_dim, c.rope_theta)  # (capacity, D) each
-        self._cache = (cache.k, cache.v, cos, sin)
-        self._config = (np.float32(c.rms_norm_eps), c.num_attention_heads, c.num_experts_per_tok,
-                        bool(c.norm_topk_prob), np.zeros(c.num_experts, np.bool_))
+        self.s, self.cache, self.capacity, self.pos, self.token, self.steps = s, cache, cache.capacity, int(pos), \
+            int(token), 0
         self.logits = np.empty(s.lm_head.shape[0], np.float32)
         E, n_moe = c.num_experts, len(c.moe_layers)
         self._counts = np.zeros((max(n_moe, 1), E), np.int64)  # since the last flush, per MoE layer
         self._prob_sum = np.zeros((max(n_moe, 1), E), np.float64)
         self._entropy = np.zeros(max(n_moe, 1), np.float64)
-        self._moe_layers = c.moe_layers
+        if s.decoding.table is None:  # mixed dtypes: the block operations, one step at a time
+            self._stats = RouterStats(c)
+            return
+        cos, sin = rope_cos_sin(np.arange(cache.capacity), c.head_dim, c.rope_theta)  # (capacity, D) each
+        d = s.decoding
+        self._args = (s.embed_tokens, s.lm_head, d.table, d.layer_norms, d.qk_norms, d.moe_slot, s.norm, cache.k,
+                      cache.v, cos, sin, np.float32(c.rms_norm_eps), c.num_attention_heads, c.num_experts_per_tok,
+                      bool(c.norm_topk_prob), np.zeros(E, np.bool_), self.logits, self._counts, self._prob_sum,
+                      self._entropy)
         # One thread when the step reads less than PARALLEL_MIN_BYTES (waking the others would cost more).
-        threads = numba.get_num_threads() if step_bytes >= PARALLEL_MIN_BYTES else 1
-        self._kernel, self._threads = (K.decode_step, threads) if threads > 1 else (K.SERIAL[K.decode_step], 1)
+        self._threads = numba.get_num_threads() if d.step_bytes >= PARALLEL_MIN_BYTES else 1
+        # Recent step times in seconds, threaded and on one thread (see _decode); the first step runs on one thread.
+        self._fastest = {True: np.inf, False: np.inf}
+        self._one_thread_steps, self._backoff = 1, BACKOFF_STEPS
 
     def step(self) -> int:
         """Decode one token: the greedy successor of the previous one (the first time: of ``token``)."""
         if self.pos >= self.capacity:
             raise ValueError(f"the KV cache is full ({self.capacity} positions)")
-        token = self._kernel(self.token, self.pos, self._threads, *self._weights, *self._cache, *self._config,
-                             self.logits, self._counts, self._prob_sum, self._entropy)
+        token = self._step_through_blocks() if self.s.decoding.table is None else self._decode()
         if token < 0:
             raise NonFiniteError("the logits contain NaN or +Inf; run with debug=True (--debug) to find the layer "
                                  "and tensor where they first appear")
         self.pos, self.token, self.steps = self.pos + 1, int(token), self.steps + 1
         return self.token
 
+    def _decode(self) -> int:
+        """One K.decode_step, on all threads or on one.
+
+        The threads of a step wait for each other a couple of dozen times. When another process holds a core, the
+        thread being waited for may be off the CPU for a whole time slice (milliseconds, against ~0.1 ms for a
+        step), and one thread is faster. So a threaded step slower than SLOW_STEP times the recent one-thread steps
+        sends the next BACKOFF_STEPS steps to one thread (doubling while that keeps happening, up to
+        MAX_BACKOFF_STEPS), after which the threads are tried again.
+        """
+        threaded = self._threads > 1 and not self._one_thread_steps
+        threads = numba.get_num_threads()
+        if not threaded:
+            self._one_thread_steps = max(0, self._one_thread_steps - 1)
+            numba.set_num_threads(1)  # this call only: the other threads are not woken
+        start = time.perf_counter()
+        try:
+            token = K.decode_step(self.token, self.pos, self._threads if threaded else 1, *self._args)
+        finally:
+            numba.set_num_threads(threads)
+        elapsed = time.perf_counter() - start
+        if threaded and elapsed > SLOW_STEP * self._fastest[False]:
+            self._one_thread_steps, self._backoff = self._backoff, min(2 * self._backoff, MAX_BACKOFF_STEPS)
+        elif threaded:
+            self._backoff = BACKOFF_STEPS
+        self._fastest[threaded] = min(elapsed, 1.02 * self._fastest[threaded])  # 1.02: steps grow with pos
+        return token
+
+    def _step_through_blocks(self) -> int:
+        from qwen3moe.debug import Debugger
+        from qwen3moe.model import Request, forward
+
+        (self.logits[:],) = forward(sys.modules[__name__], self.s, self.s.config,
+                                    [Request([self.token], self.pos, self.cache)], self._stats, Debugger())
+        return -1 if np.isnan(self.logits).any() or np.isposinf(self.logits).any() else int(np.argmax(self.logits))
+
     def flush_stats(self, stats: RouterStats) -> None:
         """Add the routing of the steps since the last flush to ``stats``."""
-        for m, layer in enumerate(self._moe_layers):
-            stats.add(layer, self._counts[m].copy(), self.steps, float(self._entropy[m]), self._prob_sum[m].copy())
-        for a in (self._counts, self._prob_sum, self._entropy):
-            a[:] = 0
+        if self.s.decoding.table is None:
+            for layer in self._stats.counts:
+                stats.add(layer, self._stats.counts[layer], self._stats.tokens[layer], self._stats.entropy_sum[layer],
+                          self._stats.prob_sum[layer])
+            self._stats.reset()
+        else:
+            for m, layer in enumerate(self.s.config.moe_layers):
+                stats.add(layer, self._counts[m].copy(), self.steps, float(self._entropy[m]),
+                          self._prob_sum[m].copy())
+            for a in (self._counts, self._prob_sum, self._entropy):
+                a[:] = 0
         self.steps = 0
 
 
-def decoding_weights(s: State) -> tuple:
-    """The weights as K.decode_step takes them (views: nothing large is copied), then the bytes a step reads.
+@dataclass
+class DecodingWeights:
+    """The weights as K.decode_step takes them, made once per State by the first GreedyDecoder."""
 
-    A typed List holds one type: a kind of matrix whose layers differ in dtype is widened to float32 throughout, and
-    a layer without a matrix of the kind (a dense layer's router, an MoE layer's dense MLP) holds a placeholder.
-    """
+    table: np.ndarray | None  # (matrices, 3) int64: address, rows, columns (see K.QKV); None: mixed dtypes
+    layer_norms: np.ndarray  # (L, 2, H) f32: input and post-attention norms
+    qk_norms: np.ndarray  # (L, 2, D) f32
+    moe_slot: np.ndarray  # (L,) int64: the layer's MoE index, -1 for a dense layer
+    step_bytes: int  # weight bytes one step reads
+    keep: list  # the arrays the table points into that nothing else holds (placeholders)
+
+
+def decoding_weights(s: State) -> DecodingWeights:
     c = s.config
     dense = [l for l in s.layers if l.router is None]
     moe = [l for l in s.layers if l.router is not None]
-    placeholder = np.zeros((2, 2), (dense[0].gate_up if dense else s.lm_head).dtype)
-
-    def typed_list(matrices):
-        if len({m.dtype for m in matrices}) > 1:
-            matrices = [K.widen(m) if m.dtype == np.uint32 else m for m in matrices]
-        out = K.matrix_list(matrices[0])
-        for m in matrices[1:]:
-            K.add_matrix(out, m)
-        return out
-
-    if moe:  # every MoE layer's experts in one list: MoE layer m's expert e at m * E + e
-        experts = K.copied_experts(moe[0].experts)
-        for l in moe[1:]:
-            K.add_experts(experts, l.experts)
-    else:
-        experts = K.expert_list(placeholder, placeholder, placeholder)
+    placeholder = np.zeros((2, 2), s.embed_tokens.dtype)
+    matrices = [m for l in s.layers for m in (l.qkv, l.o_proj, l.gate_up if l.router is None else placeholder,
+                                               l.down if l.router is None else placeholder)]
+    matrices += [l.router for l in moe] + [m for l in moe for expert in l.expert_matrices for m in expert]
+    uniform = all(m.dtype == s.embed_tokens.dtype == s.lm_head.dtype for m in matrices)
+    table = np.array([(m.ctypes.data, m.shape[0], m.shape[1]) for m in matrices], np.int64) if uniform else None
     moe_slot = np.full(len(s.layers), -1, np.int64)
     moe_slot[c.moe_layers] = np.arange(len(c.moe_layers))
     step_bytes = s.lm_head.nbytes + sum(l.qkv.nbytes + l.o_proj.nbytes for l in s.layers) + sum(
         l.gate_up.nbytes + l.down.nbytes for l in dense) + sum(
         l.router.nbytes + c.num_experts_per_tok * l.expert_nbytes for l in moe)
-    return (s.embed_tokens,
-            np.stack([[l.input_norm, l.post_norm] for l in s.layers]),  # (L, 2, H)
-            np.stack([[l.q_norm, l.k_norm] for l in s.layers]),  # (L, 2, D)
-            typed_list([l.qkv for l in s.layers]), typed_list([l.o_proj for l in s.layers]),
-            typed_list([l.gate_up if l.router is None else placeholder for l in s.layers]),
-            typed_list([l.down if l.router is None else placeholder for l in s.layers]),
-            typed_list([l.router for l in moe] or [placeholder]), experts, moe_slot, s.norm, s.lm_head, step_bytes)
+    return DecodingWeights(table, np.stack([[l.input_norm, l.post_norm] for l in s.layers]),
+                           np.stack([[l.q_norm, l.k_norm] for l in s.layers]), moe_slot, step_bytes, [placeholder])

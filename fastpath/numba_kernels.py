@@ -27,7 +27,6 @@ Weights may also be float32 (an f32 checkpoint): ``_lo``/``_hi`` read a row's el
 version per dtype. ``cache=True`` stores the compiled code next to this file, so a second process starts at once.
 """
 
-import sys
 from types import FunctionType
 
 import numpy as np
@@ -570,34 +569,15 @@ def _item_done(sync, phase):
     _atomic_increment(sync[phase], sync.shape[1] - LINE)
 
 
-@intrinsic
-def _yield_cpu(typingctx):
-    """sched_yield(): let the OS run another thread on this core (linked by name, so cached code stays valid)."""
-    def codegen(context, builder, signature, args):
-        name = "SwitchToThread" if sys.platform == "win32" else "sched_yield"
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), name)
-        builder.call(fn, [])
-        return context.get_dummy_value()
-
-    return types.none(), codegen
-
-
-SPINS = 4000  # reads of a done counter (a few microseconds) before a waiting thread starts yielding its core
-
-
 @njit(**FLAGS)
 def _wait_phase(sync, phase, n_items):
-    """Wait until all ``n_items`` items of ``phase`` are done (each is held by a thread that is computing it).
+    """Spin until all ``n_items`` items of ``phase`` are done (each is held by a thread that is computing it).
 
-    Spin first: a phase normally ends within a microsecond of this thread's last item. Then yield the core at every
-    read: the thread being waited for may have been descheduled (another process on a core), and on a machine with
-    as many threads as cores it may need this very core to finish.
+    A phase normally ends within a microsecond of this thread's last item. When another process holds a core, the
+    thread being waited for may be off the CPU for a time slice instead; GreedyDecoder then runs on one thread.
     """
-    spins = 0
     while _atomic_read(sync[phase], sync.shape[1] - LINE) < n_items:
-        spins += 1
-        if spins > SPINS:
-            _yield_cpu()
+        pass
 
 
 @njit(**FLAGS)
@@ -853,7 +833,8 @@ def decode_step(token, pos, n_threads, embed, lm_head, table, layer_norms, qk_no
     dense layer. ``layer_norms`` (L, 2, H) are the input and post-attention norms, ``qk_norms`` (L, 2, D); cos/sin
     (capacity, D) the RoPE table. The step writes the keys and values of ``pos`` into k_cache/v_cache (L, capacity,
     Hkv, D), the logits (V,) into ``logits``, and adds its routing to counts/prob_sum/entropy (per MoE layer).
-    ``n_threads`` threads run ``_decode_worker`` side by side; the serial twin (SERIAL) runs them one after another.
+    ``n_threads`` workers run ``_decode_worker``, side by side as far as Numba's threads allow (call it under
+    numba.set_num_threads(1) for one thread without waking the others).
     """
     shared = _decode_buffers(n_threads, token, embed, lm_head, table, moe_slot, layer_norms.shape[2], n_heads,
                              qk_norms.shape[2], top_k, counts.shape[1])
@@ -861,6 +842,3 @@ def decode_step(token, pos, n_threads, embed, lm_head, table, layer_norms, qk_no
         _decode_worker(np.int64(me), pos, embed, lm_head, table, layer_norms, qk_norms, moe_slot, final_norm,
                        k_cache, v_cache, cos, sin, eps, n_heads, top_k, norm_topk_prob, no_disabled, logits, shared)
     return _decode_finish(shared, counts, prob_sum, entropy)
-
-
-SERIAL[decode_step] = _serial_twin(decode_step)
