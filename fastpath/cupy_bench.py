@@ -95,7 +95,7 @@ def decode_bytes(c, distinct_experts: float) -> float:
 
 def forward_on_device(s: State, ids: np.ndarray, segments: list[tuple[int, int, int]], caches) -> cp.ndarray:
     """One step through the backend's block functions with the logits kept on the GPU; returns the greedy tokens
-    of each segment's last row (argmax on the device)."""
+    of each segment's last row (argmax on the device). Every layer is an MoE layer, as in Qwen3-30B-A3B."""
     c = s.config
     x = cb.embed(s, ids)
     plan = cb.AttentionPlan.build(c, segments, max(p + b - a for a, b, p in segments))

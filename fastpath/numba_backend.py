@@ -18,6 +18,8 @@ A small model's decode step (the bundled model's reads 6.6 MB, ~0.2 ms of kernel
 themselves as much as by memory, so each block is as few compiled calls as its parts allow: the RMSNorm runs inside
 the projection after it, q/k-norm + RoPE + cache write + attention is one call per request, and an MoE block whose
 experts are small is one call altogether. Calls that touch little memory run on one thread (``PARALLEL_MIN_BYTES``).
+Batch-1 greedy decoding (``GreedyDecoder``, which ``generate`` uses after the prefill) goes further: the whole step,
+lm_head and argmax included, is one compiled call.
 """
 
 import sys
@@ -42,7 +44,7 @@ xp = np  # activations and KV caches are NumPy arrays
 # gone to sleep between two steps (as long as one thread takes to read 2 MB), and far more when another process
 # holds the other cores; at 4 MB the threads win even so.
 PARALLEL_MIN_BYTES = 1 << 22
-SLOW_STEP, BACKOFF_STEPS, MAX_BACKOFF_STEPS = 1.5, 16, 1024  # GreedyDecoder: when to fall back to one thread
+SLOW_STEP, BACKOFF_STEPS, MAX_BACKOFF_STEPS = 3, 16, 1024  # GreedyDecoder: when to fall back to one thread
 MANY_TOKENS = 16  # from this many tokens (or picks of one expert) on, widen weights in blocks and use BLAS
 BLOCK_ROWS = 512  # rows widened at a time: 4 MB of float32 at hidden 2048, reused by BLAS while in cache
 
@@ -258,7 +260,7 @@ class GreedyDecoder:
         self._threads = numba.get_num_threads() if d.step_bytes >= PARALLEL_MIN_BYTES else 1
         # Recent step times in seconds, threaded and on one thread (see _decode); the first step runs on one thread.
         self._fastest = {True: np.inf, False: np.inf}
-        self._one_thread_steps, self._backoff = 1, BACKOFF_STEPS
+        self._one_thread_steps, self._backoff, self._clean_steps = 1, BACKOFF_STEPS, 0
 
     def step(self) -> int:
         """Decode one token: the greedy successor of the previous one (the first time: of ``token``)."""
@@ -277,24 +279,29 @@ class GreedyDecoder:
         The threads of a step wait for each other a couple of dozen times. When another process holds a core, the
         thread being waited for may be off the CPU for a whole time slice (milliseconds, against ~0.1 ms for a
         step), and one thread is faster. So a threaded step slower than SLOW_STEP times the recent one-thread steps
-        sends the next BACKOFF_STEPS steps to one thread (doubling while that keeps happening, up to
-        MAX_BACKOFF_STEPS), after which the threads are tried again.
+        sends the next BACKOFF_STEPS steps to one thread, after which the threads are tried again; each further
+        stall doubles that, up to MAX_BACKOFF_STEPS, until the threads have run that many steps without one.
         """
         threaded = self._threads > 1 and not self._one_thread_steps
-        threads = numba.get_num_threads()
-        if not threaded:
-            self._one_thread_steps = max(0, self._one_thread_steps - 1)
-            numba.set_num_threads(1)  # this call only: the other threads are not woken
         start = time.perf_counter()
-        try:
-            token = K.decode_step(self.token, self.pos, self._threads if threaded else 1, *self._args)
-        finally:
-            numba.set_num_threads(threads)
+        if threaded:
+            token = K.decode_step(self.token, self.pos, self._threads, *self._args)
+        else:
+            self._one_thread_steps = max(0, self._one_thread_steps - 1)
+            threads = numba.get_num_threads()
+            numba.set_num_threads(1)  # for this call: the other threads are not woken
+            try:
+                token = K.decode_step(self.token, self.pos, 1, *self._args)
+            finally:
+                numba.set_num_threads(threads)
         elapsed = time.perf_counter() - start
         if threaded and elapsed > SLOW_STEP * self._fastest[False]:
             self._one_thread_steps, self._backoff = self._backoff, min(2 * self._backoff, MAX_BACKOFF_STEPS)
+            self._clean_steps = 0
         elif threaded:
-            self._backoff = BACKOFF_STEPS
+            self._clean_steps += 1
+            if self._clean_steps == MAX_BACKOFF_STEPS:  # a long run without a stall: the other process has gone
+                self._backoff = BACKOFF_STEPS
         self._fastest[threaded] = min(elapsed, 1.02 * self._fastest[threaded])  # 1.02: steps grow with pos
         return token
 

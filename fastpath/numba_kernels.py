@@ -22,6 +22,9 @@ bandwidth, not arithmetic. The kernels are written for that:
   hundred microseconds of work in all, so a kernel takes a block's whole input (the norm inside the projection
   after it, the attention of one request in one call) and ``moe_block`` is a whole small MoE block. Each threaded
   kernel has a one-thread twin (``SERIAL``) for calls too small to pay for waking threads.
+* **A whole greedy decode step in one call** (``decode_step``, for the backend's GreedyDecoder): every layer,
+  the lm_head and the argmax in one parallel region, its threads sharing each phase's work through atomic
+  counters rather than one parallel region (~3 us to start) per kernel.
 
 Weights may also be float32 (an f32 checkpoint): ``_lo``/``_hi`` read a row's element pairs and Numba compiles one
 version per dtype. ``cache=True`` stores the compiled code next to this file, so a second process starts at once.
@@ -508,8 +511,8 @@ def moe_block(x, norm_weight, eps, router, experts, top_k, norm_topk_prob, disab
 # pays for the call, and as separate parallel regions each one pays for starting the threads (~3 us); together that
 # is more than the arithmetic. ``decode_step`` does the whole step in one call and one parallel region: every
 # thread runs the same sequence of phases (the q|k|v projection of layer 0, its attention, its o_proj, ...), the
-# work of a phase is cut into items that threads claim from a shared counter, and a thread moves on to the next
-# phase once every item of this one is done. Nothing waits for a particular thread, so a step completes whatever the
+# work of a phase is cut into items that threads claim with atomic counters (``_next_item``), and a thread moves on
+# to the next phase once every item of this one is done. Nothing waits for a particular thread, so a step completes whatever the
 # scheduling: a thread that starts late finds the early phases done and catches up, and one thread alone does it all.
 
 LINE = 8  # int64 counters per cache line: each thread's claim counter of a phase has a line of its own

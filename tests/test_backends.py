@@ -200,7 +200,8 @@ def decoding(fast, fast_name):
 
 
 def prefill_and_decoder(module, model, prompt, capacity):
-    """Prefill ``prompt`` through the model loop, then a GreedyDecoder from its greedy token: (decoder, token, logits)."""
+    """Prefill ``prompt`` through the model loop, then a GreedyDecoder from its greedy token: (decoder, token,
+    logits)."""
     cache = KVCache(model.config, capacity, xp=model.xp)
     (logits,) = model.forward([Request(list(prompt), 0, cache)])
     token = int(np.argmax(logits))
@@ -235,6 +236,25 @@ def test_greedy_decoder_with_three_query_heads_per_kv_head(decoding, fast_name, 
     config = dict(TINY_CONFIG, num_attention_heads=6)
     test_greedy_decoder_gives_the_reference_tokens_and_logits(
         decoding, fast_name, write_checkpoint(tmp_path / "m", config, random_weights(config, seed=2)))
+
+
+def test_numba_decoder_with_mixed_dtypes_steps_through_the_blocks(fast, fast_name, tmp_path):
+    """A checkpoint with bf16 matrices but f32 routers: no single dtype for the whole-step kernel, so the decoder
+    runs the block operations a step at a time -- same contract, same tokens."""
+    import ml_dtypes
+
+    if fast_name != "numba":
+        pytest.skip("the numba decoder's fallback")
+    tensors = random_weights(TINY_CONFIG, seed=3, dtype=ml_dtypes.bfloat16)
+    for name in [n for n in tensors if n.endswith("mlp.gate.weight")]:
+        tensors[name] = tensors[name].astype(np.float32)
+    folder = write_checkpoint(tmp_path / "mixed", dict(TINY_CONFIG), tensors)
+    test_greedy_decoder_gives_the_reference_tokens_and_logits(fast, fast_name, folder)
+    model = Qwen3MoeForCausalLM(folder, backend=fast_name)
+    decoder, _, _ = prefill_and_decoder(fast, model, [1, 2, 3], 6)
+    assert model._state.decoding.table is None
+    decoder.step()
+    test_greedy_decoder_counts_router_statistics(fast, fast_name, folder)
 
 
 def test_greedy_decoder_refuses_a_full_cache(decoding, fast_name, tiny_model_dir):
