@@ -39,6 +39,7 @@ from qwen3moe.debug import NonFiniteError
 from qwen3moe.errors import UnsupportedConfigError
 from qwen3moe.layers import AttentionSegment, Routing
 from qwen3moe.router_stats import RouterStats
+from qwen3moe.sharding import RankShard
 from qwen3moe.weights import Qwen3MoeWeights, SparseMoeBlock
 
 from .cuda_build import MAXT, kernel
@@ -76,6 +77,11 @@ class State:
     norm: cp.ndarray  # (H,) f32
     lm_head: cp.ndarray  # (V, H)
     inv_freq: cp.ndarray  # (D/2,) f32, RoPE frequencies exactly as the reference computes them
+    # one rank of a split model (qwen3moe/ranks.py) holds a part; the defaults are the whole model
+    residual: bool = True  # False: the blocks leave out their input (only rank 0 adds it, see reference_backend)
+    expert_lo: int = 0  # the experts held are [expert_lo, expert_hi): a block of them under expert parallelism
+    expert_hi: int = MAX_EXPERTS
+    first_vocab_row: int = 0  # the token id of lm_head's first row
 
 
 def upload(w: np.ndarray) -> cp.ndarray:
@@ -84,7 +90,8 @@ def upload(w: np.ndarray) -> cp.ndarray:
     return cp.asarray(w.view(np.uint16) if w.dtype.name == "bfloat16" else w.astype(np.float32, copy=False))
 
 
-def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig) -> State:
+def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig, shard: RankShard | None = None) -> State:
+    """Upload ``weights``; ``shard``: which part of the model they are when they are one rank's (see sharding.py)."""
     c = config
     if c.num_attention_heads // c.num_key_value_heads > MAX_ATTENTION_ROWS:
         raise UnsupportedConfigError(f"the cupy backend supports at most {MAX_ATTENTION_ROWS} query heads per "
@@ -97,7 +104,7 @@ def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig) -> State:
     layers = []
     for lw in weights.layers:
         a, m = lw.self_attn, lw.mlp
-        experts = m.experts if isinstance(m, SparseMoeBlock) else [m]
+        experts = [e for e in m.experts if e is not None] if isinstance(m, SparseMoeBlock) else [m]
         layers.append(Layer(
             f32(lw.input_layernorm), upload(np.concatenate([a.q_proj, a.k_proj, a.v_proj])), f32(a.q_norm),
             f32(a.k_norm), upload(a.o_proj), f32(lw.post_attention_layernorm),
@@ -108,8 +115,10 @@ def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig) -> State:
     if any(l.qkv.dtype != layers[0].qkv.dtype for l in layers) or (layers[0].qkv.dtype == cp.uint16) != (
             wtype == "bf16_t"):
         raise UnsupportedConfigError("the cupy backend needs one weight dtype for all matrices of a checkpoint")
+    part = {} if shard is None else dict(residual=shard.rank == 0, expert_lo=shard.experts.start,
+                                         expert_hi=shard.experts.stop, first_vocab_row=shard.vocab_rows.start)
     return State(c, wtype, upload(weights.embed_tokens), layers, f32(weights.norm), upload(weights.lm_head),
-                 rope_inv_freq(c))
+                 rope_inv_freq(c), **part)
 
 
 def rope_inv_freq(c: Qwen3MoeConfig) -> cp.ndarray:
@@ -235,7 +244,7 @@ def swiglu_experts_into(s: State, layer: Layer, x: cp.ndarray, xn: cp.ndarray, g
             (math.ceil(H / 8), max_slots), (BLOCK,),
             (act, i32(I), layer.down, np.int64(H * I), i32(H), i32(8), g.slot_expert, g.slot_offset, g.pair_src,
              pair_weight, g.n_slots, out))
-    combine(x, out, top_k)
+    combine(x, out, top_k, s.residual)
 
 
 def moe_into(s: State, layer: Layer, x: cp.ndarray, top_k: int, disabled: cp.ndarray | None, b: MoeBuffers,
@@ -248,7 +257,10 @@ def moe_into(s: State, layer: Layer, x: cp.ndarray, top_k: int, disabled: cp.nda
     if T > 1:  # a single token's picks are grouped already (route_topk wrote them as slots)
         kernel("moe.cu", "group_by_expert")(
             (1,), (1024,), (b.topk_ids, i32(P), i32(top_k), i32(E), g.slot_expert, g.slot_offset, g.pair_src,
-                            g.pair_token, g.n_slots, i32(TILE), g.tile_slot, g.tile_row, g.n_tiles), shared_mem=8 * E)
+                            g.pair_token, g.n_slots, i32(TILE), g.tile_slot, g.tile_row, g.n_tiles,
+                            i32(s.expert_lo), i32(min(s.expert_hi, E))), shared_mem=8 * E)
+    if (s.expert_lo, min(s.expert_hi, E)) != (0, E):  # picks of other ranks' experts add nothing here
+        b.out.fill(0)
     swiglu_experts_into(s, layer, x, b.xn, g, b.act, b.out, min(P, E), top_k)
 
 
@@ -264,12 +276,13 @@ def route(s: State, gate: cp.ndarray, norm: cp.ndarray, x: cp.ndarray, top_k: in
         (T,), (BLOCK,),
         (b.logits, x, i32(H), norm, np.float32(c.rms_norm_eps), i32(E), i32(top_k), i32(c.norm_topk_prob),
          NULL if disabled is None else disabled, b.xn, b.probs, b.topk_ids, g.pair_weight,
-         *(stats or (NULL, NULL, NULL)), *slots), shared_mem=4 * top_k)
+         *(stats or (NULL, NULL, NULL)), *slots, i32(s.expert_lo), i32(min(s.expert_hi, E))), shared_mem=4 * top_k)
 
 
-def combine(x: cp.ndarray, out: cp.ndarray, k: int) -> None:
+def combine(x: cp.ndarray, out: cp.ndarray, k: int, residual: bool) -> None:
     T, H = x.shape
-    kernel("moe.cu", "moe_combine")((math.ceil(T * H / BLOCK),), (BLOCK,), (x, out, i32(T), i32(H), i32(k)))
+    kernel("moe.cu", "moe_combine")((math.ceil(T * H / BLOCK),), (BLOCK,),
+                                    (x, out, i32(T), i32(H), i32(k), i32(residual)))
 
 
 @dataclass
@@ -351,7 +364,7 @@ def attention_into(s: State, layer: Layer, x: cp.ndarray, plan: AttentionPlan, k
                          np.float32(c.rms_norm_eps), s.inv_freq, plan.tok_pos, plan.tok_seq, k_caches, v_caches, b.q),
         shared_mem=4 * 8 * D)
     attend(c, plan, k_caches, v_caches, b)
-    linear(s, b.attn, layer.o_proj, x, residual=x)
+    linear(s, b.attn, layer.o_proj, x, residual=x if s.residual else None)
 
 
 def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_caches: cp.ndarray,
@@ -414,10 +427,10 @@ def feed_forward_block(s: State, i: int, x: cp.ndarray, top_k: int,
     return y, Routing(b.probs, b.topk_ids, b.grouping.pair_weight.reshape(T, top_k))
 
 
-def final_logits(s: State, x: cp.ndarray) -> np.ndarray:
+def final_logits(s: State, x: cp.ndarray) -> cp.ndarray:
     logits = cp.empty((x.shape[0], s.lm_head.shape[0]), cp.float32)  # (T, V)
     linear(s, cp.ascontiguousarray(x), s.lm_head, logits, norm=s.norm, rows_per_block=64)
-    return logits.get()
+    return logits
 
 
 # ---- batch-1 greedy decoding as one CUDA graph ------------------------------------------------------------------------
@@ -435,11 +448,19 @@ class GreedyDecoder:
     (``flush_stats``). The only host round trip per token is reading the sampled id back.
 
     ``cache`` must already hold positions [0, pos); ``token`` is the input at ``pos``.
+
+    On one rank of a split model (``comm``: its NCCL communicator, fastpath/nccl_comm.py) the graph holds the
+    collectives too: an all-reduce of the hidden state after attention and after the MLP/MoE block of every layer,
+    and, for the sampling step, an all-gather of every rank's best candidates from its rows of the vocabulary. Every
+    rank replays its graph in lockstep and picks the same token.
     """
 
-    def __init__(self, s: State, cache, pos: int, token: int):
+    SHARDS = True  # takes ``comm``: runs one rank of a split model
+
+    def __init__(self, s: State, cache, pos: int, token: int, comm=None):
         c = s.config
         self.s, self.capacity, self.pos, self.token, self.steps = s, cache.capacity, pos, token, 0
+        self.comm = comm
         self.ids = cp.zeros(1, cp.int64)
         self.plan = AttentionPlan.build(c, [(0, 1, pos)], cache.capacity)
         address = lambda a: cp.asarray(np.array([a.data.ptr], np.uint64))
@@ -450,7 +471,11 @@ class GreedyDecoder:
         self.moe = MoeBuffers.empty(1, c, c.num_experts_per_tok)
         self.dense = DenseBuffers.empty(1, c)
         self.logits = cp.empty((1, s.lm_head.shape[0]), cp.float32)
-        self.best_val, self.best_idx = cp.empty(ARGMAX_BLOCKS, cp.float32), cp.empty(ARGMAX_BLOCKS, cp.int32)
+        self.part_val, self.part_idx = cp.empty(ARGMAX_BLOCKS, cp.float32), cp.empty(ARGMAX_BLOCKS, cp.int32)
+        self.best_val, self.best_idx = self.part_val, self.part_idx  # the best candidates of every rank
+        if comm:
+            self.best_val = cp.empty(comm.ndev * ARGMAX_BLOCKS, cp.float32)
+            self.best_idx = cp.empty(comm.ndev * ARGMAX_BLOCKS, cp.int32)
         self.sampled = cp.zeros(2, cp.int32)  # the token, and a flag for non-finite logits
         self.host = cp.cuda.alloc_pinned_memory(8)
         E = c.num_experts
@@ -479,16 +504,24 @@ class GreedyDecoder:
         embed_into(s, self.ids, self.x)
         for i, layer in enumerate(s.layers):
             attention_into(s, layer, self.x, self.plan, self.k_caches[i], self.v_caches[i], self.attn)
+            if self.comm:
+                self.comm.all_reduce(self.x)
             if c.is_moe_layer(i):
                 moe_into(s, layer, self.x, c.num_experts_per_tok, None, self.moe, self.stats[i])
             else:
                 dense_mlp_into(s, layer, self.x, self.dense)
+            if self.comm:
+                self.comm.all_reduce(self.x)
         linear(s, self.x, s.lm_head, self.logits, norm=s.norm, rows_per_block=64)
         kernel("sampling.cu", "argmax_partial")(
-            (ARGMAX_BLOCKS,), (BLOCK,),
-            (self.logits, i32(self.logits.shape[1]), self.best_val, self.best_idx, self.sampled[1:]))
+            (ARGMAX_BLOCKS,), (BLOCK,), (self.logits, i32(self.logits.shape[1]), i32(s.first_vocab_row),
+                                         self.part_val, self.part_idx, self.sampled[1:]))
+        if self.comm:
+            self.comm.all_gather_into(self.part_val, self.best_val)
+            self.comm.all_gather_into(self.part_idx, self.best_idx)
+            self.comm.all_reduce(self.sampled[1:])  # non-finite logits on any rank
         kernel("sampling.cu", "greedy_advance")(
-            (1,), (32,), (self.best_val, self.best_idx, i32(ARGMAX_BLOCKS), self.ids, self.plan.tok_pos,
+            (1,), (32,), (self.best_val, self.best_idx, i32(self.best_val.size), self.ids, self.plan.tok_pos,
                           self.sampled))
 
     def step(self) -> int:
@@ -498,7 +531,10 @@ class GreedyDecoder:
         self.graph.launch(self.stream)
         cp.cuda.runtime.memcpyAsync(self.host.ptr, self.sampled.data.ptr, 8, cp.cuda.runtime.memcpyDeviceToHost,
                                     self.stream.ptr)
-        self.stream.synchronize()
+        if self.comm:
+            self.comm.wait(self.stream)  # watching the other ranks meanwhile
+        else:
+            self.stream.synchronize()
         token, non_finite = np.frombuffer(self.host, np.int32, 2)
         if non_finite:
             raise NonFiniteError("the logits contain NaN or +Inf; run with debug=True (--debug) to find the layer "

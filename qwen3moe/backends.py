@@ -8,11 +8,15 @@ A backend is a module with five functions, which the model loop (``model.py``) c
     feed_forward_block(state, i, x, top_k, disabled)        x + mlp_or_moe(norm(x)) -> (x, routing | None); top_k and
                                                             the disabled-expert mask (None) come from the config
                                                             unless a RoutingOverride is in force
-    final_logits(state, x) -> logits                        (T, H) -> (T, V), a NumPy array
+    final_logits(state, x) -> logits                        (T, H) -> (T, V), an array of ``xp``
 
 and an attribute ``xp``: the array module (numpy or cupy) its KV caches and activations live in. A backend may also
 offer ``GreedyDecoder(state, cache, pos, token)`` with ``step() -> token`` and ``flush_stats(stats)``: batch-1 greedy
 decoding without the host in the loop, which ``generate`` uses where nothing needs the per-step host path.
+
+A backend that can run one rank of a model split over several devices (``ranks.py``) takes ``prepare(weights,
+config, shard)`` with the rank's part of the weights (``sharding.shard_weights``) and its ``RankShard``, and names in
+the table how its ranks exchange activations: "host" (through rank 0's sockets, any machine) or "nccl" (GPU to GPU).
 
 The reference is ``qwen3moe/reference_backend.py``. Fast backends live in the ``fastpath`` package and are named
 here only by module path, imported when chosen: the reference never imports the fast path.
@@ -32,12 +36,16 @@ class Backend:
     module: str
     device: str  # the device kind it runs on: "cpu" (or "nvidia")
     summary: str
+    comm: str | None = None  # how the ranks of a split model exchange data: a module with ``connect`` (None: no
+    #                          splitting)
 
 
 BACKENDS = {
-    "numpy": Backend("qwen3moe.reference_backend", "cpu", "the NumPy reference: readable float32 code"),
-    "numba": Backend("fastpath.numba_backend", "cpu", "Numba kernels: bf16 weights, fused blocks, all cores"),
-    "cupy": Backend("fastpath.cupy_backend", "nvidia", "CUDA kernels through CuPy, CUDA-graph decoding, one GPU"),
+    "numpy": Backend("qwen3moe.reference_backend", "cpu", "the NumPy reference: readable float32 code",
+                     "qwen3moe.host_comm"),
+    "numba": Backend("fastpath.numba_backend", "cpu", "Numba kernels: bf16 weights, fused blocks, all cores", None),
+    "cupy": Backend("fastpath.cupy_backend", "nvidia", "CUDA kernels through CuPy, CUDA-graph decoding, NCCL across "
+                    "GPUs", "fastpath.nccl_comm"),
 }
 FASTEST_FIRST = ["cupy", "numba", "numpy"]  # what "auto" tries, in order, among the backends of the device
 
@@ -54,19 +62,21 @@ def unavailable_reason(name: str) -> str | None:
     return None
 
 
-def choose(device: str | None, backend: str | None) -> str:
+def choose(device: str | None, backend: str | None, split: bool = False) -> str:
     """The backend for ``device``: the argument, else $QWEN3MOE_BACKEND, else the fastest available ("auto").
 
     ``device`` None means the named backend's device, or the CPU when the backend is "auto". The environment
-    variable is a preference: it is passed over for a device its backend does not run on.
+    variable is a preference: it is passed over for a device its backend does not run on. ``split``: the model is
+    split over several devices, which only backends with a communicator can do.
     """
     name = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR, "auto")
-    if backend in (None, "auto") and name in BACKENDS and device not in (None, BACKENDS[name].device):
+    if backend in (None, "auto") and name in BACKENDS and (device not in (None, BACKENDS[name].device)
+                                                          or split and not BACKENDS[name].comm):
         name = "auto"
     if device is None:
         device = BACKENDS[name].device if name in BACKENDS else "cpu"
     if name == "auto":
-        candidates = [n for n in FASTEST_FIRST if BACKENDS[n].device == device]
+        candidates = [n for n in FASTEST_FIRST if BACKENDS[n].device == device and (BACKENDS[n].comm or not split)]
         reasons = {n: unavailable_reason(n) for n in candidates}
         if not any(r is None for r in reasons.values()):
             raise DeviceError(f"no backend for the {device} device can run here (" +
@@ -77,6 +87,10 @@ def choose(device: str | None, backend: str | None) -> str:
         raise DeviceError(f"unknown backend {name!r}; available: auto, {', '.join(BACKENDS)}")
     if BACKENDS[name].device != device:
         raise DeviceError(f"backend {name!r} runs on {BACKENDS[name].device}, not on {device}")
+    if split and not BACKENDS[name].comm:
+        able = ", ".join(n for n, b in BACKENDS.items() if b.comm)
+        raise DeviceError(f"backend {name!r} cannot split a model over several devices; use one that can ({able}) "
+                          "or ndev=1")
     reason = unavailable_reason(name)
     if reason:
         raise DeviceError(f"backend {name!r} is not available: {reason}")

@@ -39,7 +39,9 @@ QWEN3_30B_A3B = {
     "moe_intermediate_size": 768, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
     "hidden_act": "silu", "eos_token_id": 258,
 }
-SYNTHETIC = {"qwen3-30b-a3b": QWEN3_30B_A3B}
+QWEN3_235B_A22B = dict(QWEN3_30B_A3B, hidden_size=4096, intermediate_size=12288, num_hidden_layers=94,
+                       num_attention_heads=64, moe_intermediate_size=1536)  # REFERENCE.md's real configuration
+SYNTHETIC = {"qwen3-30b-a3b": QWEN3_30B_A3B, "qwen3-235b-a22b": QWEN3_235B_A22B}
 
 
 def measure_read_bandwidth(nbytes: int = 1 << 30, threads: int | None = None, repeats: int = 5) -> float:

@@ -5,6 +5,9 @@
     model.print_router_stats()
     model.destroy_model_instance()
 
+``ndev`` > 1 splits the model over that many devices, one process per device (``ranks.py``); this object is rank 0
+and drives the others, so the API is the same.
+
 Batch inference (``batch_infer_one_round``) and perplexity go through the same ``model.forward`` step.
 """
 
@@ -22,8 +25,10 @@ from .devices import resolve_backend
 from .infer_task import Qwen3MoeInferTask, Qwen3MoeKVCache
 from .layers import RoutingOverride
 from .model import Request, forward
+from .ranks import RankGroup
 from .router_stats import RouterStats
 from .sampling import check_sampling, is_greedy, sample
+from .sharding import format_rank_loads, plan_sharding, rank_loads
 from .tokenizer import Qwen3Tokenizer, read_json
 from .weights import load_weights
 
@@ -32,12 +37,14 @@ DEFAULT_MAX_TOKENS = 4096  # KV cache positions per task unless the caller asks 
 
 class Qwen3MoeForCausalLM:
     def __init__(self, model_dir_path: str | Path | None = None, device=None, ndev: int = 1,
-                 max_tokens: int | None = None, backend: str = "auto", debug: bool = False):
+                 max_tokens: int | None = None, backend: str = "auto", debug: bool = False, experts: str = "ep"):
         """Load and validate a Hugging Face model folder (default: the bundled model).
 
         ``device``: "cpu" or "nvidia" (or a DeviceType); None takes the device of ``backend`` (the CPU for "auto").
         ``backend``: "auto" (the fastest available, or $QWEN3MOE_BACKEND), "numpy" (the reference), "numba" (CPU)
         or "cupy" (NVIDIA GPU).
+        ``ndev``: devices to split the model over; ``experts``: how they share the experts, "ep" (whole experts
+        per device) or "etp" (a slice of every expert per device), see ``sharding.py``.
         """
         self.backend = resolve_backend(device, ndev, backend)
         self.model_dir = Path(model_dir_path) if model_dir_path is not None else default_model_dir()
@@ -47,14 +54,22 @@ class Qwen3MoeForCausalLM:
         if not 0 < self.max_tokens <= limit:
             raise ValueError(f"max_tokens must be in 1..{limit} (max_position_embeddings), got {max_tokens}")
         self.weights = load_weights(self.model_dir, self.config)
-        self._ops = backends.load(self.backend)
-        self._state = self._ops.prepare(self.weights, self.config)
-        self.xp = self._ops.xp  # numpy, or cupy when the KV caches live on a GPU
         self.tokenizer = Qwen3Tokenizer(self.model_dir, extra_eos_ids=self.config.eos_token_id)
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise CheckpointError(f"{self.model_dir}: tokenizer.json has {self.tokenizer.vocab_size} tokens but the "
                                   f"model's vocab_size is {self.config.vocab_size}; the tokenizer belongs to "
                                   "another model")
+        self._ranks = None  # the other ranks when the model is split over devices
+        if ndev > 1:
+            self._ranks = RankGroup(ndev, self.backend, self.config, experts, "qwen3moe.ranks:load_folder",
+                                    model_dir=str(self.model_dir))
+            self._ops, self._state = self._ranks.rank.ops, self._ranks.rank.state
+            self.shard_config = self._ranks.rank.shard_config  # what this rank's part looks like (its KV caches)
+        else:
+            self._ops = backends.load(self.backend)
+            self._state = self._ops.prepare(self.weights, self.config)
+            self.shard_config = self.config
+        self.xp = self._ops.xp  # numpy, or cupy when the KV caches live on a GPU
         self.generation_config = read_json(self.model_dir / "generation_config.json")
         self.router_stats = RouterStats(self.config)
         self.debugger = Debugger(enabled=debug)
@@ -110,6 +125,8 @@ class Qwen3MoeForCausalLM:
     def forward(self, requests: list[Request], all_logits: bool = False) -> list:
         """One model step (see model.forward): per request, the last token's logits, or all of them."""
         self._check_alive()
+        if self._ranks:
+            return self._ranks.forward(requests, all_logits, self._routing_override, self.router_stats, self.debugger)
         return forward(self._ops, self._state, self.config, requests, self.router_stats, self.debugger, all_logits,
                        self._routing_override)
 
@@ -151,7 +168,8 @@ class Qwen3MoeForCausalLM:
             if len(task.generated) > 1:  # the first round is the prefill
                 decode_seconds.append(time.perf_counter() - start)
             elif not task.finished and self._can_decode_in_whole_steps(task):
-                whole_steps = self._ops.GreedyDecoder(self._state, task.kvcache, task.pos, token)
+                whole_steps = (self._ranks.greedy_decoder(task.kvcache, task.pos, token) if self._ranks else
+                               self._ops.GreedyDecoder(self._state, task.kvcache, task.pos, token))
                 step = lambda: self._whole_step(whole_steps, task)
             if task.finish_reason != "stop":  # the end token itself is not part of the reply
                 emit(decoder.push(token))
@@ -166,7 +184,8 @@ class Qwen3MoeForCausalLM:
         """Whether the backend's whole-step decoder (``GreedyDecoder``: one CUDA graph, or one compiled call, per token)
         may take over: it decodes greedily with the config's routing, and counts router statistics but keeps no
         per-token trace and runs no debug checks."""
-        return (hasattr(self._ops, "GreedyDecoder") and is_greedy(task.temperature, task.topk)
+        able = self._ranks.can_decode_in_whole_steps if self._ranks else hasattr(self._ops, "GreedyDecoder")
+        return (able and is_greedy(task.temperature, task.topk)
                 and self._routing_override is None and not self.debugger.enabled
                 and not self.router_stats.trace_enabled)
 
@@ -219,6 +238,13 @@ class Qwen3MoeForCausalLM:
 
     def print_router_stats(self) -> None:
         print(self.router_stats.format_table())
+        if self._ranks:
+            print(format_rank_loads(self._ranks.rank.plan, rank_loads(self._ranks.rank.plan, self.router_stats.counts)))
+
+    def get_rank_loads(self) -> dict:
+        """Per MoE layer, the expert work each rank did (``sharding.RankLoad``); one rank when not split."""
+        plan = self._ranks.rank.plan if self._ranks else plan_sharding(self.config, 1)
+        return rank_loads(plan, self.router_stats.counts)
 
     def reset_router_stats(self) -> None:
         self.router_stats.reset()
@@ -226,13 +252,18 @@ class Qwen3MoeForCausalLM:
     # ---- lifetime ----------------------------------------------------------------------------------------
 
     def destroy_model_instance(self) -> None:
-        """Drop the weights (closing their memory maps) and statistics; the object cannot be used afterwards."""
+        """Drop the weights (closing their memory maps) and statistics, and end the other ranks of a split model; the
+        object cannot be used afterwards."""
+        if self._ranks:
+            self._ranks.close()
         self.weights = self._state = None
         self.router_stats.reset()
 
     def _check_alive(self) -> None:
         if self.weights is None:
             raise RuntimeError("this model instance was destroyed; create a new Qwen3MoeForCausalLM")
+        if self._ranks:
+            self._ranks.check()
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

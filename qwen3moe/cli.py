@@ -5,6 +5,7 @@
     python -m qwen3moe info DIR                              # validate a folder, print its architecture and size
     python -m qwen3moe info DIR --ndev 4 [--experts etp]     # how its weights would be split over 4 GPUs
     python -m qwen3moe perplexity --model DIR held_out.txt
+    python -m qwen3moe generate --nvidia 4 --experts etp "Hello"  # split over 4 GPUs, one process each
     python -m qwen3moe backends                              # which backends can run here, and why not
 
 Errors in the model folder, the settings or the device end the program with status 1 and a message on stderr that
@@ -23,7 +24,7 @@ from .causal_lm import Qwen3MoeForCausalLM
 from .config import load_config
 from .debug import NonFiniteError
 from .backends import BACKENDS, unavailable_reason
-from .errors import CheckpointError, DeviceError, UnsupportedConfigError
+from .errors import CheckpointError, DeviceError, RankFailure, UnsupportedConfigError
 from .sharding import plan_sharding
 
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CheckpointError, UnsupportedConfigError, DeviceError, ValueError, NonFiniteError) as e:
+    except (CheckpointError, UnsupportedConfigError, DeviceError, RankFailure, ValueError, NonFiniteError) as e:
         print(f"qwen3moe: error: {e}", file=sys.stderr)
         return 1
 
@@ -73,11 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="prefill/decode speed of each backend against memory bandwidth")
     bench.add_argument("--model", type=Path, help="model folder (default: the bundled model)")
-    bench.add_argument("--synthetic", choices=["qwen3-30b-a3b"], help="a synthetic checkpoint with real shapes")
+    bench.add_argument("--synthetic", choices=["qwen3-30b-a3b", "qwen3-235b-a22b"],
+                       help="a synthetic checkpoint with real shapes")
     bench.add_argument("--layers", type=int, help="layers of the synthetic model (default 2; --nvidia: all 48)")
     bench.add_argument("--nvidia", action="store_true",
                        help="the cupy backend on one GPU: Qwen3-30B-A3B shapes, against transformers and the copy "
                             "bandwidth")
+    bench.add_argument("--ndev", help="with --nvidia: GPU counts to compare, e.g. 1,2,4 (a model split over them)")
+    bench.add_argument("--experts", help="with --ndev: placements to compare, ep and/or etp (default both)")
     bench.add_argument("--backends", help="comma-separated (default: every available backend)")
     bench.add_argument("--prompt-len", type=int, default=128, help="prefill length (default 128)")
     bench.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
@@ -101,6 +105,8 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
                         help=argparse.SUPPRESS)
     p.add_argument("--backend", default="auto",
                    help=f"auto (the fastest here, or $QWEN3MOE_BACKEND) or one of: {', '.join(BACKENDS)}")
+    p.add_argument("--experts", choices=["ep", "etp"], default="ep",
+                   help="with --nvidia N: whole experts per GPU (ep, default) or a slice of every expert (etp)")
     p.add_argument("--max-tokens", type=int, help="KV cache positions per sequence (default 4096)")
     p.add_argument("--debug", action="store_true", help="log every step, check for NaN/Inf, show expert choices")
 
@@ -108,7 +114,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 def load_model(args) -> Qwen3MoeForCausalLM:
     device = "nvidia" if args.ndev is not None else args.device  # None: the --backend's device (CPU for auto)
     return Qwen3MoeForCausalLM(args.model, device=device, ndev=args.ndev or 1, max_tokens=args.max_tokens,
-                               backend=args.backend, debug=args.debug)
+                               backend=args.backend, debug=args.debug, experts=args.experts)
 
 
 def run_generate(args) -> int:
@@ -125,6 +131,7 @@ def run_generate(args) -> int:
           f"prompt {task.prompt_len} tokens]", file=sys.stderr)
     if args.stats:
         model.print_router_stats()
+    model.destroy_model_instance()  # a model split over GPUs ends its other ranks
     return 0
 
 
@@ -188,7 +195,8 @@ def run_bench(args) -> int:
     """The CPU benchmark (qwen3moe/bench.py), or with --nvidia the GPU one, which lives with the CUDA backend."""
     import importlib
 
-    return importlib.import_module("fastpath.cupy_bench" if args.nvidia else "qwen3moe.bench").run(args)
+    module = "qwen3moe.bench" if not args.nvidia else "fastpath.multi_gpu_bench" if args.ndev else "fastpath.cupy_bench"
+    return importlib.import_module(module).run(args)
 
 
 def run_backends(args) -> int:

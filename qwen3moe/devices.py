@@ -1,7 +1,8 @@
 """Which device and backend serve a model, and a clear sentence when the answer is "none here".
 
 The guide's API names devices with a ``DeviceType`` enum; strings ("cpu", "nvidia") work too. The CPU runs the
-``numpy`` and ``numba`` backends, an NVIDIA GPU the ``cupy`` backend (``backends.py``).
+``numpy`` and ``numba`` backends, an NVIDIA GPU the ``cupy`` backend (``backends.py``). ``ndev`` > 1 splits the
+model over that many devices, one process each (``ranks.py``): GPUs, or CPU processes with the numpy backend.
 """
 
 import enum
@@ -32,6 +33,6 @@ def resolve_backend(device, ndev: int, backend: str) -> str:
             raise DeviceError(f"{device.value} devices are not supported by qwen3moe; run on an NVIDIA GPU "
                               "(--nvidia) or the CPU (--cpu)")
         device = device.value
-    if ndev != 1:
-        raise DeviceError(f"ndev={ndev}: splitting a model over several devices is not built yet; use ndev=1")
-    return backends.choose(device, backend)
+    if isinstance(ndev, bool) or not isinstance(ndev, int) or ndev < 1:
+        raise DeviceError(f"ndev must be a whole number of devices >= 1, not {ndev!r}")
+    return backends.choose(device, backend, split=ndev > 1)

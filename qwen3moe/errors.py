@@ -15,3 +15,7 @@ class UnsupportedConfigError(ValueError):
 
 class DeviceError(RuntimeError):
     """A device or backend that this installation cannot serve."""
+
+
+class RankFailure(RuntimeError):
+    """A rank of a model split over several devices failed or could not start; the whole group has stopped."""

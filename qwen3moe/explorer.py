@@ -6,6 +6,7 @@ is changed. Everything here returns plain data (NumPy arrays, dicts, strings); t
     trace.top1_grid()            # (T, L) top-1 expert of every token in every MoE layer
     trace.token_detail(3)        # one token: full router distribution, top-k weights, margin, entropy per layer
     trace.load(2), trace.coactivation(2), trace.class_preference(2)
+    trace.rank_loads(plan_sharding(model.config, 4))   # the expert work of each of 4 GPUs, per layer
     explorer.what_if(text, disabled={2: [5]})   # the same text with expert 5 of layer 2 switched off
     trace.to_json(), trace.to_csv(), trace.to_html(layer=2)
 
@@ -36,7 +37,9 @@ import numpy as np
 
 from .causal_lm import log_softmax
 from .layers import RoutingOverride
-from .model import KVCache, Request
+from .infer_task import Qwen3MoeKVCache
+from .model import Request
+from .sharding import RankLoad, ShardingPlan, rank_loads
 
 TOKEN_CLASSES = ("newline", "punctuation", "capitalised", "lowercase", "digit", "other")
 JSON_FORMAT = "qwen3moe-routing-trace"
@@ -159,6 +162,14 @@ class RoutingTrace:
             "max_over_mean": float(counts.max() / mean),
             "unused_experts": np.flatnonzero(counts == 0).tolist(),
         }
+
+    def rank_loads(self, plan: ShardingPlan) -> dict[int, RankLoad]:
+        """Per MoE layer, the expert work each rank of ``plan`` (``plan_sharding`` of this model, ndev GPUs) does
+        for this text: the per-GPU statistics of a model split that way."""
+        if plan.config.num_experts != self.num_experts:
+            raise ValueError(f"the plan is for a model of {plan.config.num_experts} experts, this trace has "
+                             f"{self.num_experts}")
+        return rank_loads(plan, {layer: self.counts(layer) for layer in self.layers})
 
     def load_matrix(self) -> np.ndarray:
         """(L, E) counts of every MoE layer (rows in ``moe_layers`` order): the layer x expert heatmap."""
@@ -377,7 +388,7 @@ class RoutingExplorer:
         start, was_enabled = len(stats.trace), stats.trace_enabled
         stats.trace_enabled = True
         try:
-            (logits,) = model.forward([Request(ids, 0, KVCache(model.config, len(ids), xp=model.xp))], all_logits=True)
+            (logits,) = model.forward([Request(ids, 0, Qwen3MoeKVCache(model, len(ids)))], all_logits=True)
             records = stats.trace[start:]
         finally:
             stats.trace_enabled = was_enabled

@@ -24,7 +24,9 @@ class Qwen3MoeKVCache(KVCache):
         if not 0 < capacity <= model.config.max_position_embeddings:
             raise ValueError(f"a KV cache needs 1..{model.config.max_position_embeddings} positions "
                              f"(max_position_embeddings), got {capacity}")
-        super().__init__(model.config, capacity, xp=model.xp)
+        super().__init__(model.shard_config, capacity, xp=model.xp)  # a split model's rank 0: its kv heads only
+        if model._ranks:
+            model._ranks.open_cache(self)  # and the other ranks open their parts
 
 
 class Qwen3MoeInferTask:

@@ -182,11 +182,14 @@ def moe_block(x: np.ndarray, w: SparseMoeBlock, top_k: int, norm_topk_prob: bool
     """Route each token to its top_k experts and sum their outputs weighted by the router.
 
     Tokens are grouped by expert so each chosen expert runs once on all of its tokens; experts nobody chose are
-    never touched (their weights are not even read). No capacity limit: no token is dropped.
+    never touched (their weights are not even read). No capacity limit: no token is dropped. An expert that is None
+    is held by another rank of a split model (expert parallelism): the output is then this rank's part of the sum.
     """
     routing = route(x, w.gate, top_k, norm_topk_prob, disabled)
     out = np.zeros_like(x)  # (T, H)
     for e in np.unique(routing.experts):
+        if w.experts[e] is None:
+            continue
         tokens, slot = np.nonzero(routing.experts == e)  # which tokens chose e, and in which of their K slots
         y = mlp(x[tokens], w.experts[e])  # (n_e, H)
         out[tokens] += y * routing.weights[tokens, slot][:, None]  # a token picks an expert at most once

@@ -44,10 +44,7 @@ class Request:
 def forward(backend, state, config: Qwen3MoeConfig, requests: list[Request], stats: RouterStats,
             debug: Debugger, all_logits: bool = False, override: RoutingOverride | None = None) -> list[np.ndarray]:
     """Run one step; return, per request, the logits of its last token (V,) or of all its tokens (n, V)."""
-    for r in requests:
-        if not (0 < len(r.tokens) and r.pos + len(r.tokens) <= r.cache.capacity):
-            raise ValueError(f"request of {len(r.tokens)} tokens at position {r.pos} does not fit its cache "
-                             f"of {r.cache.capacity} positions")
+    check_requests(requests, config.vocab_size)
     bounds = [0, *itertools.accumulate(len(r.tokens) for r in requests)]  # request j owns rows bounds[j]:bounds[j+1]
     token_ids = np.array([t for r in requests for t in r.tokens], dtype=np.int64)  # (T,)
     positions = np.array([r.pos + j for r in requests for j in range(len(r.tokens))])  # (T,)
@@ -75,10 +72,21 @@ def forward(backend, state, config: Qwen3MoeConfig, requests: list[Request], sta
     with debug.phase("lm_head"):
         rows = slice(None) if all_logits else [b - 1 for b in bounds[1:]]  # the last token of each request
         logits = backend.final_logits(state, x[rows])  # (rows, V)
+        logits = logits if isinstance(logits, np.ndarray) else logits.get()  # a GPU backend's logits to the host
     debug.check(logits, "logits", "lm_head")
     if all_logits:
         return [logits[bounds[j]:bounds[j + 1]] for j in range(len(requests))]
     return list(logits)
+
+
+def check_requests(requests: list[Request], vocab_size: int) -> None:
+    for r in requests:
+        bad = [t for t in r.tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})")
+        if not (0 < len(r.tokens) and r.pos + len(r.tokens) <= r.cache.capacity):
+            raise ValueError(f"request of {len(r.tokens)} tokens at position {r.pos} does not fit its cache "
+                             f"of {r.cache.capacity} positions")
 
 
 def on_host(routing: Routing) -> Routing:

@@ -1,7 +1,8 @@
 """The sharding plan: which part of every weight each of ``ndev`` GPUs holds, and what they exchange per token.
 
-This is the plan only (pure Python, no GPU): the runtime that follows it over NCCL is not built yet. The split is
-tensor parallelism as in the user guide's multi-device section, with a choice for the experts:
+``plan_sharding`` makes the plan (pure Python, no GPU) and ``shard_weights`` cuts one rank's part out of a model's
+weights; ``ranks.py`` runs the ranks. The split is tensor parallelism as in the user guide's multi-device section,
+with a choice for the experts:
 
 * attention by heads: each rank computes ``num_attention_heads / ndev`` query heads and holds the kv heads they read
   (``num_key_value_heads / ndev`` of them; when ndev > num_key_value_heads, one kv head, copied onto
@@ -22,12 +23,14 @@ vocabulary rows and the ranks reduce their best candidates (greedy: the best log
 ``rank_loads`` turns router counts into the expert work each rank did, and how uneven it was across ranks.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from .config import Qwen3MoeConfig
 from .errors import UnsupportedConfigError
+from .weights import MLP, Attention, DecoderLayer, Qwen3MoeWeights, SparseMoeBlock
 
 PLACEMENTS = {"ep": "expert parallelism: whole experts per rank",
               "etp": "expert tensor parallelism: a slice of moe_intermediate_size of every expert per rank"}
@@ -191,6 +194,49 @@ def _weight_bytes(c: Qwen3MoeConfig, dtype_bytes: int, q_heads, kv_heads, mlp_ro
     return {part: count * dtype_bytes for part, count in params.items()}
 
 
+def rank_config(plan: ShardingPlan, rank: int) -> Qwen3MoeConfig:
+    """The config of the smaller model a rank runs: its heads, its rows of the dense and expert MLPs.
+
+    num_experts stays whole: the router is replicated, so every rank routes every token over all experts. Under
+    "ep" the rank's experts are a subset of them (``shard_weights`` leaves the others out).
+    """
+    c, r = plan.config, plan.ranks[rank]
+    return dataclasses.replace(c, num_attention_heads=len(r.q_heads), num_key_value_heads=len(r.kv_heads),
+                               intermediate_size=len(r.mlp_rows) or c.intermediate_size,
+                               moe_intermediate_size=len(r.expert_rows))
+
+
+def shard_weights(weights: Qwen3MoeWeights, plan: ShardingPlan, rank: int) -> Qwen3MoeWeights:
+    """Rank ``rank``'s part of ``weights``, in the form of a whole model's weights for ``rank_config``.
+
+    Every array is a view (a slice of rows or columns) of the original, so slicing a memory-mapped checkpoint reads
+    nothing: a backend's ``prepare`` later reads only the rank's part. Under "ep" the experts the rank does not hold
+    are None: it computes only its own, and its MoE output is the part of the weighted sum they make.
+    """
+    c, r = plan.config, plan.ranks[rank]
+    D = c.head_dim
+    q_rows = slice(r.q_heads.start * D, r.q_heads.stop * D)
+    kv_rows = slice(r.kv_heads.start * D, r.kv_heads.stop * D)
+
+    def mlp(m: MLP, rows: range) -> MLP:
+        part = slice(rows.start, rows.stop)
+        return MLP(m.gate_proj[part], m.up_proj[part], m.down_proj[:, part])
+
+    layers = []
+    for lw in weights.layers:
+        a = lw.self_attn
+        attn = Attention(a.q_proj[q_rows], a.k_proj[kv_rows], a.v_proj[kv_rows], a.o_proj[:, q_rows], a.q_norm,
+                         a.k_norm)
+        if isinstance(lw.mlp, SparseMoeBlock):
+            experts = [mlp(e, r.expert_rows) if j in r.experts else None for j, e in enumerate(lw.mlp.experts)]
+            ff = SparseMoeBlock(lw.mlp.gate, experts)
+        else:
+            ff = mlp(lw.mlp, r.mlp_rows)
+        layers.append(DecoderLayer(lw.input_layernorm, attn, lw.post_attention_layernorm, ff))
+    vocab = slice(r.vocab_rows.start, r.vocab_rows.stop)
+    return Qwen3MoeWeights(weights.embed_tokens, layers, weights.norm, weights.lm_head[vocab])
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -237,3 +283,13 @@ def rank_loads(plan: ShardingPlan, counts: dict[int, np.ndarray]) -> dict[int, R
     held = plan.fraction_held("experts")  # (ndev, E)
     return {layer: RankLoad(slots=np.asarray(c) @ (held > 0).T.astype(np.int64), work=np.asarray(c) @ held.T)
             for layer, c in counts.items()}
+
+
+def format_rank_loads(plan: ShardingPlan, loads: dict[int, RankLoad]) -> str:
+    """Per MoE layer: the expert picks each rank computed and how even the work was (max / mean over ranks)."""
+    lines = [f"expert work per rank ({plan.experts}: " + ("picks of the rank's own experts" if plan.experts == "ep"
+                                                          else "every rank computes a slice of every pick") + ")",
+             f"{'layer':>5}  " + " ".join(f"{'rank ' + str(r):>9}" for r in range(plan.ndev)) + f"  {'max/mean':>8}"]
+    for layer, load in loads.items():
+        lines.append(f"{layer:>5}  " + " ".join(f"{int(v):>9}" for v in load.slots) + f"  {float(load.balance):>8.2f}")
+    return "\n".join(lines)

@@ -41,7 +41,7 @@ class MLP:
 @dataclass
 class SparseMoeBlock:
     gate: np.ndarray  # (num_experts, hidden): the router
-    experts: list[MLP]
+    experts: list[MLP | None]  # None: an expert held by another rank (sharding.shard_weights, "ep")
 
 
 @dataclass

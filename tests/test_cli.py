@@ -270,7 +270,6 @@ NO_GPU = pytest.mark.skipif(backends.unavailable_reason("cupy") is None, reason=
 
 @pytest.mark.parametrize("extra, words", [
     pytest.param(["--nvidia"], ["nvidia device", "cupy", "--cpu"], marks=NO_GPU),
-    (["--nvidia", "2"], ["ndev=2"]),
     (["--ascend"], ["ascend devices are not supported", "--cpu"]),
     (["--cambricon"], ["cambricon devices are not supported", "--cpu"]),
     (["--backend", "nonsense"], ["unknown backend 'nonsense'", "numpy"]),

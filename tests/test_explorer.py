@@ -2,6 +2,7 @@
 hand, the exports carry the trace faithfully, and the what-if changes routing as asked and then restores the model."""
 
 import csv
+import dataclasses
 import html
 import io
 import json
@@ -14,6 +15,7 @@ import pytest
 from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.explorer import TOKEN_CLASSES, RoutingExplorer, RoutingTrace, token_class
 from qwen3moe.layers import RoutingOverride
+from qwen3moe.sharding import plan_sharding
 
 TEXT = ("ROMEO:\nBut soft! What light through yonder window breaks?\nIt is the east, and Juliet is the sun. "
         "1599 <b> & 'tis<|im_end|>")
@@ -134,6 +136,18 @@ def test_load_agrees_with_the_engine_router_statistics(model, trace):
     np.testing.assert_array_equal(trace.load_matrix(), [model.get_router_stats(i)["counts"] for i in (1, 2, 3)])
     with pytest.raises(ValueError, match="layer 0 is not an MoE layer"):
         trace.load(0)
+
+
+def test_rank_loads_count_each_pick_on_the_ranks_that_hold_its_expert(model, trace):
+    for layer in trace.moe_layers:
+        picks = trace.layer(layer).experts.ravel()
+        ep = trace.rank_loads(plan_sharding(model.config, 2, "ep"))[layer]
+        half = model.config.num_experts // 2  # rank 0 holds experts [0, half), rank 1 the rest
+        assert ep.slots.tolist() == [int((picks < half).sum()), int((picks >= half).sum())]
+        etp = trace.rank_loads(plan_sharding(model.config, 2, "etp"))[layer]
+        assert etp.slots.tolist() == [picks.size, picks.size] and etp.balance == 1.0  # a slice of every pick
+    with pytest.raises(ValueError, match="experts"):
+        trace.rank_loads(plan_sharding(dataclasses.replace(model.config, num_experts=4, num_experts_per_tok=2), 2))
 
 
 def test_coactivation_counts_pairs_of_experts_on_the_same_token(trace):

@@ -15,7 +15,9 @@ constexpr int MAX_EXPERTS = 512;  // route_topk keeps a token's router probabili
 // ``stat_*`` (may be null) accumulate router statistics on the device: picks and the sum of probabilities per
 // expert, and the entropy sum, so that a captured decode step never needs the host to count.
 // With one token (``slots`` non-null) the K picks are already grouped -- each is its own slot -- and written as such,
-// which saves the grouping kernel at batch-1 decode.             grid (T), block 256, dynamic smem top_k floats
+// which saves the grouping kernel at batch-1 decode. On a rank of a split model that holds experts [expert_lo,
+// expert_hi) (expert parallelism), only the picks of those experts become slots, numbered from expert_lo.
+//                                                               grid (T), block 256, dynamic smem top_k floats
 __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logits, const float* __restrict__ x, int H,
                                                   const float* __restrict__ norm_weight, float eps, int E, int top_k,
                                                   int norm_topk_prob, const unsigned char* __restrict__ disabled,
@@ -23,7 +25,8 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
                                                   int* __restrict__ topk_ids, float* __restrict__ topk_weights,
                                                   unsigned long long* stat_counts, double* stat_prob_sum,
                                                   double* stat_entropy_sum, int* slot_expert, int* slot_offset,
-                                                  int* pair_src, int* pair_token, int* n_slots) {
+                                                  int* pair_src, int* pair_token, int* n_slots, int expert_lo,
+                                                  int expert_hi) {
     extern __shared__ float chosen_weight[];  // (top_k,)
     const long long t = blockIdx.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -64,6 +67,7 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
     if (stat_entropy_sum && lane == 0) atomicAdd(stat_entropy_sum, entropy);
 
     float total = 0.0f;
+    int held = 0;  // slots written: the picks of this rank's experts
     for (int j = 0; j < top_k; ++j) {  // j-th best: the largest probability not yet taken, lowest id on ties
         float best = -1.0f;
         int best_e = E;
@@ -82,14 +86,17 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
             chosen_weight[j] = best;
             topk_ids[t * top_k + j] = best_e;
             if (stat_counts) atomicAdd(stat_counts + best_e, 1ull);
-            if (slot_expert) slot_expert[j] = best_e, slot_offset[j] = j, pair_src[j] = j, pair_token[j] = 0;
+            if (slot_expert && best_e >= expert_lo && best_e < expert_hi) {
+                slot_expert[held] = best_e - expert_lo, slot_offset[held] = held, pair_src[held] = j;
+                pair_token[held++] = 0;
+            }
         }
         total += best;
     }
     __syncwarp();
     for (int j = lane; j < top_k; j += 32)
         topk_weights[t * top_k + j] = norm_topk_prob ? chosen_weight[j] / total : chosen_weight[j];
-    if (slot_expert && lane == 0) slot_offset[top_k] = top_k, n_slots[0] = top_k;
+    if (slot_expert && lane == 0) slot_offset[held] = held, n_slots[0] = held;
 }
 
 // Group the P = T*K pairs by expert (a counting sort in one block): slot_expert, slot_offset (n_slots + 1 entries),
@@ -97,11 +104,12 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
 // The order of pairs inside a slot is not fixed, and need not be: each pair's result is computed on its own and the
 // weighted sum (moe_combine) adds a token's K results in slot-number order.
 // For the tensor-core kernels (matmul.cu) it also lists tiles of at most ``tile_rows`` pairs of one slot:
-// tile_slot, tile_row (the first pair) and n_tiles[0].                    grid (1), block 1024, smem 2E ints
+// tile_slot, tile_row (the first pair) and n_tiles[0]. Only experts [expert_lo, expert_hi) get slots (a rank's own
+// experts under expert parallelism), numbered from expert_lo.             grid (1), block 1024, smem 2E ints
 __global__ void group_by_expert(const int* __restrict__ topk_ids, int P, int K, int E, int* __restrict__ slot_expert,
                                 int* __restrict__ slot_offset, int* __restrict__ pair_src, int* __restrict__ pair_token,
                                 int* __restrict__ n_slots, int tile_rows, int* __restrict__ tile_slot,
-                                int* __restrict__ tile_row, int* __restrict__ n_tiles) {
+                                int* __restrict__ tile_row, int* __restrict__ n_tiles, int expert_lo, int expert_hi) {
     extern __shared__ int counts[];  // (E,) picks, then (E,) write cursors
     int* cursor = counts + E;
     for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = 0;
@@ -110,11 +118,11 @@ __global__ void group_by_expert(const int* __restrict__ topk_ids, int P, int K, 
     __syncthreads();
     if (threadIdx.x == 0) {
         int s = 0, offset = 0, tiles = 0;
-        for (int e = 0; e < E; ++e) {
+        for (int e = expert_lo; e < expert_hi; ++e) {
             cursor[e] = offset;
             if (counts[e]) {
                 for (int r = 0; r < counts[e]; r += tile_rows) tile_slot[tiles] = s, tile_row[tiles++] = offset + r;
-                slot_expert[s] = e;
+                slot_expert[s] = e - expert_lo;
                 slot_offset[s++] = offset;
                 offset += counts[e];
             }
@@ -125,6 +133,7 @@ __global__ void group_by_expert(const int* __restrict__ topk_ids, int P, int K, 
     }
     __syncthreads();
     for (int p = threadIdx.x; p < P; p += blockDim.x) {
+        if (topk_ids[p] < expert_lo || topk_ids[p] >= expert_hi) continue;  // another rank's expert
         const int at = atomicAdd(&cursor[topk_ids[p]], 1);
         pair_src[at] = p;
         pair_token[at] = p / K;
@@ -201,12 +210,13 @@ __global__ void __launch_bounds__(256) expert_down(const float* __restrict__ act
 }
 
 // x[t, :] += sum_k out[t*K + k, :], the K picks added in slot order: the weighted sum and the residual add, in a fixed
-// order so that results do not depend on scheduling.                   grid (ceil(T * H / 256)), block 256
-__global__ void moe_combine(float* __restrict__ x, const float* __restrict__ out, int T, int H, int K) {
+// order so that results do not depend on scheduling. ``residual`` 0: x = the sum alone (every rank of a split model
+// but the first: the all-reduce that follows adds the residual once).  grid (ceil(T * H / 256)), block 256
+__global__ void moe_combine(float* __restrict__ x, const float* __restrict__ out, int T, int H, int K, int residual) {
     const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= static_cast<long long>(T) * H) return;
     const long long t = i / H, h = i % H;
     float sum = 0.0f;
     for (int k = 0; k < K; ++k) sum += out[(t * K + k) * H + h];
-    x[i] += sum;
+    x[i] = residual ? x[i] + sum : sum;
 }

@@ -13,8 +13,9 @@ __device__ __forceinline__ void warp_argmax(float& best, int& best_i) {
 }
 
 // Each block: the best of its contiguous share of the vocabulary. A NaN or +Inf logit sets non_finite[0] = 1 (the
-// host refuses the token then, as the reference sampler does).          grid (B <= 1024), block 256
-__global__ void argmax_partial(const float* __restrict__ logits, int V, float* __restrict__ best_val,
+// host refuses the token then, as the reference sampler does). ``first_id``: the token id of logits[0] (a rank of a
+// split model scores the rows of lm_head from first_id on).              grid (B <= 1024), block 256
+__global__ void argmax_partial(const float* __restrict__ logits, int V, int first_id, float* __restrict__ best_val,
                                int* __restrict__ best_idx, int* __restrict__ non_finite) {
     __shared__ float vals[8];
     __shared__ int idxs[8];
@@ -34,7 +35,8 @@ __global__ void argmax_partial(const float* __restrict__ logits, int V, float* _
         best = threadIdx.x < blockDim.x / 32 ? vals[threadIdx.x] : -INFINITY;
         best_i = threadIdx.x < blockDim.x / 32 ? idxs[threadIdx.x] : 0x7fffffff;
         warp_argmax(best, best_i);
-        if (threadIdx.x == 0) best_val[blockIdx.x] = best, best_idx[blockIdx.x] = best_i;
+        if (threadIdx.x == 0)
+            best_val[blockIdx.x] = best, best_idx[blockIdx.x] = best_i == 0x7fffffff ? best_i : best_i + first_id;
     }
 }
 
