@@ -22,7 +22,7 @@ from qwen3moe.debug import Debugger
 from qwen3moe.model import KVCache, Request, forward
 from qwen3moe.ranks import RankGroup
 from qwen3moe.router_stats import RouterStats
-from qwen3moe.sharding import plan_sharding, rank_config
+from qwen3moe.sharding import plan_sharding
 
 from . import cupy_backend as cb
 

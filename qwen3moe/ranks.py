@@ -32,7 +32,6 @@ import time
 import traceback
 import weakref
 
-import numpy as np
 from tqdm import tqdm
 
 from . import backends, messages
