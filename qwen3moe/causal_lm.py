@@ -62,7 +62,7 @@ class Qwen3MoeForCausalLM:
         self._ranks = None  # the other ranks when the model is split over devices
         if ndev > 1:
             self._ranks = RankGroup(ndev, self.backend, self.config, experts, "qwen3moe.ranks:load_folder",
-                                    model_dir=str(self.model_dir))
+                                    self.weights, model_dir=str(self.model_dir))
             self._ops, self._state = self._ranks.rank.ops, self._ranks.rank.state
             self.shard_config = self._ranks.rank.shard_config  # what this rank's part looks like (its KV caches)
         else:

@@ -41,9 +41,11 @@ class Request:
     task_id: object = None
 
 
-def forward(backend, state, config: Qwen3MoeConfig, requests: list[Request], stats: RouterStats,
+def forward(backend, state, config: Qwen3MoeConfig, requests: list[Request], stats: RouterStats | None,
             debug: Debugger, all_logits: bool = False, override: RoutingOverride | None = None) -> list[np.ndarray]:
-    """Run one step; return, per request, the logits of its last token (V,) or of all its tokens (n, V)."""
+    """Run one step; return, per request, the logits of its last token (V,) or of all its tokens (n, V).
+
+    ``stats`` None: nobody counts the routing (the ranks of a split model other than rank 0, which counts it)."""
     check_requests(requests, config.vocab_size)
     bounds = [0, *itertools.accumulate(len(r.tokens) for r in requests)]  # request j owns rows bounds[j]:bounds[j+1]
     token_ids = np.array([t for r in requests for t in r.tokens], dtype=np.int64)  # (T,)
@@ -63,7 +65,7 @@ def forward(backend, state, config: Qwen3MoeConfig, requests: list[Request], sta
         top_k, disabled = override.for_layer(i, config.num_experts, config.num_experts_per_tok)
         with debug.phase("moe" if config.is_moe_layer(i) else "mlp"):
             x, routing = backend.feed_forward_block(state, i, x, top_k, disabled)  # (T, H)
-        if routing is not None:
+        if routing is not None and stats is not None:
             routing = on_host(routing)
             stats.record(i, routing, token_info)
             debug.routing(i, routing.experts, routing.weights, [t for _, _, t in token_info])

@@ -42,7 +42,7 @@ from .layers import RoutingOverride
 from .model import KVCache, Request, check_requests, forward
 from .router_stats import RouterStats
 from .sharding import RankShard, plan_sharding, rank_config, shard_weights
-from .weights import load_weights
+from .weights import Qwen3MoeWeights, load_weights
 
 START_TIMEOUT_S = float(os.environ.get("QWEN3MOE_RANK_TIMEOUT", 120))  # to connect, and to load the weights
 WORKER_COMMAND = [sys.executable, "-m", "qwen3moe"]  # how rank 0 starts the other ranks (RANK > 0 in their environment)
@@ -81,8 +81,11 @@ class ShardedOps:
 class Rank:
     """One rank's part of the model and the state it keeps between steps: KV caches by id, a greedy decoder."""
 
-    def __init__(self, spec: dict, rank: int, links: dict[int, socket.socket], fail, alive):
+    def __init__(self, spec: dict, rank: int, links: dict[int, socket.socket], fail, alive,
+                 weights: Qwen3MoeWeights | None = None):
+        """``weights``: the whole model's weights where this process has them open already (rank 0), else None."""
         self.spec, self.rank, self.links, self.fail, self.alive = spec, rank, links, fail, alive
+        self.weights = weights
         self.config = Qwen3MoeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
         self.plan = plan_sharding(self.config, spec["ndev"], spec["experts"])
         self.shard: RankShard = self.plan.ranks[rank]
@@ -104,7 +107,7 @@ class Rank:
         return KVCache(self.shard_config, capacity, xp=self.ops.xp)
 
     def forward(self, requests: list[Request], all_logits: bool, override: RoutingOverride | None,
-                stats: RouterStats, debug: Debugger) -> list:
+                stats: RouterStats | None, debug: Debugger) -> list:
         return forward(self.ops, self.state, self.config, requests, stats, debug, all_logits, override)
 
     def start_decoder(self, cache: KVCache, pos: int, token: int):
@@ -119,26 +122,30 @@ class Rank:
         """Run one step that rank 0 sent (on ranks 1..N-1)."""
         for cache_id in header.get("drop", []):
             self.caches.pop(cache_id, None)
-        op = header["op"]
-        if op == "open_cache":
-            self.caches[header["id"]] = self.new_cache(header["capacity"])
-        elif op == "forward":
-            requests = [Request(r["tokens"], r["pos"], self.caches[r["cache"]]) for r in header["requests"]]
-            self.forward(requests, header["all_logits"], override_from_json(header["override"]),
-                         RouterStats(self.config), Debugger(enabled=False))
-        elif op == "decoder":
-            self.start_decoder(self.caches[header["cache"]], header["pos"], header["token"])
-        elif op == "step":
-            self.decoder.step()
-        elif op == "time_all_reduces":
-            self.time_all_reduces(header["rows"], header["count"], header["reps"])
-        else:
-            raise ValueError(f"unknown step {op!r} from rank 0")
+        if header["op"] not in STEPS:
+            raise ValueError(f"unknown step {header['op']!r} from rank 0")
+        STEPS[header["op"]](self, header)
+
+    def _open_cache(self, h: dict) -> None:
+        self.caches[h["id"]] = self.new_cache(h["capacity"])
+
+    def _forward(self, h: dict) -> None:
+        requests = [Request(r["tokens"], r["pos"], self.caches[r["cache"]]) for r in h["requests"]]
+        self.forward(requests, h["all_logits"], override_from_json(h["override"]), None, Debugger(enabled=False))
+
+
+STEPS = {  # what rank 0 can ask the other ranks to do, by the name in its message
+    "open_cache": Rank._open_cache,
+    "forward": Rank._forward,
+    "decoder": lambda rank, h: rank.start_decoder(rank.caches[h["cache"]], h["pos"], h["token"]),
+    "step": lambda rank, h: rank.decoder.step(),
+    "time_all_reduces": lambda rank, h: rank.time_all_reduces(h["rows"], h["count"], h["reps"]),
+}
 
 
 def load_folder(spec: dict, rank: Rank, ops):
     """The rank's part of the Hugging Face folder ``spec["model_dir"]`` (memory-mapped: only that part is read)."""
-    weights = load_weights(spec["model_dir"], rank.config)
+    weights = rank.weights or load_weights(spec["model_dir"], rank.config)
     return ops.prepare(shard_weights(weights, rank.plan, rank.rank), rank.shard_config, rank.shard)
 
 
@@ -147,7 +154,10 @@ def load_folder(spec: dict, rank: Rank, ops):
 class RankGroup:
     """Rank 0's side: the other ranks' processes and connections, and its own ``Rank``."""
 
-    def __init__(self, ndev: int, backend: str, config: Qwen3MoeConfig, experts: str, loader: str, **load_args):
+    def __init__(self, ndev: int, backend: str, config: Qwen3MoeConfig, experts: str, loader: str,
+                 weights: Qwen3MoeWeights | None = None, **load_args):
+        """``loader``: "module:function" every rank calls to make its part; ``weights``: rank 0's open checkpoint,
+        if it has one (the loader uses it instead of opening the folder again); ``load_args`` go to every rank."""
         plan_sharding(config, ndev, experts)  # refuses a split that cannot work, before any process starts
         comm_module = importlib.import_module(backends.BACKENDS[backend].comm)
         self.ndev, self.procs, self.links, self.logs = ndev, {}, {}, {}
@@ -174,7 +184,7 @@ class RankGroup:
             for link in self.links.values():
                 messages.send(link, dict(op="load", **spec))
             comm_module.bind_device(int(os.environ.get("LOCAL_RANK", 0)))
-            self.rank = Rank(spec, 0, self.links, self._fail, self.check)
+            self.rank = Rank(spec, 0, self.links, self._fail, self.check, weights)
             self._await_loaded()
             for link in self.links.values():
                 messages.send(link, {"op": "connect"})
