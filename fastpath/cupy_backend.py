@@ -11,12 +11,16 @@ Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) ar
     linear                RMSNorm (fused) + projection, or projection + residual add        q/k/v, o_proj, lm_head
     qk_norm_rope_cache    q/k RMSNorm, RoPE, K/V written into the sequence's cache
     attention (+combine)  grouped-query attention, keys split across blocks (flash-decoding)
+    attention_mma         prefill attention on the tensor cores (attention_mma.cu)
     linear + route_topk   RMSNorm + router GEMV; softmax + top-k (+ renormalise) + the experts' normalised input
     group_by_expert       a counting sort of the (token, slot) picks by expert (not needed for a single token)
     expert_gate_up        SiLU(gate . x) * (up . x), only for the chosen experts, each expert's rows read once
     expert_down           down . act, scaled by the routing weight
     moe_combine           the weighted sum over a token's experts and the residual add, in a fixed order
-    mma_tiles             steps of 16 tokens or more: the projections and experts on the tensor cores (matmul.cu)
+    mma_few               steps of 2-64 tokens: the projections and experts on the tensor cores, weights as the
+                          16-row operand and 8 tokens as the columns (mma_few.cu)
+    mma_tiles             larger steps (prefill): 64-token tiles on the tensor cores (matmul.cu)
+Every kernel is launched with programmatic dependent launch allowed (``cuda_build.Kernel``).
 Kernel ladders that build up to the central ones step by step: ``python -m fastpath.ladder``.
 """
 
@@ -50,7 +54,12 @@ NULL = np.uint64(0)  # a null pointer argument
 KEYS_PER_SPLIT = 32  # attention: the fewest keys worth a block of their own
 TARGET_BLOCKS = 264  # attention: enough blocks to fill 132 SMs twice over
 MAX_ATTENTION_ROWS = 32  # attention: (query token, head) rows one block handles
-MMA_MIN_TOKENS = 16  # from this many rows on, products run on the tensor cores (matmul.cu)
+ATTENTION_MMA_HEAD_DIMS = (64, 128)  # the head_dim values attention_mma.cu is compiled for
+ATTENTION_MMA_MIN_TOKENS = 16  # a step with a segment this long (a prefill) runs attention on the tensor cores
+MMA_ATTENTION_TOKENS = 64  # query tokens per block of attention_mma.cu
+GEMV_MAX_TOKENS = 16  # projections of fewer tokens run on linear.cu's GEMV
+FEW_TOKENS = 64  # projections of up to this many tokens run on mma_few.cu, beyond on matmul.cu's tiles
+FEW_PICKS_PER_EXPERT = 16  # likewise the experts, by the picks per expert on average
 TILE = 64  # rows and outputs of one tensor-core tile
 MAX_EXPERTS = 512  # route_topk holds a token's router probabilities in one warp's registers (moe.cu)
 
@@ -133,10 +142,23 @@ def i32(v) -> np.int32:
     return np.int32(v)
 
 
-def tensor_cores(s: State, tokens: int, *dims: int) -> bool:
-    """Whether a product over ``tokens`` rows goes to the tensor-core kernel (matmul.cu): bf16 weights, enough rows
-    to fill a tile, and reduction dimensions that are whole 32-column steps."""
-    return s.wtype == "bf16_t" and tokens >= MMA_MIN_TOKENS and all(d % 32 == 0 for d in dims)
+def linear_path(s: State, tokens: int, K: int) -> str:
+    """Which kernel computes a projection of ``tokens`` rows: "gemv" (linear.cu, CUDA cores, the RMSNorm fused) below
+    GEMV_MAX_TOKENS (measured faster there: a 32-row block per 8 tokens leaves small matrices too few blocks), for
+    float32 weights, or for a K that is not whole 32-column steps; "few" (mma_few.cu) up to FEW_TOKENS; "tiles"
+    (matmul.cu, 64-token tiles) beyond."""
+    if s.wtype != "bf16_t" or K % 32 or tokens < GEMV_MAX_TOKENS:
+        return "gemv"
+    return "few" if tokens <= FEW_TOKENS else "tiles"
+
+
+def expert_path(s: State, tokens: int, picks: int, experts: int, H: int, I: int) -> str:
+    """Which kernels compute a step's expert products: "few" (mma_few.cu) while the experts serve few tokens each, as
+    in batched decoding; "tiles" (matmul.cu) for prefill-sized steps; "gemv" (moe.cu, CUDA cores) for one token
+    (measured faster there), float32 weights, or sizes that are not whole 32-column steps."""
+    if s.wtype != "bf16_t" or H % 32 or I % 32 or tokens == 1:
+        return "gemv"
+    return "few" if picks <= FEW_PICKS_PER_EXPERT * experts else "tiles"
 
 
 def rms_norm(s: State, x: cp.ndarray, weight: cp.ndarray, out: cp.ndarray) -> None:
@@ -149,21 +171,27 @@ def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.nda
     """out = [residual +] w @ [rmsnorm(x, norm)]: x (T, K) -> out (T, N)."""
     T, K = x.shape
     N = w.shape[0]
-    if tensor_cores(s, T, K):
-        if norm is not None:
-            xn = cp.empty_like(x)
-            rms_norm(s, x, norm, xn)
-            x = xn
+    path = linear_path(s, T, K)
+    if path == "gemv":
+        m = 1 if T == 1 else MAXT[-1]
+        kernel("linear.cu", f"linear<{s.wtype}, {m}>")(
+            (math.ceil(N / rows_per_block), math.ceil(T / m)), (BLOCK,),
+            (x, i32(T), i32(K), NULL if norm is None else norm, np.float32(s.config.rms_norm_eps), w, i32(N),
+             i32(rows_per_block), NULL if residual is None else residual, out))
+        return
+    if norm is not None:
+        xn = cp.empty_like(x)
+        rms_norm(s, x, norm, xn)
+        x = xn
+    residual = NULL if residual is None else residual
+    if path == "few":
+        kernel("mma_few.cu", "mma_few<LINEAR>")(
+            (math.ceil(T / 8), math.ceil(N / 32)), (128,),
+            (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 6, residual, out))
+    else:
         kernel("matmul.cu", "mma_tiles<LINEAR>")(
             (math.ceil(N / TILE), math.ceil(T / TILE)), (128,),
-            (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 8,
-             NULL if residual is None else residual, out))
-        return
-    m = 1 if T == 1 else MAXT[-1]
-    kernel("linear.cu", f"linear<{s.wtype}, {m}>")(
-        (math.ceil(N / rows_per_block), math.ceil(T / m)), (BLOCK,),
-        (x, i32(T), i32(K), NULL if norm is None else norm, np.float32(s.config.rms_norm_eps), w, i32(N),
-         i32(rows_per_block), NULL if residual is None else residual, out))
+            (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 8, residual, out))
 
 
 @dataclass
@@ -225,7 +253,17 @@ def swiglu_experts_into(s: State, layer: Layer, x: cp.ndarray, xn: cp.ndarray, g
     I = two_i // 2
     up = np.uint64(layer.gate_up.data.ptr + I * H * layer.gate_up.itemsize)  # expert 0's up rows
     pair_weight = NULL if g.pair_weight is None else g.pair_weight
-    if tensor_cores(s, xn.shape[0], H, I):
+    path = expert_path(s, xn.shape[0], xn.shape[0] * top_k, E, H, I)
+    if path == "few":
+        slots = (g.slot_expert, g.slot_offset, g.pair_token, g.pair_src)
+        kernel("mma_few.cu", "mma_few<GATE_UP>")(
+            (math.ceil(I / 16), max_slots), (128,),
+            (xn, i32(H), layer.gate_up, up, np.int64(two_i * H), i32(I), i32(0), *slots, NULL, g.n_slots, NULL, act))
+        kernel("mma_few.cu", "mma_few<DOWN>")(
+            (math.ceil(H / 32), max_slots), (128,),
+            (act, i32(I), layer.down, NULL, np.int64(H * I), i32(H), i32(0), *slots, pair_weight, g.n_slots, NULL,
+             out))
+    elif path == "tiles":
         tiles, grouped = g.tile_slot.shape[0], (g.tile_slot, g.tile_row, g.n_tiles, g.slot_expert, g.slot_offset,
                                                 g.pair_token, g.pair_src)
         kernel("matmul.cu", "mma_tiles<GATE_UP>")(
@@ -306,7 +344,11 @@ def dense_mlp_into(s: State, layer: Layer, x: cp.ndarray, b: DenseBuffers) -> No
 
 @dataclass
 class AttentionPlan:
-    """Where a step's tokens go: positions, sequences, query tiles and key splits (the same for every layer)."""
+    """Where a step's tokens go: positions, sequences, query tiles and key splits (the same for every layer).
+
+    A step with a segment of at least ATTENTION_MMA_MIN_TOKENS tokens (a prefill) takes the tensor-core kernel
+    (attention_mma.cu: tiles of 64 tokens, all keys in one pass) where head_dim allows; otherwise attention.cu's
+    kernel (tiles of 32 (token, head) rows, keys split across blocks and merged) serves decoding."""
 
     tok_pos: cp.ndarray  # (T,) int32
     tok_seq: cp.ndarray  # (T,) int32
@@ -315,24 +357,31 @@ class AttentionPlan:
     tile_rows: cp.ndarray  # (tiles,) int32
     splits: int
     chunk: int  # keys per split
+    tensor_cores: bool = False  # attention_mma.cu
 
     @staticmethod
-    def build(c: Qwen3MoeConfig, segments: list[tuple[int, int, int]], max_keys: int) -> "AttentionPlan":
+    def build(c: Qwen3MoeConfig, segments: list[tuple[int, int, int]], max_keys: int,
+              tensor_cores: bool | None = None) -> "AttentionPlan":
         """``segments``: (first row, end row, first position) per sequence; ``max_keys``: the most keys any query
-        may see (the grid is sized for it: a captured step passes the cache capacity)."""
-        per_tile = max(1, MAX_ATTENTION_ROWS // (c.num_attention_heads // c.num_key_value_heads))
+        may see (the grid is sized for it: a captured step passes the cache capacity); ``tensor_cores``: which
+        kernel (None: chosen by the step's shape, as above; the kernel ladder compares both)."""
+        mma = tensor_cores if tensor_cores is not None else (
+            c.head_dim in ATTENTION_MMA_HEAD_DIMS and
+            max(stop - start for start, stop, _ in segments) >= ATTENTION_MMA_MIN_TOKENS)
+        per_tile = MMA_ATTENTION_TOKENS if mma else max(
+            1, MAX_ATTENTION_ROWS // (c.num_attention_heads // c.num_key_value_heads))
         pos, seq, tiles = [], [], []
         for j, (start, stop, first) in enumerate(segments):
             pos += range(first, first + stop - start)
             seq += [j] * (stop - start)
             tiles += [(j, r, min(per_tile, stop - r)) for r in range(start, stop, per_tile)]
         blocks = len(tiles) * c.num_key_value_heads
-        splits = max(1, min(math.ceil(max_keys / KEYS_PER_SPLIT), math.ceil(TARGET_BLOCKS / blocks)))
+        splits = 1 if mma else max(1, min(math.ceil(max_keys / KEYS_PER_SPLIT), math.ceil(TARGET_BLOCKS / blocks)))
         chunk = math.ceil(max_keys / splits / 32) * 32
         a = lambda v: cp.asarray(np.asarray(v, dtype=np.int32))
         tile_seq, tile_row, tile_rows = zip(*tiles)
         return AttentionPlan(a(pos), a(seq), a(tile_seq), a(tile_row), a(tile_rows), math.ceil(max_keys / chunk),
-                             chunk)
+                             chunk, mma)
 
 
 @dataclass
@@ -371,6 +420,12 @@ def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_cache
            b: AttentionBuffers) -> None:
     """b.attn = grouped-query attention of the queries b.q over the caches: the key splits, then their merge."""
     T, Hq, Hkv, D = b.q.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    if plan.tensor_cores:
+        kernel("attention_mma.cu", f"attention_mma<{D}>")(
+            (plan.tile_seq.shape[0], Hq), (128,), (b.q, i32(Hq), i32(Hkv), k_caches, v_caches, plan.tile_seq,
+                                                   plan.tile_row, plan.tile_rows, plan.tok_pos,
+                                                   np.float32(D ** -0.5), b.attn))
+        return
     attention = kernel("attention.cu", "attention")
     smem = 4 * (MAX_ATTENTION_ROWS * D + 32 * (2 * D + 1))
     attention.max_dynamic_shared_size_bytes = smem

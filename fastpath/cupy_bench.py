@@ -20,7 +20,6 @@ import numpy as np
 
 from qwen3moe.bench import QWEN3_30B_A3B
 from qwen3moe.config import config_from_dict
-from qwen3moe.layers import AttentionSegment
 
 from . import cupy_backend as cb
 from .cupy_backend import Layer, State
@@ -101,9 +100,11 @@ def forward_on_device(s: State, ids: np.ndarray, segments: list[tuple[int, int, 
     plan = cb.AttentionPlan.build(c, segments, max(p + b - a for a, b, p in segments))
     attn = cb.AttentionBuffers.empty(x.shape[0], c, plan.splits)
     moe = cb.MoeBuffers.empty(x.shape[0], c, c.num_experts_per_tok)
+    address = lambda part: cp.asarray(np.array([[a[i].data.ptr for a in part] for i in range(len(s.layers))],
+                                               np.uint64))  # (layers, sequences): one copy to the GPU per step
+    k_caches, v_caches = address([cache.k for cache in caches]), address([cache.v for cache in caches])
     for i, layer in enumerate(s.layers):
-        k, v = cb.cache_addresses([AttentionSegment(0, 0, 0, cache.k[i], cache.v[i]) for cache in caches])
-        cb.attention_into(s, layer, x, plan, k, v, attn)
+        cb.attention_into(s, layer, x, plan, k_caches[i], v_caches[i], attn)
         cb.moe_into(s, layer, x, c.num_experts_per_tok, None, moe)
     last = x[[b - 1 for _, b, _ in segments]]
     logits = cp.empty((last.shape[0], s.lm_head.shape[0]), cp.float32)

@@ -2,7 +2,7 @@
 
 In the style of llm.c's dev/cuda: for each central kernel of batch-1 decode, a naive first version and then each
 optimisation on its own (``fastpath/cuda/ladder/*.cu``, each with a comment saying what it improves), ending with the
-kernel the backend really runs. Every version is checked against a float64 NumPy reference on fresh random inputs
+kernel the backend really runs; and for prefill attention, the CUDA-core kernel against the tensor-core one. Every version is checked against a float64 NumPy reference on fresh random inputs
 (its output poisoned with NaN before it runs) and timed with CUDA events (median of many runs, inputs rotated so
 that the weights do not sit in the 50 MB L2 cache), at Qwen3-30B-A3B shapes.
 """
@@ -71,14 +71,17 @@ class Row:
     why: str
     us: float
     error: float
-    nbytes: float
+    amount: float  # bytes the version must read, or floating-point operations (see the ladder's unit)
 
 
-def report(title: str, rows: list[Row]) -> None:
+UNITS = {"GB/s": 1e3, "TFLOP/s": 1e6}  # amount per microsecond -> unit
+
+
+def report(title: str, rows: list[Row], unit: str) -> None:
     print(f"\n{title}")
-    print(f"{'version':<8} {'time us':>9} {'GB/s':>7} {'rel error':>10}  what it improves")
+    print(f"{'version':<8} {'time us':>9} {unit:>7} {'rel error':>10}  what it improves")
     for r in rows:
-        print(f"{r.version:<8} {r.us:>9.1f} {r.nbytes / r.us / 1e3:>7.0f} {r.error:>10.1e}  {r.why}")
+        print(f"{r.version:<8} {r.us:>9.1f} {r.amount / r.us / UNITS[unit]:>7.0f} {r.error:>10.1e}  {r.why}")
 
 
 def ladder_moe_gemv() -> list[Row]:
@@ -201,9 +204,38 @@ def ladder_router() -> list[Row]:
     return rows
 
 
-LADDERS = {"moe_gemv": ("MoE gate/up GEMV, 8 of 128 experts (50 MB)", ladder_moe_gemv),
-           "attention": ("attention decode, 8192 cached positions (33 MB of K/V)", ladder_attention),
-           "router": ("router: 128 x 2048 GEMV, softmax, top-8 (0.5 MB)", ladder_router)}
+def ladder_attention_prefill(T: int = 1024) -> list[Row]:
+    """Causal attention of a T-token prompt over itself, its keys and values already in the cache."""
+    c = CONFIG
+    Hq, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    q = cp.random.standard_normal((T, Hq, D), dtype=cp.float32)
+    k, v = (cp.random.standard_normal((T, Hkv, D), dtype=cp.float32) for _ in range(2))
+    kv_of = np.arange(Hq) // (Hq // Hkv)
+    per_head = lambda a: a.get().astype(np.float64)[:, kv_of].transpose(1, 0, 2)  # (Hq, T, D)
+    scores = q.get().astype(np.float64).transpose(1, 0, 2) @ per_head(k).transpose(0, 2, 1) / np.sqrt(D)
+    scores[:, np.triu(np.ones((T, T), bool), 1)] = -np.inf  # (Hq, T, T), causal
+    p = np.exp(scores - scores.max(axis=2, keepdims=True))
+    ref = ((p / p.sum(axis=2, keepdims=True)) @ per_head(v)).transpose(1, 0, 2)  # (T, Hq, D)
+    addresses = [cp.asarray(np.array([a.data.ptr], np.uint64)) for a in (k, v)]
+    flops = 4 * Hq * D * T * (T + 1) / 2  # two products over the visible (query, key) pairs
+    versions = {"v1": (False, "the decode kernel's tiles (4 tokens x 8 heads a block), CUDA cores"),
+                "v2": (True, "production: tensor cores, 64 tokens a block, bf16 hi/lo products (attention_mma.cu)")}
+    rows = []
+    for name, (tensor_cores, why) in versions.items():
+        plan = cb.AttentionPlan.build(c, [(0, T, 0)], T, tensor_cores=tensor_cores)
+        b = cb.AttentionBuffers.empty(T, c, plan.splits)
+        b.q[...] = q
+        run = lambda i, plan=plan, b=b: cb.attend(c, plan, *addresses, b)
+        b.attn.fill(np.nan)
+        run(0)
+        rows.append(Row(name, why, median_us(run, rounds=10), relative_error(b.attn.reshape(T, Hq, D), ref), flops))
+    return rows
+
+
+LADDERS = {"moe_gemv": ("MoE gate/up GEMV, 8 of 128 experts (50 MB)", ladder_moe_gemv, "GB/s"),
+           "attention": ("attention decode, 8192 cached positions (33 MB of K/V)", ladder_attention, "GB/s"),
+           "router": ("router: 128 x 2048 GEMV, softmax, top-8 (0.5 MB)", ladder_router, "GB/s"),
+           "attention_prefill": ("attention prefill, 1024 tokens (causal)", ladder_attention_prefill, "TFLOP/s")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown ladder(s) {', '.join(sorted(unknown))}; choose from {', '.join(LADDERS)}")
     print(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}, Qwen3-30B-A3B shapes")
     for name in args.ladders or LADDERS:
-        title, run = LADDERS[name]
-        report(title, run())
+        title, run, unit = LADDERS[name]
+        report(title, run(), unit)
     return 0
 
 

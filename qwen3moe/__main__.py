@@ -7,7 +7,5 @@ from .cli import main
 from .ranks import serve
 
 if int(os.environ.get("RANK", "0")) > 0:
-    code = serve()
-    sys.stdout.flush()
-    os._exit(code)  # skip interpreter teardown: a communicator's destructor may wait on ranks that are gone
+    serve()  # never returns: the process ends when the group does
 sys.exit(main())

@@ -31,6 +31,7 @@ import threading
 import time
 import traceback
 import weakref
+from typing import NoReturn
 
 from tqdm import tqdm
 
@@ -399,8 +400,11 @@ def override_from_json(d: dict | None) -> RoutingOverride | None:
 
 # ---- ranks 1..N-1 ----------------------------------------------------------------------------------------------------
 
-def serve() -> int:
-    """The life of a rank other than 0: connect, load its part, run the steps rank 0 sends until it says stop."""
+def serve() -> NoReturn:
+    """The life of a rank other than 0: connect, load its part, run the steps rank 0 sends until it says stop. The
+    process then ends from inside this function (``_end``), while everything the rank made is still referenced:
+    returning would destroy its objects first, and an NCCL communicator's destructor waits for ranks that have
+    already gone (seen as a rank that never exited after a launcher-started run)."""
     rank, ndev = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     address = (os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"]))
     link = _connect(address)
@@ -417,7 +421,7 @@ def serve() -> int:
     try:
         spec, _ = messages.recv(link)
         if spec["op"] == "stop":
-            return 0
+            _end(0)
         importlib.import_module(backends.BACKENDS[spec["backend"]].comm).bind_device(
             int(os.environ.get("LOCAL_RANK", rank)))
         me = Rank(spec, rank, links, fail, alive)
@@ -425,20 +429,27 @@ def serve() -> int:
         while True:
             header, _ = messages.recv(link)
             if header["op"] == "stop":
-                return 0  # the process ends without tearing anything down: the driver frees what it held
+                _end(0)
             if header["op"] == "connect":
                 me.connect()
             else:
                 me.serve(header)
     except (ConnectionError, RankFailure):
-        return 1  # rank 0 has gone, or stopped the group: nothing left to do
+        _end(1)  # rank 0 has gone, or stopped the group: nothing left to do
     except BaseException as e:
         print(traceback.format_exc(), file=sys.stderr)
         try:
             messages.send(link, {"op": "error", "error": f"{type(e).__name__}: {e}"})
         except OSError:
             pass
-        return 1
+        _end(1)
+
+
+def _end(code: int) -> NoReturn:
+    """End this process now, without tearing anything down: the driver frees what it held."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _connect(address: tuple[str, int]) -> socket.socket:

@@ -74,7 +74,7 @@ def test_attention_block(fast, folder, lengths):
     """Requests with different cache contents and positions, prefill and decode mixed in one step."""
     config, r_state, f_state = states(fast, folder)
     rng = np.random.default_rng()
-    T, capacity = sum(lengths), 32
+    T, capacity = sum(lengths), max(32, 2 * max(lengths))
     x = rng.standard_normal((T, config.hidden_size), dtype=np.float32)
     positions, segments = [], {"ref": [], "fast": []}
     start = 0
@@ -95,6 +95,15 @@ def test_attention_block(fast, folder, lengths):
         for a, b in zip(segments["fast"], segments["ref"]):
             close(a.k_cache, b.k_cache, "keys written to the cache")
             close(a.v_cache, b.v_cache, "values written to the cache")
+
+
+@pytest.mark.parametrize("lengths", [(1, 1), (20,), (17, 1, 40), (70,)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_attention_block_with_real_head_dims(fast, tmp_path, lengths, head_dim):
+    """head_dim 64 (the bundled model) and 128 (Qwen3): the sizes the GPU's tensor-core prefill attention is built
+    for; a prefill of 70 tokens spans two of its 64-token tiles."""
+    config = dict(TINY_CONFIG, head_dim=head_dim)
+    test_attention_block(fast, write_checkpoint(tmp_path / "m", config, random_weights(config, seed=2)), lengths)
 
 
 @pytest.mark.parametrize("lengths", [(1,), (3, 1, 9)])

@@ -76,15 +76,19 @@ def test_graph_decoder_matches_step_by_step_decoding(cb, tiny_model_dir):
 
 
 @pytest.mark.parametrize("T", [7, 40])
-def test_kernels_write_every_output(cb, tiny_model_dir, T):
+@pytest.mark.parametrize("path", ["gemv", "few", "tiles"])
+def test_kernels_write_every_output(cb, tiny_model_dir, T, path, monkeypatch):
     """Buffers poisoned with NaN before the kernels run: every element must be overwritten with the right value.
-    7 tokens run on the GEMV kernels, 40 on the tensor cores (matmul.cu)."""
+    Each of the three kernel paths computes the projections and the experts (at 40 tokens x top-2 over 8 experts
+    the experts serve more than 8 picks each: several passes of mma_few.cu)."""
     import cupy as cp
+
+    monkeypatch.setattr(cb, "linear_path", lambda *args: path)
+    monkeypatch.setattr(cb, "expert_path", lambda *args: path)
 
     config = load_config(tiny_model_dir)
     weights = load_weights(tiny_model_dir, config)
     s, r = cb.prepare(weights, config), ref.prepare(weights, config)
-    assert cb.tensor_cores(s, T, config.hidden_size, config.moe_intermediate_size) == (T >= cb.MMA_MIN_TOKENS)
     rng = np.random.default_rng()
     pos = 5
     capacity = pos + T + 4

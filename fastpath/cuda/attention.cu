@@ -22,6 +22,7 @@ __global__ void __launch_bounds__(256) qk_norm_rope_cache(const float* __restric
                                                           const int* __restrict__ tok_seq, float* const* k_caches,
                                                           float* const* v_caches, float* __restrict__ q_out) {
     extern __shared__ float scratch[];  // one head vector per warp
+    begin_after_previous();
     const int t = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = D / 2;
     const int pos = tok_pos[t], seq = tok_seq[t];
     const float* row = qkv + static_cast<long long>(t) * (Hq + 2 * Hkv) * D;
@@ -79,6 +80,7 @@ __global__ void __launch_bounds__(256) attention(const float* __restrict__ q, in
                                                  int T, int chunk, float scale, float* __restrict__ part_acc,
                                                  float* __restrict__ part_m, float* __restrict__ part_l) {
     extern __shared__ float smem[];
+    begin_after_previous();
     const int split = blockIdx.x, h = blockIdx.y, tile = blockIdx.z;
     const int G = Hq / Hkv, row0 = tile_row[tile], ntok = tile_rows[tile], R = ntok * G;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -176,6 +178,7 @@ __global__ void __launch_bounds__(256) attention(const float* __restrict__ q, in
 __global__ void attention_combine(const float* __restrict__ part_acc, const float* __restrict__ part_m,
                                   const float* __restrict__ part_l, int splits, int T, int Hq, int D,
                                   float* __restrict__ out) {
+    begin_after_previous();
     const long long th = static_cast<long long>(blockIdx.x) * Hq + blockIdx.y;
     const long long stride = static_cast<long long>(T) * Hq;
     float M = -INFINITY;

@@ -33,6 +33,37 @@ template <> struct Pack<float> {
     __device__ __forceinline__ float operator[](int i) const { return (&raw.x)[i]; }
 };
 
+// Programmatic dependent launch (sm_90). The backend launches every kernel allowed to start before the kernel ahead
+// of it in the stream has finished (fastpath/cuda_build.py), so that a step's hundreds of short kernels do not each
+// wait for the previous one to drain and the next one to be scheduled. Every kernel therefore begins with
+// ``begin_after_previous()``: it waits there until the kernel ahead has finished and its writes are visible, then
+// lets the kernel behind it be scheduled. Code before that call may only do what needs no result of the kernel
+// ahead: ask for weights (``prefetch_l2``), or read what kernels two or more places ahead wrote (the kernel ahead
+// had passed its own wait, so they had finished, before this kernel could start). Launched the ordinary way the
+// two instructions do nothing.
+__device__ __forceinline__ void begin_after_previous() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Start moving ``bytes`` (a multiple of 16, from a 16-byte-aligned address) into the L2 cache without waiting for
+// them: weights a kernel is about to read, requested while the kernel ahead is still running.
+__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
+// Rows [begin, end) of a row-major (rows, K) weight matrix, prefetched by the threads of a block, a row each.
+template <typename W>
+__device__ __forceinline__ void prefetch_rows(const W* w, long long K, int begin, int end) {
+    const long long bytes = K * static_cast<long long>(sizeof(W));
+    if (bytes % 16 || bytes >= (1LL << 31) || reinterpret_cast<unsigned long long>(w) % 16) return;
+    for (int r = begin + threadIdx.x; r < end; r += blockDim.x) prefetch_l2(w + r * K, static_cast<unsigned>(bytes));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;

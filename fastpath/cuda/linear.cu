@@ -4,6 +4,7 @@
 // x[t, :] = table[ids[t], :] widened to float32.                         grid (T), block 256
 template <typename W>
 __global__ void embed(const long long* __restrict__ ids, const W* __restrict__ table, int H, float* __restrict__ x) {
+    begin_after_previous();
     const W* row = table + ids[blockIdx.x] * H;
     for (int k = threadIdx.x; k < H; k += blockDim.x) x[static_cast<long long>(blockIdx.x) * H + k] = widen(row[k]);
 }
@@ -12,6 +13,7 @@ __global__ void embed(const long long* __restrict__ ids, const W* __restrict__ t
 //                                                                        grid (T), block 256
 __global__ void rms_norm(const float* __restrict__ x, int H, const float* __restrict__ weight, float eps,
                          float* __restrict__ y) {
+    begin_after_previous();
     const long long row = static_cast<long long>(blockIdx.x) * H;
     const float inv = block_inv_rms(x + row, H, eps);
     for (int k = threadIdx.x; k < H; k += blockDim.x) y[row + k] = weight[k] * (x[row + k] * inv);
@@ -31,6 +33,9 @@ __global__ void __launch_bounds__(256) linear(const float* __restrict__ x, int T
                                               const float* __restrict__ norm_weight, float eps,
                                               const W* __restrict__ w, int N, int rows_per_block,
                                               const float* residual, float* y) {
+    if (blockIdx.y == 0)  // the weights do not depend on the kernel ahead: ask for them while it runs
+        prefetch_rows(w, K, blockIdx.x * rows_per_block, min(N, (blockIdx.x + 1) * rows_per_block));
+    begin_after_previous();
     const int t0 = blockIdx.y * MAXT, nt = min(MAXT, T - t0);
     const float* xt[MAXT];
 #pragma unroll

@@ -1,11 +1,8 @@
-// Tensor-core products for steps with many tokens (prefill, batched decode), where the GEMV kernels would re-read
+// Tensor-core products for steps with many tokens (prefill, large batches), where the GEMV kernels would re-read
 // every weight once per 8 tokens: here a 64 x 64 tile of outputs reads each weight once per 64 tokens.
 //
-// bf16 weights and float32 accumulation on the tensor cores' mma.sync m16n8k16 bf16 instruction (inline PTX:
-// the wmma headers are not part of every CUDA install that NVRTC sees). The float32 activations are
-// split as they are staged: x = hi + lo, both bf16 (hi = x rounded, lo = the rounding error rounded), and both halves
-// are multiplied, so the product is exact to ~2^-17 relative instead of bf16's 2^-8 -- twice the tensor-core work,
-// which these memory- or latency-bound steps can afford, for results that match the float32 reference to ~1e-5.
+// bf16 weights and float32 accumulation on the tensor cores (mma.cuh); the float32 activations are split into bf16
+// hi + lo as they are staged, and both halves are multiplied.
 // One block (4 warps) computes a 64 (rows) x 64 (outputs) tile, each warp a 32 x 32 quarter, stepping through K 32 at
 // a time. Three kinds of product share the kernel (MODE):
 //   LINEAR   out[t, n] = residual[t, n] + x[t] . W[n]                     rows: tokens 0..T, tiles in blockIdx.y order
@@ -13,28 +10,11 @@
 //   DOWN     out[src(q), n] = weight(q) * act[q] . down_e[n]                          rows: the pairs of one slot
 // For the grouped modes group_by_expert (moe.cu) lists the tiles: tile_slot[i] and tile_row[i], at most 64 pairs of
 // one slot each.                                     grid (ceil(N / 64), tiles), block 128
-#include "common.cuh"
+#include "mma.cuh"
 
 constexpr int TM = 64, TN = 64, TK = 32;
 constexpr int LD = TK + 8;   // shared-memory row of a staged tile, in bf16 (padded against bank conflicts)
 constexpr int LDC = TN + 4;  // row of the staged float32 results
-enum Mode { LINEAR = 0, GATE_UP = 1, DOWN = 2 };
-
-// float32 -> bf16 bits, rounded to nearest even (finite inputs).
-__device__ __forceinline__ bf16_t to_bf16(float x) {
-    const unsigned u = __float_as_uint(x);
-    return static_cast<bf16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-// d += a (16x16, row-major) * b (16x8, column-major), bf16 inputs, float32 accumulators. Fragment layout (PTX ISA,
-// "mma.m16n8k16"): with g = lane / 4 and c = lane % 4 * 2, a holds rows g, g+8 x columns c, c+1, c+8, c+9; b holds
-// rows (k) c, c+1, c+8, c+9 of column g; d holds rows g, g+8 x columns c, c+1.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
 
 // Two adjacent bf16 of a staged tile as one 32-bit register.
 __device__ __forceinline__ unsigned pair_at(const bf16_t* tile, int row, int col) {
@@ -69,6 +49,7 @@ __global__ void __launch_bounds__(128) mma_tiles(const float* __restrict__ a, in
     bf16_t* As = reinterpret_cast<bf16_t*>(smem);  // 2 x (TM, LD): hi, lo
     bf16_t* Bs = As + 2 * TM * LD;                 // SLOTS x (TN, LD)
     float* Cs = reinterpret_cast<float*>(smem);    // SLOTS x (TM, LDC), after the K loop
+    begin_after_previous();
 
     int row0, row_end;
     const bf16_t* W[SLOTS];

@@ -28,6 +28,7 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
                                                   int* pair_src, int* pair_token, int* n_slots, int expert_lo,
                                                   int expert_hi) {
     extern __shared__ float chosen_weight[];  // (top_k,)
+    begin_after_previous();
     const long long t = blockIdx.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
@@ -112,6 +113,7 @@ __global__ void group_by_expert(const int* __restrict__ topk_ids, int P, int K, 
                                 int* __restrict__ tile_row, int* __restrict__ n_tiles, int expert_lo, int expert_hi) {
     extern __shared__ int counts[];  // (E,) picks, then (E,) write cursors
     int* cursor = counts + E;
+    begin_after_previous();
     for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = 0;
     __syncthreads();
     for (int p = threadIdx.x; p < P; p += blockDim.x) atomicAdd(&counts[topk_ids[p]], 1);
@@ -150,6 +152,7 @@ __global__ void __launch_bounds__(256) expert_gate_up(const float* __restrict__ 
                                                       const int* __restrict__ slot_offset,
                                                       const int* __restrict__ pair_token,
                                                       const int* __restrict__ n_slots, float* __restrict__ act) {
+    begin_after_previous();
     const int s = blockIdx.y;
     if (s >= n_slots[0]) return;
     const long long e = slot_expert[s];
@@ -186,6 +189,10 @@ __global__ void __launch_bounds__(256) expert_down(const float* __restrict__ act
                                                    const float* __restrict__ pair_weight,
                                                    const int* __restrict__ n_slots, float* __restrict__ out) {
     const int s = blockIdx.y;
+    if (s < n_slots[0])  // the grouping was written two kernels ahead (see common.cuh)
+        prefetch_rows(down + slot_expert[s] * expert_stride, I, blockIdx.x * rows_per_block,
+                      min(H, (blockIdx.x + 1) * rows_per_block));
+    begin_after_previous();
     if (s >= n_slots[0]) return;
     const long long e = slot_expert[s];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -213,6 +220,7 @@ __global__ void __launch_bounds__(256) expert_down(const float* __restrict__ act
 // order so that results do not depend on scheduling. ``residual`` 0: x = the sum alone (every rank of a split model
 // but the first: the all-reduce that follows adds the residual once).  grid (ceil(T * H / 256)), block 256
 __global__ void moe_combine(float* __restrict__ x, const float* __restrict__ out, int T, int H, int K, int residual) {
+    begin_after_previous();
     const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= static_cast<long long>(T) * H) return;
     const long long t = i / H, h = i % H;

@@ -19,6 +19,7 @@ __global__ void argmax_partial(const float* __restrict__ logits, int V, int firs
                                int* __restrict__ best_idx, int* __restrict__ non_finite) {
     __shared__ float vals[8];
     __shared__ int idxs[8];
+    begin_after_previous();
     const int per_block = (V + gridDim.x - 1) / gridDim.x;
     const int begin = blockIdx.x * per_block, end = min(V, begin + per_block);
     float best = -INFINITY;
@@ -45,6 +46,7 @@ __global__ void argmax_partial(const float* __restrict__ logits, int V, int firs
 __global__ void greedy_advance(const float* __restrict__ best_val, const int* __restrict__ best_idx, int blocks,
                                long long* __restrict__ next_id, int* __restrict__ tok_pos,
                                int* __restrict__ sampled) {
+    begin_after_previous();
     float best = -INFINITY;
     int best_i = 0x7fffffff;
     for (int b = threadIdx.x; b < blocks; b += 32) keep_better(best, best_i, best_val[b], best_idx[b]);

@@ -1,0 +1,30 @@
+// The tensor-core instruction both tensor-core kernels use (matmul.cu, mma_few.cu), and the float32 -> bf16 split
+// that lets float32 activations through it at float32-like accuracy.
+//
+// mma.sync m16n8k16 bf16 with float32 accumulators, as inline PTX (the wmma headers are not part of every CUDA
+// install that NVRTC sees). The activations are float32 and the weights bf16: x is split as x = hi + lo, both bf16
+// (hi = x rounded, lo = the rounding error rounded), and both halves are multiplied, so the product is exact to ~2^-17
+// relative instead of bf16's 2^-8 -- twice the tensor-core work, which memory- or latency-bound steps can afford, for
+// results that match the float32 reference to ~1e-5.
+#pragma once
+#include "common.cuh"
+
+// The products a tensor-core kernel computes (see matmul.cu for what each one writes).
+enum Mode { LINEAR = 0, GATE_UP = 1, DOWN = 2 };
+
+// float32 -> bf16 bits, rounded to nearest even (finite inputs).
+__device__ __forceinline__ bf16_t to_bf16(float x) {
+    const unsigned u = __float_as_uint(x);
+    return static_cast<bf16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// d += a (16x16, row-major) * b (16x8, column-major), bf16 inputs, float32 accumulators. Fragment layout (PTX ISA,
+// "mma.m16n8k16"): with g = lane / 4 and c = lane % 4 * 2, a holds rows g, g+8 x columns c, c+1, c+8, c+9; b holds
+// rows (k) c, c+1, c+8, c+9 of column g; d holds rows g, g+8 x columns c, c+1. In each 32-bit register the lower
+// 16 bits hold the lower column (a) or row (b).
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
