@@ -167,8 +167,9 @@ def rms_norm(s: State, x: cp.ndarray, weight: cp.ndarray, out: cp.ndarray) -> No
 
 
 def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.ndarray | None = None,
-           residual: cp.ndarray | None = None, rows_per_block: int = 8) -> None:
-    """out = [residual +] w @ [rmsnorm(x, norm)]: x (T, K) -> out (T, N)."""
+           residual: cp.ndarray | None = None, rows_per_block: int = 8, scratch: cp.ndarray | None = None) -> None:
+    """out = [residual +] w @ [rmsnorm(x, norm)]: x (T, K) -> out (T, N). ``scratch`` (T, K): where the normalised
+    input goes when the kernel does not fuse the norm (None: a new array; a captured graph passes its own)."""
     T, K = x.shape
     N = w.shape[0]
     path = linear_path(s, T, K)
@@ -180,7 +181,7 @@ def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.nda
              i32(rows_per_block), NULL if residual is None else residual, out))
         return
     if norm is not None:
-        xn = cp.empty_like(x)
+        xn = cp.empty_like(x) if scratch is None else scratch
         rms_norm(s, x, norm, xn)
         x = xn
     residual = NULL if residual is None else residual
@@ -308,7 +309,7 @@ def route(s: State, gate: cp.ndarray, norm: cp.ndarray, x: cp.ndarray, top_k: in
     experts' normalised input. ``stats``: device accumulators (counts, prob_sum, entropy) or None."""
     c, T = s.config, x.shape[0]
     H, E, g = c.hidden_size, c.num_experts, b.grouping
-    linear(s, x, gate, b.logits, norm=norm)
+    linear(s, x, gate, b.logits, norm=norm, scratch=b.xn)  # route_topk writes b.xn again, with the same values
     slots = (g.slot_expert, g.slot_offset, g.pair_src, g.pair_token, g.n_slots) if T == 1 else (NULL,) * 5
     kernel("moe.cu", "route_topk")(
         (T,), (BLOCK,),
@@ -392,13 +393,14 @@ class AttentionBuffers:
     part_m: cp.ndarray  # (splits, T, Hq)
     part_l: cp.ndarray  # (splits, T, Hq)
     attn: cp.ndarray  # (T, Hq D)
+    xn: cp.ndarray  # (T, H) the normalised input, where the projection does not fuse the norm
 
     @staticmethod
     def empty(T: int, c: Qwen3MoeConfig, splits: int) -> "AttentionBuffers":
         Hq, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         f = lambda *shape: cp.empty(shape, dtype=cp.float32)
         return AttentionBuffers(f(T, (Hq + 2 * Hkv) * D), f(T, Hq, D), f(splits, T, Hq, D), f(splits, T, Hq),
-                                f(splits, T, Hq), f(T, Hq * D))
+                                f(splits, T, Hq), f(T, Hq * D), f(T, c.hidden_size))
 
 
 def attention_into(s: State, layer: Layer, x: cp.ndarray, plan: AttentionPlan, k_caches: cp.ndarray,
@@ -407,7 +409,7 @@ def attention_into(s: State, layer: Layer, x: cp.ndarray, plan: AttentionPlan, k
     ``k_caches``/``v_caches``: (sequences,) uint64 addresses of each sequence's cache for this layer."""
     c, T = s.config, x.shape[0]
     Hq, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    linear(s, x, layer.qkv, b.qkv, norm=layer.input_norm)
+    linear(s, x, layer.qkv, b.qkv, norm=layer.input_norm, scratch=b.xn)
     kernel("attention.cu", "qk_norm_rope_cache")(
         (T, math.ceil((Hq + 2 * Hkv) / 8)), (BLOCK,), (b.qkv, i32(Hq), i32(Hkv), i32(D), layer.q_norm, layer.k_norm,
                          np.float32(c.rms_norm_eps), s.inv_freq, plan.tok_pos, plan.tok_seq, k_caches, v_caches, b.q),
@@ -488,56 +490,60 @@ def final_logits(s: State, x: cp.ndarray) -> cp.ndarray:
     return logits
 
 
-# ---- batch-1 greedy decoding as one CUDA graph ------------------------------------------------------------------------
+# ---- greedy decoding as one CUDA graph per step ----------------------------------------------------------------------
 
-ARGMAX_BLOCKS = 256
+ARGMAX_BLOCKS = 256  # blocks of the argmax over the vocabulary, shared among the rows of a batch
 
 
-class GreedyDecoder:
-    """Greedy decoding of one sequence with the host out of the loop.
+class BatchGreedyDecoder:
+    """Greedy decoding of B sequences with the host out of the loop.
 
-    A whole decode step -- embedding, every layer, lm_head and the argmax -- is captured once as a CUDA graph and
-    replayed for every token. What changes from step to step lives in device memory and is advanced by the step
-    itself (``greedy_advance``): the input token id and its position. The attention grid is sized for the whole
-    cache, and blocks past the current length return at once. Router statistics are counted on the device too
-    (``flush_stats``). The only host round trip per token is reading the sampled id back.
+    A whole decode step -- embedding, every layer, lm_head and the argmax of each row -- is captured once as a CUDA
+    graph and replayed for every step. What changes from step to step lives in device memory and is advanced by the
+    step itself (``greedy_advance``): each sequence's input token id and its position. The attention grid is sized
+    for the largest cache, and blocks past a sequence's current length return at once. Router statistics are counted
+    on the device too (``flush_stats``). The only host round trip per step is reading the B sampled ids back.
 
-    ``cache`` must already hold positions [0, pos); ``token`` is the input at ``pos``.
+    ``caches[j]`` must already hold positions [0, positions[j]); ``tokens[j]`` is sequence j's input at that
+    position. Each sequence may stop at the end of its own cache: ``step`` refuses a step once any cache is full.
 
     On one rank of a split model (``comm``: its NCCL communicator, fastpath/nccl_comm.py) the graph holds the
     collectives too: an all-reduce of the hidden state after attention and after the MLP/MoE block of every layer,
     and, for the sampling step, an all-gather of every rank's best candidates from its rows of the vocabulary. Every
-    rank replays its graph in lockstep and picks the same token.
+    rank replays its graph in lockstep and picks the same tokens.
     """
 
     SHARDS = True  # takes ``comm``: runs one rank of a split model
 
-    def __init__(self, s: State, cache, pos: int, token: int, comm=None):
-        c = s.config
-        self.s, self.capacity, self.pos, self.token, self.steps = s, cache.capacity, pos, token, 0
-        self.comm = comm
-        self.ids = cp.zeros(1, cp.int64)
-        self.plan = AttentionPlan.build(c, [(0, 1, pos)], cache.capacity)
-        address = lambda a: cp.asarray(np.array([a.data.ptr], np.uint64))
-        self.k_caches = [address(cache.k[i]) for i in range(c.num_hidden_layers)]
-        self.v_caches = [address(cache.v[i]) for i in range(c.num_hidden_layers)]
-        self.x = cp.empty((1, c.hidden_size), cp.float32)
-        self.attn = AttentionBuffers.empty(1, c, self.plan.splits)
-        self.moe = MoeBuffers.empty(1, c, c.num_experts_per_tok)
-        self.dense = DenseBuffers.empty(1, c)
-        self.logits = cp.empty((1, s.lm_head.shape[0]), cp.float32)
-        self.part_val, self.part_idx = cp.empty(ARGMAX_BLOCKS, cp.float32), cp.empty(ARGMAX_BLOCKS, cp.int32)
+    def __init__(self, s: State, caches: list, positions: list[int], tokens: list[int], comm=None):
+        c, B = s.config, len(caches)
+        self.s, self.comm, self.steps = s, comm, 0
+        self.capacities, self.positions, self.first_tokens = [k.capacity for k in caches], list(positions), tokens
+        self.ids = cp.zeros(B, cp.int64)
+        self.plan = AttentionPlan.build(c, [(j, j + 1, p) for j, p in enumerate(positions)], max(self.capacities),
+                                        tensor_cores=False)
+        address = lambda arrays: cp.asarray(np.array([a.data.ptr for a in arrays], np.uint64))
+        self.k_caches = [address([k.k[i] for k in caches]) for i in range(c.num_hidden_layers)]
+        self.v_caches = [address([k.v[i] for k in caches]) for i in range(c.num_hidden_layers)]
+        self.x, self.xn = cp.empty((B, c.hidden_size), cp.float32), cp.empty((B, c.hidden_size), cp.float32)
+        self.attn = AttentionBuffers.empty(B, c, self.plan.splits)
+        self.moe = MoeBuffers.empty(B, c, c.num_experts_per_tok)
+        self.dense = DenseBuffers.empty(B, c)
+        self.logits = cp.empty((B, s.lm_head.shape[0]), cp.float32)
+        self.blocks = max(8, ARGMAX_BLOCKS // B)  # argmax blocks per row
+        self.part_val = cp.empty((B, self.blocks), cp.float32)
+        self.part_idx = cp.empty((B, self.blocks), cp.int32)
         self.best_val, self.best_idx = self.part_val, self.part_idx  # the best candidates of every rank
         if comm:
-            self.best_val = cp.empty(comm.ndev * ARGMAX_BLOCKS, cp.float32)
-            self.best_idx = cp.empty(comm.ndev * ARGMAX_BLOCKS, cp.int32)
-        self.sampled = cp.zeros(2, cp.int32)  # the token, and a flag for non-finite logits
-        self.host = cp.cuda.alloc_pinned_memory(8)
+            self.best_val = cp.empty((comm.ndev, B, self.blocks), cp.float32)
+            self.best_idx = cp.empty((comm.ndev, B, self.blocks), cp.int32)
+        self.sampled = cp.zeros(B + 1, cp.int32)  # the tokens, and a flag for non-finite logits
+        self.host = cp.cuda.alloc_pinned_memory(4 * (B + 1))
         E = c.num_experts
         self.stats = {i: (cp.zeros(E, cp.uint64), cp.zeros(E, cp.float64), cp.zeros(1, cp.float64))
                       for i in c.moe_layers}
         self.stream = cp.cuda.Stream(non_blocking=True)
-        cp.cuda.Device().synchronize()  # the prefill (on the default stream) has filled the cache
+        cp.cuda.Device().synchronize()  # the prefill (on the default stream) has filled the caches
         with self.stream:
             self._step()  # compiles and loads every kernel; writes the same keys and values a replay will
             self._reset()
@@ -547,15 +553,15 @@ class GreedyDecoder:
             self._reset()
 
     def _reset(self) -> None:
-        self.ids.fill(self.token)
-        self.plan.tok_pos.fill(self.pos)
+        self.ids.set(np.asarray(self.first_tokens, np.int64))
+        self.plan.tok_pos.set(np.asarray(self.positions, np.int32))
         self.sampled.fill(0)
         for arrays in self.stats.values():
             for a in arrays:
                 a.fill(0)
 
     def _step(self) -> None:
-        s, c = self.s, self.s.config
+        s, c, B = self.s, self.s.config, self.ids.shape[0]
         embed_into(s, self.ids, self.x)
         for i, layer in enumerate(s.layers):
             attention_into(s, layer, self.x, self.plan, self.k_caches[i], self.v_caches[i], self.attn)
@@ -567,40 +573,59 @@ class GreedyDecoder:
                 dense_mlp_into(s, layer, self.x, self.dense)
             if self.comm:
                 self.comm.all_reduce(self.x)
-        linear(s, self.x, s.lm_head, self.logits, norm=s.norm, rows_per_block=64)
+        linear(s, self.x, s.lm_head, self.logits, norm=s.norm, rows_per_block=64, scratch=self.xn)
         kernel("sampling.cu", "argmax_partial")(
-            (ARGMAX_BLOCKS,), (BLOCK,), (self.logits, i32(self.logits.shape[1]), i32(s.first_vocab_row),
-                                         self.part_val, self.part_idx, self.sampled[1:]))
+            (self.blocks, B), (BLOCK,), (self.logits, i32(self.logits.shape[1]), i32(s.first_vocab_row),
+                                         self.part_val, self.part_idx, self.sampled[B:]))
+        ranks = 1
         if self.comm:
             self.comm.all_gather_into(self.part_val, self.best_val)
             self.comm.all_gather_into(self.part_idx, self.best_idx)
-            self.comm.all_reduce(self.sampled[1:])  # non-finite logits on any rank
+            self.comm.all_reduce(self.sampled[B:])  # non-finite logits on any rank
+            ranks = self.comm.ndev
         kernel("sampling.cu", "greedy_advance")(
-            (1,), (32,), (self.best_val, self.best_idx, i32(self.best_val.size), self.ids, self.plan.tok_pos,
-                          self.sampled))
+            (B,), (32,), (self.best_val, self.best_idx, i32(self.blocks), i32(B), i32(ranks), self.ids,
+                          self.plan.tok_pos, self.sampled))
 
-    def step(self) -> int:
-        """Decode one token: the greedy successor of the previous one (the first time: of ``token``)."""
-        if self.pos >= self.capacity:
-            raise ValueError(f"the KV cache is full ({self.capacity} positions)")
+    def step(self) -> list[int]:
+        """Decode one token of every sequence: the greedy successor of its previous one (the first time: of its
+        ``tokens`` entry)."""
+        for pos, capacity in zip(self.positions, self.capacities):
+            if pos >= capacity:
+                raise ValueError(f"the KV cache is full ({capacity} positions)")
+        B = len(self.positions)
         self.graph.launch(self.stream)
-        cp.cuda.runtime.memcpyAsync(self.host.ptr, self.sampled.data.ptr, 8, cp.cuda.runtime.memcpyDeviceToHost,
-                                    self.stream.ptr)
+        cp.cuda.runtime.memcpyAsync(self.host.ptr, self.sampled.data.ptr, 4 * (B + 1),
+                                    cp.cuda.runtime.memcpyDeviceToHost, self.stream.ptr)
         if self.comm:
             self.comm.wait(self.stream)  # watching the other ranks meanwhile
         else:
             self.stream.synchronize()
-        token, non_finite = np.frombuffer(self.host, np.int32, 2)
-        if non_finite:
+        sampled = np.frombuffer(self.host, np.int32, B + 1)
+        if sampled[B]:
             raise NonFiniteError("the logits contain NaN or +Inf; run with debug=True (--debug) to find the layer "
                                  "and tensor where they first appear")
-        self.pos, self.steps = self.pos + 1, self.steps + 1
-        return int(token)
+        self.positions = [p + 1 for p in self.positions]
+        self.steps += 1
+        return sampled[:B].tolist()
 
     def flush_stats(self, stats: RouterStats) -> None:
         """Add the routing counted on the device since the last flush to ``stats``."""
+        tokens = self.steps * len(self.positions)
         for i, (counts, prob_sum, entropy) in self.stats.items():
-            stats.add(i, counts.get().astype(np.int64), self.steps, float(entropy.get()[0]), prob_sum.get())
+            stats.add(i, counts.get().astype(np.int64), tokens, float(entropy.get()[0]), prob_sum.get())
             for a in (counts, prob_sum, entropy):
                 a.fill(0)
         self.steps = 0
+
+
+class GreedyDecoder(BatchGreedyDecoder):
+    """Greedy decoding of one sequence (what ``generate`` uses after the prefill): ``BatchGreedyDecoder`` with B = 1.
+    ``cache`` must already hold positions [0, pos); ``token`` is the input at ``pos``."""
+
+    def __init__(self, s: State, cache, pos: int, token: int, comm=None):
+        super().__init__(s, [cache], [pos], [token], comm)
+
+    def step(self) -> int:
+        """Decode one token: the greedy successor of the previous one (the first time: of ``token``)."""
+        return super().step()[0]

@@ -5,9 +5,10 @@ The weights are random bf16, generated on the GPU by transformers' own initialis
 file is written). Our backend reads the very same memory: transformers 5 already holds each layer's experts packed as
 (E, 2I, H) gate/up and (E, H, I) down, the layout our kernels take, so only q/k/v are stacked (a 1 GB copy).
 
-Measured: decode tokens/s at batch 1 (the captured graph) and at larger batches (one step per token, greedy on the
-device), prefill of a long prompt, the weight bytes a decode step must read against the copy bandwidth, the same
-decode for transformers, and the time of each kernel of one batch-1 step against its own bytes.
+Measured: decode tokens/s at batch 1 and at larger batches (greedy, through a captured graph per step; the larger
+batches also one step at a time from Python), prefill of a long prompt, the weight bytes a decode step must read
+against the copy bandwidth, the same decode for transformers, and the time of each kernel of one batch-1 step
+against its own bytes.
 """
 
 import json
@@ -140,21 +141,27 @@ def bench_ours(s: State, batches: list[int], steps: int, prompt_len: int, prefil
     log(f"ours batch 1: {steps / seconds:.1f} tokens/s")
     out["profile_b1"] = profile(decoder._step, decoder.stream)
     for B in batches:
-        caches = [Cache(c, 16 + steps + 4) for _ in range(B)]
+        n = max(4, steps // 4)
+        caches = [Cache(c, 16 + 2 * n + 8) for _ in range(B)]
         ids = rng.integers(0, c.vocab_size, 16 * B)
-        tokens = forward_on_device(s, ids, [(16 * j, 16 * j + 16, 0) for j in range(B)], caches)
-        pos = 16
+        tokens = forward_on_device(s, ids, [(16 * j, 16 * j + 16, 0) for j in range(B)], caches).get().tolist()
+        decoder = cb.BatchGreedyDecoder(s, caches, [16] * B, tokens)
+        decoder.step()  # a warm-up
+        seconds = timed(lambda: [decoder.step() for _ in range(n)])
+        out[f"decode_b{B}_tokens_per_s"] = B * n / seconds
+        tokens = cp.asarray(decoder.step())
+        pos = 18 + n
 
-        def step():
+        def step():  # the same sequences on, one step at a time through the block functions
             nonlocal tokens, pos
             tokens = forward_on_device(s, tokens.get(), [(j, j + 1, pos) for j in range(B)], caches)
             pos += 1
 
         step()
-        n = max(4, steps // 4)
-        seconds = timed(lambda: [step() for _ in range(n)])
-        out[f"decode_b{B}_tokens_per_s"] = B * n / seconds
-        log(f"ours batch {B}: {B * n / seconds:.1f} tokens/s")
+        seconds = timed(lambda: [step() for _ in range(n - 2)])
+        out[f"decode_b{B}_steps_tokens_per_s"] = B * (n - 2) / seconds
+        log(f"ours batch {B}: {out[f'decode_b{B}_tokens_per_s']:.1f} tokens/s "
+            f"(step by step: {out[f'decode_b{B}_steps_tokens_per_s']:.1f})")
     cache = Cache(c, prefill_len)
     ids = rng.integers(0, c.vocab_size, prefill_len)
     forward_on_device(s, ids, [(0, prefill_len, 0)], [cache])  # warm
@@ -260,13 +267,17 @@ def run(args) -> int:
         return 0
     print(f"{result['device']}, {layers} layers of Qwen3-30B-A3B shapes, copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s")
-    print(f"{'batch':>5} {'ours tok/s':>11} {'transformers':>12} {'ratio':>7} {'weight GB/s':>11} {'of copy bw':>10}")
+    print(f"{'batch':>5} {'ours tok/s':>11} {'transformers':>12} {'ratio':>7} {'weight GB/s':>11} {'of copy bw':>10} "
+          f"{'ours, step by step':>18}")
     for B in [1, *batches]:
         mine, theirs = ours[f"decode_b{B}_tokens_per_s"], peer[f"decode_b{B}_tokens_per_s"]
         distinct = c.num_experts * (1 - (1 - c.num_experts_per_tok / c.num_experts) ** B)
         gbps = decode_bytes(c, distinct) * mine / B / 1e9
+        steps = ours.get(f"decode_b{B}_steps_tokens_per_s")
         print(f"{B:>5} {mine:>11.1f} {theirs:>12.1f} {mine / theirs:>6.1f}x {gbps:>11.0f} "
-              f"{gbps / (bandwidth / 1e9):>9.0%}")
+              f"{gbps / (bandwidth / 1e9):>9.0%} {'-' if steps is None else f'{steps:.1f}':>18}")
+    print("ours: greedy decoding through one captured CUDA graph per step (GreedyDecoder, BatchGreedyDecoder); "
+          "step by step: the block functions launched from Python, greedy on the device")
     print(f"bandwidth floor at batch 1: {1 / floor_b1:.0f} tokens/s; prefill of {args.prompt_len} tokens: "
           f"{ours['prefill_ms']:.1f} ms")
     for key, title in (("profile_b1", "one batch-1 step, uncaptured"), ("profile_prefill", "the prefill")):

@@ -3,9 +3,9 @@
 Each rank makes its own part of a model with random bf16 weights directly on its GPU, in the kernels' layout
 (``random_part``: no file, nothing copied), so a Qwen3-235B-A22B-shaped model needs no 470 GB checkpoint. For each
 device count and expert placement it measures decode at batch 1 (the captured graphs, every rank replaying its own in
-lockstep) and at a larger batch (one step per token through the model loop, the logits gathered to rank 0), and the
-time the collectives alone take: the same number of all-reduces of the same size, captured and replayed with nothing
-else. ``--layers`` limits the layers (default: all that fit in the GPUs' memory).
+lockstep) and at a larger batch (through every rank's captured graph of the batch, and through the model loop with
+the logits gathered to rank 0), and the time the collectives alone take: the same number of all-reduces of the same
+size, captured and replayed with nothing else. ``--layers`` limits the layers (default: all that fit in the GPUs' memory).
 """
 
 import json
@@ -72,6 +72,9 @@ class OneGpu:
     def greedy_decoder(self, cache, pos: int, token: int):
         return cb.GreedyDecoder(self.state, cache, pos, token)
 
+    def batch_greedy_decoder(self, caches, positions: list[int], tokens: list[int]):
+        return cb.BatchGreedyDecoder(self.state, caches, positions, tokens)
+
     def time_all_reduces(self, rows: int, count: int, reps: int) -> float:
         return 0.0
 
@@ -97,6 +100,9 @@ class Split:
     def greedy_decoder(self, cache, pos: int, token: int):
         return self.group.greedy_decoder(cache, pos, token)
 
+    def batch_greedy_decoder(self, caches, positions: list[int], tokens: list[int]):
+        return self.group.batch_greedy_decoder(caches, positions, tokens)
+
     def time_all_reduces(self, rows: int, count: int, reps: int) -> float:
         self.group.send("time_all_reduces", rows=rows, count=count, reps=reps)
         return self.group._guarded(self.group.rank.time_all_reduces, rows, count, reps)
@@ -118,19 +124,27 @@ def measure(model, c, steps: int, batch: int, log, label: str) -> dict:
     for _ in range(steps):
         decoder.step()
     out["b1_ms_per_token"] = 1e3 * (time.perf_counter() - start) / steps
-    caches = [model.new_cache(16 + steps + 8) for _ in range(batch)]
-    logits = model.forward([Request(rng.integers(0, c.vocab_size, 16).tolist(), 0, k) for k in caches])
     n = max(4, steps // 8)
-    for i in range(n + 1):
-        if i == 1:
-            start = time.perf_counter()  # the first step is a warm-up
-        logits = model.forward([Request([int(np.argmax(l))], 16 + i, k) for l, k in zip(logits, caches)])
+    caches = [model.new_cache(16 + 2 * n + 8) for _ in range(batch)]
+    logits = model.forward([Request(rng.integers(0, c.vocab_size, 16).tolist(), 0, k) for k in caches])
+    decoder = model.batch_greedy_decoder(caches, [16] * batch, [int(np.argmax(l)) for l in logits])
+    tokens = decoder.step()  # a warm-up
+    start = time.perf_counter()
+    for _ in range(n):
+        tokens = decoder.step()
     out[f"b{batch}_tokens_per_s"] = batch * n / (time.perf_counter() - start)
+    for i in range(n + 1):  # the same sequences on through the model loop (the logits of every step to the host)
+        if i == 1:
+            start = time.perf_counter()
+        logits = model.forward([Request([t], 17 + n + i, k) for t, k in zip(tokens, caches)])
+        tokens = [int(np.argmax(l)) for l in logits]
+    out[f"b{batch}_loop_tokens_per_s"] = batch * n / (time.perf_counter() - start)
     count = 2 * c.num_hidden_layers
     out["b1_all_reduce_ms"] = 1e3 * model.time_all_reduces(1, count, 20)
     out[f"b{batch}_all_reduce_ms"] = 1e3 * model.time_all_reduces(batch, count, 5)
     log(f"{label}: batch 1 {out['b1_ms_per_token']:.2f} ms/token ({out['b1_all_reduce_ms']:.2f} ms of it "
-        f"all-reduces), batch {batch} {out[f'b{batch}_tokens_per_s']:.0f} tokens/s")
+        f"all-reduces), batch {batch} {out[f'b{batch}_tokens_per_s']:.0f} tokens/s (model loop: "
+        f"{out[f'b{batch}_loop_tokens_per_s']:.0f})")
     return out
 
 
@@ -177,13 +191,17 @@ def format_results(results: dict, all_layers: int) -> str:
     base = next((r for r in runs if r["ndev"] == 1), None)
     lines = [f"{results['device']}: {results['model']} shapes, {results['layers']} layers",
              f"{'GPUs':>4} {'experts':>7} {'b1 ms/token':>11} {'x 1 GPU':>7} {'all-reduce ms':>13} "
-             f"{'b' + str(B) + ' tok/s':>10} {'x 1 GPU':>7} {'ms/layer b1':>11} {'all layers, ms':>14}"]
+             f"{'b' + str(B) + ' tok/s':>10} {'x 1 GPU':>7} {'loop tok/s':>10} {'x 1 GPU':>7} {'ms/layer b1':>11} "
+             f"{'all layers, ms':>14}"]
+    ratio = lambda r, key: f"{r[key] / base[key]:.2f}" if base else "-"
     for r in runs:
-        ratio_b1 = f"{r['b1_ms_per_token'] / base['b1_ms_per_token']:.2f}" if base else "-"
-        ratio_bn = f"{r[f'b{B}_tokens_per_s'] / base[f'b{B}_tokens_per_s']:.2f}" if base else "-"
         per_layer = r["b1_ms_per_token"] / results["layers"]
-        lines.append(f"{r['ndev']:>4} {r['experts']:>7} {r['b1_ms_per_token']:>11.2f} {ratio_b1:>7} "
-                     f"{r['b1_all_reduce_ms']:>13.2f} {r[f'b{B}_tokens_per_s']:>10.0f} {ratio_bn:>7} "
+        lines.append(f"{r['ndev']:>4} {r['experts']:>7} {r['b1_ms_per_token']:>11.2f} "
+                     f"{ratio(r, 'b1_ms_per_token'):>7} {r['b1_all_reduce_ms']:>13.2f} "
+                     f"{r[f'b{B}_tokens_per_s']:>10.0f} {ratio(r, f'b{B}_tokens_per_s'):>7} "
+                     f"{r[f'b{B}_loop_tokens_per_s']:>10.0f} {ratio(r, f'b{B}_loop_tokens_per_s'):>7} "
                      f"{per_layer:>11.3f} {per_layer * all_layers:>14.1f}")
+    lines.append(f"batch {B}: greedy decoding through each rank's captured graph (BatchGreedyDecoder); loop: the same "
+                 "through the model loop, the logits of every step gathered to the host")
     lines.append(f"all layers: ms per layer x {all_layers} (the extrapolated batch-1 latency of the whole model)")
     return "\n".join(lines)

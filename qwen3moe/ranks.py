@@ -111,8 +111,8 @@ class Rank:
                 stats: RouterStats | None, debug: Debugger) -> list:
         return forward(self.ops, self.state, self.config, requests, stats, debug, all_logits, override)
 
-    def start_decoder(self, cache: KVCache, pos: int, token: int):
-        self.decoder = self.ops.ops.GreedyDecoder(self.state, cache, pos, token, comm=self.ops.comm)
+    def start_decoder(self, caches: list[KVCache], positions: list[int], tokens: list[int]):
+        self.decoder = self.ops.ops.BatchGreedyDecoder(self.state, caches, positions, tokens, comm=self.ops.comm)
         return self.decoder
 
     def time_all_reduces(self, rows: int, count: int, reps: int) -> float:
@@ -138,7 +138,8 @@ class Rank:
 STEPS = {  # what rank 0 can ask the other ranks to do, by the name in its message
     "open_cache": Rank._open_cache,
     "forward": Rank._forward,
-    "decoder": lambda rank, h: rank.start_decoder(rank.caches[h["cache"]], h["pos"], h["token"]),
+    "decoder": lambda rank, h: rank.start_decoder([rank.caches[i] for i in h["caches"]], h["positions"],
+                                                  h["tokens"]),
     "step": lambda rank, h: rank.decoder.step(),
     "time_all_reduces": lambda rank, h: rank.time_all_reduces(h["rows"], h["count"], h["reps"]),
 }
@@ -227,13 +228,21 @@ class RankGroup:
         return self._guarded(self.rank.forward, requests, all_logits, override, stats, debug)
 
     def greedy_decoder(self, cache: KVCache, pos: int, token: int) -> "GroupDecoder":
-        self.send("decoder", cache=cache.rank_id, pos=pos, token=token)
-        return GroupDecoder(self, self._guarded(self.rank.start_decoder, cache, pos, token))
+        """Greedy decoding of one sequence in whole steps: its ``step()`` returns one token."""
+        return self.batch_greedy_decoder([cache], [pos], [token], one=True)
+
+    def batch_greedy_decoder(self, caches: list[KVCache], positions: list[int], tokens: list[int],
+                             one: bool = False) -> "GroupDecoder":
+        """Greedy decoding of several sequences in whole steps (every rank's ``BatchGreedyDecoder``): ``step()``
+        returns a token per sequence."""
+        self.send("decoder", caches=[c.rank_id for c in caches], positions=[int(p) for p in positions],
+                  tokens=[int(t) for t in tokens])
+        return GroupDecoder(self, self._guarded(self.rank.start_decoder, caches, positions, tokens), one)
 
     @property
     def can_decode_in_whole_steps(self) -> bool:
         ops = self.rank.ops.ops
-        return hasattr(ops, "GreedyDecoder") and getattr(ops.GreedyDecoder, "SHARDS", False)
+        return getattr(getattr(ops, "BatchGreedyDecoder", None), "SHARDS", False)
 
     def _guarded(self, run, *args):
         """Run rank 0's part of a step; if it fails half-way the other ranks are left inside it, so stop them all."""
@@ -367,12 +376,13 @@ class RankGroup:
 class GroupDecoder:
     """Rank 0's greedy decoder of a split model: each step, every rank replays its captured step in lockstep."""
 
-    def __init__(self, group: RankGroup, local):
-        self.group, self.local = group, local
+    def __init__(self, group: RankGroup, local, one: bool):
+        self.group, self.local, self.one = group, local, one  # one: a single sequence, step() returns an int
 
-    def step(self) -> int:
+    def step(self) -> int | list[int]:
         self.group.send("step")
-        return self.group._guarded(self.local.step)
+        tokens = self.group._guarded(self.local.step)
+        return tokens[0] if self.one else tokens
 
     def flush_stats(self, stats: RouterStats) -> None:
         self.local.flush_stats(stats)  # every rank routed the same tokens the same way: rank 0's counts are all

@@ -5,12 +5,13 @@ never lands. Each .cu file is compiled with every instantiation the backend laun
 taking a template kernel's address makes nvcc compile that instantiation. Warnings fail the test too.
 """
 
+import ctypes
 import shutil
 import subprocess
-
 import pytest
 
-from fastpath.cuda_build import KERNELS, LADDER_DIR, LADDER_KERNELS, OPTIONS, SOURCE_DIR, name_expressions
+from fastpath.cuda_build import (KERNELS, LADDER_DIR, LADDER_KERNELS, OPTIONS, PROGRAMMATIC_STREAM_SERIALIZATION,
+                                 SOURCE_DIR, LaunchAttribute, LaunchConfig, name_expressions)
 
 NVCC = shutil.which("nvcc")
 
@@ -33,3 +34,28 @@ def test_kernels_compile_for_sm90(path, names, tmp_path):
 def test_every_source_file_is_listed():
     assert sorted(p.name for p in SOURCE_DIR.glob("*.cu")) == sorted(KERNELS)
     assert sorted(p.name for p in LADDER_DIR.glob("*.cu")) == sorted(LADDER_KERNELS)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed here")
+def test_launch_structures_match_cuda_h(tmp_path):
+    """The kernels captured into a graph are launched through ctypes (fastpath/cuda_build.py: Kernel), which hands the
+    driver a CUlaunchConfig and a CUlaunchAttribute of its own making: their sizes, field offsets and the attribute's
+    id must be the ones cuda.h declares."""
+    program = tmp_path / "layout.c"
+    program.write_text("""#include <cuda.h>
+#include <stddef.h>
+#include <stdio.h>
+int main(void) {
+    printf("%zu %zu %zu %zu %zu %zu %zu\\n", sizeof(CUlaunchConfig), offsetof(CUlaunchConfig, blockDimX),
+           offsetof(CUlaunchConfig, sharedMemBytes), offsetof(CUlaunchConfig, hStream), offsetof(CUlaunchConfig, attrs),
+           offsetof(CUlaunchConfig, numAttrs), sizeof(CUlaunchAttribute));
+    printf("%zu %d\\n", offsetof(CUlaunchAttribute, value), (int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION);
+    return 0;
+}
+""")
+    subprocess.run([NVCC, str(program), "-o", str(tmp_path / "layout")], check=True)  # host code, cuda.h found
+    printed = subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True, check=True).stdout.split()
+    ours = [ctypes.sizeof(LaunchConfig), LaunchConfig.block.offset, LaunchConfig.shared_mem.offset,
+            LaunchConfig.stream.offset, LaunchConfig.attrs.offset, LaunchConfig.num_attrs.offset,
+            ctypes.sizeof(LaunchAttribute), LaunchAttribute.value.offset, PROGRAMMATIC_STREAM_SERIALIZATION]
+    assert [int(v) for v in printed] == ours

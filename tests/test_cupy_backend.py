@@ -14,6 +14,7 @@ from qwen3moe.bundled import BUNDLED_MODEL
 from qwen3moe.config import load_config
 from qwen3moe.layers import AttentionSegment, rope_cos_sin
 from qwen3moe.model import KVCache, Request
+from qwen3moe.router_stats import RouterStats
 from qwen3moe.synthetic import TINY_CONFIG, random_weights, write_checkpoint
 from qwen3moe.weights import load_weights
 
@@ -73,6 +74,46 @@ def test_graph_decoder_matches_step_by_step_decoding(cb, tiny_model_dir):
     assert tokens == expected
     with pytest.raises(ValueError, match="KV cache is full"):
         decoder.step(), decoder.step()
+
+
+@pytest.mark.parametrize("B", [3, 20])
+def test_batch_graph_decoder_matches_batch_rounds(cb, tiny_model_dir, B):
+    """B sequences of different lengths decoded greedily through one captured graph per step give the tokens of batch
+    rounds through the model loop, and the router statistics those rounds count (20 sequences: the projections and
+    experts take the tensor-core paths inside the graph)."""
+    model = Qwen3MoeForCausalLM(tiny_model_dir, backend="cupy")
+    rng = np.random.default_rng()
+    prompts = [rng.integers(0, 256, int(rng.integers(1, 12))).tolist() for _ in range(B)]
+    steps = 12
+    runs = {}
+    for way in ("graph", "rounds"):  # the rounds last: their prefill would count into the model's statistics
+        tasks = [Qwen3MoeInferTask(p, temperature=0, end_tokens=[], max_new_tokens=steps) for p in prompts]
+        for t in tasks:
+            t.bind_kvcache(Qwen3MoeKVCache(model, max_tokens=len(t.tokens) + steps))
+        firsts = model.batch_infer_one_round(tasks)  # the prefill
+        stats = RouterStats(model.config)
+        if way == "rounds":
+            model.reset_router_stats()
+            while not all(t.finished for t in tasks):
+                model.batch_infer_one_round(tasks)
+            runs[way] = ([t.generated for t in tasks], model.router_stats)
+            continue
+        decoder = cb.BatchGreedyDecoder(model._state, [t.kvcache for t in tasks], [t.pos for t in tasks], firsts)
+        tokens = [[f] for f in firsts]
+        for _ in range(steps - 1):
+            for row, token in zip(tokens, decoder.step()):
+                row.append(token)
+        decoder.flush_stats(stats)
+        runs[way] = (tokens, stats)
+        with pytest.raises(ValueError, match="KV cache is full"):
+            decoder.step(), decoder.step()  # each cache holds one more position
+    (expected, theirs), (got, ours) = runs["rounds"], runs["graph"]
+    assert got == expected
+    for layer in theirs.counts:
+        assert ours.tokens[layer] == theirs.tokens[layer] == B * (steps - 1)
+        np.testing.assert_array_equal(ours.counts[layer], theirs.counts[layer])
+        np.testing.assert_allclose(ours.prob_sum[layer], theirs.prob_sum[layer], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(ours.entropy_sum[layer], theirs.entropy_sum[layer], rtol=1e-4)
 
 
 @pytest.mark.parametrize("T", [7, 40])
