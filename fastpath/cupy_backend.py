@@ -1,5 +1,6 @@
 """The ``cupy`` backend: the reference's block operations (``qwen3moe/reference_backend.py``) as CUDA kernels on one
-NVIDIA GPU, plus batch-1 greedy decoding captured as a CUDA graph (``GreedyDecoder``).
+NVIDIA GPU, plus greedy decoding captured as one CUDA graph per step (``GreedyDecoder`` for one sequence,
+``BatchGreedyDecoder`` for several).
 
 ``prepare`` uploads the weights once, in their checkpoint dtype: bf16 stays 16-bit (held as raw uint16 words, since
 CuPy has no bfloat16 type, and widened in registers by the kernels); f32 stays f32; f16 is widened to f32 once.
@@ -17,10 +18,10 @@ Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) ar
     expert_gate_up        SiLU(gate . x) * (up . x), only for the chosen experts, each expert's rows read once
     expert_down           down . act, scaled by the routing weight
     moe_combine           the weighted sum over a token's experts and the residual add, in a fixed order
-    mma_few               steps of 2-64 tokens: the projections and experts on the tensor cores, weights as the
-                          16-row operand and 8 tokens as the columns (mma_few.cu)
+    mma_few               small steps (see linear_path, expert_path): the projections and experts on the tensor
+                          cores, weights as the 16-row operand and 8 tokens as the columns (mma_few.cu)
     mma_tiles             larger steps (prefill): 64-token tiles on the tensor cores (matmul.cu)
-Every kernel is launched with programmatic dependent launch allowed (``cuda_build.Kernel``).
+Kernels captured into a graph are launched with programmatic dependent launch allowed (``cuda_build.Kernel``).
 Kernel ladders that build up to the central ones step by step: ``python -m fastpath.ladder``.
 """
 
