@@ -33,9 +33,9 @@ template <> struct Pack<float> {
     __device__ __forceinline__ float operator[](int i) const { return (&raw.x)[i]; }
 };
 
-// Programmatic dependent launch (sm_90). The backend launches every kernel allowed to start before the kernel ahead
-// of it in the stream has finished (fastpath/cuda_build.py), so that a step's hundreds of short kernels do not each
-// wait for the previous one to drain and the next one to be scheduled. Every kernel therefore begins with
+// Programmatic dependent launch (sm_90). Inside a captured decode graph the backend lets every kernel start before
+// the kernel ahead of it has finished (fastpath/cuda_build.py: Kernel), so that a step's hundreds of short kernels do
+// not each wait for the previous one to drain and the next one to be scheduled. Every kernel therefore begins with
 // ``begin_after_previous()``: it waits there until the kernel ahead has finished and its writes are visible, then
 // lets the kernel behind it be scheduled. Code before that call may only do what needs no result of the kernel
 // ahead: ask for weights (``prefetch_l2``), or read what kernels two or more places ahead wrote (the kernel ahead
