@@ -28,7 +28,7 @@ KERNELS = {
     "mma_few.cu": ["mma_few<LINEAR>", "mma_few<GATE_UP>", "mma_few<DOWN>"],
     "attention.cu": ["qk_norm_rope_cache", "attention", "attention_combine"],
     "attention_mma.cu": ["attention_mma<64>", "attention_mma<128>"],
-    "sampling.cu": ["argmax_partial", "greedy_advance"],
+    "sampling.cu": ["argmax_partial", "greedy_advance", "sample_rows"],
     "matmul.cu": ["mma_tiles<LINEAR>", "mma_tiles<GATE_UP>", "mma_tiles<DOWN>"],
 }
 OPTIONS = ("-std=c++17", f"-I{SOURCE_DIR}")

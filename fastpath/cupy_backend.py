@@ -1,6 +1,6 @@
 """The ``cupy`` backend: the reference's block operations (``qwen3moe/reference_backend.py``) as CUDA kernels on one
-NVIDIA GPU, plus greedy decoding captured as one CUDA graph per step (``GreedyDecoder`` for one sequence,
-``BatchGreedyDecoder`` for several).
+NVIDIA GPU, plus decoding captured as one CUDA graph per step (``BatchDecoder``, greedy or sampled, for any number
+of sequences; ``GreedyDecoder`` for one greedy sequence).
 
 ``prepare`` uploads the weights once, in their checkpoint dtype: bf16 stays 16-bit (held as raw uint16 words, since
 CuPy has no bfloat16 type, and widened in registers by the kernels); f32 stays f32; f16 is widened to f32 once.
@@ -21,6 +21,7 @@ Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) ar
     mma_few               small steps (see linear_path, expert_path): the projections and experts on the tensor
                           cores, weights as the 16-row operand and 8 tokens as the columns (mma_few.cu)
     mma_tiles             larger steps (prefill): 64-token tiles on the tensor cores (matmul.cu)
+    argmax_partial + greedy_advance, or sample_rows    a decoded row's next token, chosen on the device
 Kernels captured into a graph are launched with programmatic dependent launch allowed (``cuda_build.Kernel``).
 Kernel ladders that build up to the central ones step by step: ``python -m fastpath.ladder``.
 """
@@ -44,6 +45,7 @@ from qwen3moe.debug import NonFiniteError
 from qwen3moe.errors import UnsupportedConfigError
 from qwen3moe.layers import AttentionSegment, Routing
 from qwen3moe.router_stats import RouterStats
+from qwen3moe.sampling import is_greedy
 from qwen3moe.sharding import RankShard
 from qwen3moe.weights import Qwen3MoeWeights, SparseMoeBlock
 
@@ -491,34 +493,51 @@ def final_logits(s: State, x: cp.ndarray) -> cp.ndarray:
     return logits
 
 
-# ---- greedy decoding as one CUDA graph per step ----------------------------------------------------------------------
+# ---- decoding as one CUDA graph per step -----------------------------------------------------------------------------
 
 ARGMAX_BLOCKS = 256  # blocks of the argmax over the vocabulary, shared among the rows of a batch
+SAMPLE_THREADS = 1024  # threads of sample_rows' block per row
 
 
-class BatchGreedyDecoder:
-    """Greedy decoding of B sequences with the host out of the loop.
+class BatchDecoder:
+    """Decoding of B sequences with the host out of the loop, each greedy or sampled.
 
-    A whole decode step -- embedding, every layer, lm_head and the argmax of each row -- is captured once as a CUDA
-    graph and replayed for every step. What changes from step to step lives in device memory and is advanced by the
-    step itself (``greedy_advance``): each sequence's input token id and its position. The attention grid is sized
-    for the largest cache, and blocks past a sequence's current length return at once. Router statistics are counted
-    on the device too (``flush_stats``). The only host round trip per step is reading the B sampled ids back.
+    A whole decode step -- embedding, every layer, lm_head and the choice of each row's next token -- is captured
+    once as a CUDA graph and replayed for every step. What changes from step to step lives in device memory and is
+    advanced by the step itself (sampling.cu): each sequence's input token id and its position. The attention grid is
+    sized for the largest cache, and blocks past a sequence's current length return at once. Router statistics are
+    counted on the device too (``flush_stats``). Per step the host only reads the B chosen ids back, and, where a row
+    samples, writes the uniform number its draw uses (into pinned memory that the graph copies from).
 
     ``caches[j]`` must already hold positions [0, positions[j]); ``tokens[j]`` is sequence j's input at that
     position. Each sequence may stop at the end of its own cache: ``step`` refuses a step once any cache is full.
+    ``sampling``: None (every row greedy), or per row (temperature, topk, topp, rng) as the reference sampler takes
+    them (qwen3moe/sampling.py); each step takes one ``rng.random()`` from every row that samples, as ``sample``
+    does, so a seeded task draws the same tokens as through the model loop.
 
     On one rank of a split model (``comm``: its NCCL communicator, fastpath/nccl_comm.py) the graph holds the
     collectives too: an all-reduce of the hidden state after attention and after the MLP/MoE block of every layer,
-    and, for the sampling step, an all-gather of every rank's best candidates from its rows of the vocabulary. Every
+    and, to choose the tokens, an all-gather of every rank's best candidates from its rows of the vocabulary (greedy)
+    or of its logits (sampling; rank 0's uniform numbers are broadcast, the other ranks pass ``rng`` None). Every
     rank replays its graph in lockstep and picks the same tokens.
     """
 
     SHARDS = True  # takes ``comm``: runs one rank of a split model
 
-    def __init__(self, s: State, caches: list, positions: list[int], tokens: list[int], comm=None):
+    def __init__(self, s: State, caches: list, positions: list[int], tokens: list[int], sampling: list | None = None,
+                 comm=None):
         c, B = s.config, len(caches)
         self.s, self.comm, self.steps = s, comm, 0
+        if c.vocab_size >= 1 << 24:
+            raise ValueError(f"vocab_size {c.vocab_size} is too large for the sampling kernel (ids below 2^24)")
+        self.sampling = sampling
+        if sampling is not None:  # (B,) settings per row, and the uniform numbers: the host's, then the device's
+            temperature, topk, topp, _ = zip(*sampling)  # the generators are read in step()
+            self.settings = (cp.asarray(np.array(temperature, np.float32)), cp.asarray(np.array(topk, np.int32)),
+                             cp.asarray(np.array(topp, np.float32)))
+            self.host_uniform = cp.cuda.alloc_pinned_memory(4 * B)
+            np.frombuffer(self.host_uniform, np.float32, B)[:] = 0
+            self.uniform = cp.zeros(B, cp.float32)
         self.capacities, self.positions, self.first_tokens = [k.capacity for k in caches], list(positions), tokens
         self.ids = cp.zeros(B, cp.int64)
         self.plan = AttentionPlan.build(c, [(j, j + 1, p) for j, p in enumerate(positions)], max(self.capacities),
@@ -538,6 +557,11 @@ class BatchGreedyDecoder:
         if comm:
             self.best_val = cp.empty((comm.ndev, B, self.blocks), cp.float32)
             self.best_idx = cp.empty((comm.ndev, B, self.blocks), cp.int32)
+            if sampling is not None:  # every rank's logits, each padded to the widest rank's rows of the vocabulary
+                width = math.ceil(c.vocab_size / comm.ndev)
+                self.padded = cp.zeros((B, width), cp.float32)
+                self.whole = cp.empty((comm.ndev, B, width), cp.float32)  # as gathered
+                self.joined = cp.empty((B, comm.ndev, width), cp.float32)  # each row whole, padding after each rank's
         self.sampled = cp.zeros(B + 1, cp.int32)  # the tokens, and a flag for non-finite logits
         self.host = cp.cuda.alloc_pinned_memory(4 * (B + 1))
         E = c.num_experts
@@ -562,7 +586,7 @@ class BatchGreedyDecoder:
                 a.fill(0)
 
     def _step(self) -> None:
-        s, c, B = self.s, self.s.config, self.ids.shape[0]
+        s, c = self.s, self.s.config
         embed_into(s, self.ids, self.x)
         for i, layer in enumerate(s.layers):
             attention_into(s, layer, self.x, self.plan, self.k_caches[i], self.v_caches[i], self.attn)
@@ -575,6 +599,15 @@ class BatchGreedyDecoder:
             if self.comm:
                 self.comm.all_reduce(self.x)
         linear(s, self.x, s.lm_head, self.logits, norm=s.norm, rows_per_block=64, scratch=self.xn)
+        if self.sampling is None:
+            self._choose_greedy()
+        else:
+            self._choose_sampled()
+
+    def _choose_greedy(self) -> None:
+        """Each row's argmax: the best of each block's share of the vocabulary (and on a split model of each rank's
+        rows), then the best of those."""
+        s, B = self.s, self.ids.shape[0]
         kernel("sampling.cu", "argmax_partial")(
             (self.blocks, B), (BLOCK,), (self.logits, i32(self.logits.shape[1]), i32(s.first_vocab_row),
                                          self.part_val, self.part_idx, self.sampled[B:]))
@@ -588,6 +621,27 @@ class BatchGreedyDecoder:
             (B,), (32,), (self.best_val, self.best_idx, i32(self.blocks), i32(B), i32(ranks), self.ids,
                           self.plan.tok_pos, self.sampled))
 
+    def _choose_sampled(self) -> None:
+        """Each row's token from its whole row of logits (gathered from every rank on a split model) and the uniform
+        number the host wrote for it."""
+        B, V = self.ids.shape[0], self.s.config.vocab_size
+        logits = self.logits
+        if self.comm is None or self.comm.rank == 0:
+            cp.cuda.runtime.memcpyAsync(self.uniform.data.ptr, self.host_uniform.ptr, 4 * B,
+                                        cp.cuda.runtime.memcpyHostToDevice, cp.cuda.get_current_stream().ptr)
+        if self.comm:
+            self.comm.broadcast(self.uniform)
+            part = self.logits
+            if part.shape[1] < self.padded.shape[1]:  # the last rank holds fewer rows of the vocabulary
+                self.padded[:, :part.shape[1]] = part
+                part = self.padded
+            self.comm.all_gather_into(part, self.whole)
+            cp.copyto(self.joined, self.whole.transpose(1, 0, 2))
+            logits = self.joined.reshape(B, -1)  # ids past the last rank's rows are never read
+        kernel("sampling.cu", "sample_rows")(
+            (B,), (SAMPLE_THREADS,), (logits, i32(V), i32(logits.shape[1]), *self.settings, self.uniform, self.ids,
+                                      self.plan.tok_pos, self.sampled, self.sampled[B:]))
+
     def step(self) -> list[int]:
         """Decode one token of every sequence: the greedy successor of its previous one (the first time: of its
         ``tokens`` entry)."""
@@ -595,6 +649,11 @@ class BatchGreedyDecoder:
             if pos >= capacity:
                 raise ValueError(f"the KV cache is full ({capacity} positions)")
         B = len(self.positions)
+        if self.sampling is not None:
+            uniform = np.frombuffer(self.host_uniform, np.float32, B)
+            for j, (temperature, topk, _, rng) in enumerate(self.sampling):
+                if rng is not None and not is_greedy(temperature, topk):
+                    uniform[j] = rng.random()
         self.graph.launch(self.stream)
         cp.cuda.runtime.memcpyAsync(self.host.ptr, self.sampled.data.ptr, 4 * (B + 1),
                                     cp.cuda.runtime.memcpyDeviceToHost, self.stream.ptr)
@@ -620,12 +679,12 @@ class BatchGreedyDecoder:
         self.steps = 0
 
 
-class GreedyDecoder(BatchGreedyDecoder):
-    """Greedy decoding of one sequence (what ``generate`` uses after the prefill): ``BatchGreedyDecoder`` with B = 1.
+class GreedyDecoder(BatchDecoder):
+    """Greedy decoding of one sequence (what ``generate`` uses after the prefill): ``BatchDecoder`` with B = 1.
     ``cache`` must already hold positions [0, pos); ``token`` is the input at ``pos``."""
 
     def __init__(self, s: State, cache, pos: int, token: int, comm=None):
-        super().__init__(s, [cache], [pos], [token], comm)
+        super().__init__(s, [cache], [pos], [token], comm=comm)
 
     def step(self) -> int:
         """Decode one token: the greedy successor of the previous one (the first time: of ``token``)."""

@@ -127,6 +127,9 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+SAMPLED_B1 = (0.6, 20, 0.95)  # (temperature, top_k, top_p): Qwen3's generation_config.json in thinking mode
+
+
 def bench_ours(s: State, batches: list[int], steps: int, prompt_len: int, prefill_len: int, log) -> dict:
     c, rng, out = s.config, np.random.default_rng(0), {}
     # batch 1: prefill, then the captured graph
@@ -140,12 +143,21 @@ def bench_ours(s: State, batches: list[int], steps: int, prompt_len: int, prefil
     out["decode_b1_tokens_per_s"] = steps / seconds
     log(f"ours batch 1: {steps / seconds:.1f} tokens/s")
     out["profile_b1"] = profile(decoder._step, decoder.stream)
+    # batch 1 sampled on the device with Qwen3's thinking-mode settings, from the same position again
+    decoder = cb.BatchDecoder(s, [cache], [prompt_len], [first], [(*SAMPLED_B1, rng)])
+    for _ in range(4):
+        decoder.step()
+    seconds = timed(lambda: [decoder.step() for _ in range(steps)])
+    out["decode_b1_sampled_tokens_per_s"] = steps / seconds
+    log(f"ours batch 1, sampled: {steps / seconds:.1f} tokens/s")
     for B in batches:
         n = max(4, steps // 4)
         caches = [Cache(c, 16 + 2 * n + 8) for _ in range(B)]
         ids = rng.integers(0, c.vocab_size, 16 * B)
         tokens = forward_on_device(s, ids, [(16 * j, 16 * j + 16, 0) for j in range(B)], caches).get().tolist()
-        decoder = cb.BatchGreedyDecoder(s, caches, [16] * B, tokens)
+        start = time.perf_counter()
+        decoder = cb.BatchDecoder(s, caches, [16] * B, tokens)
+        out[f"capture_b{B}_ms"] = 1e3 * (time.perf_counter() - start)  # what batch_infer_one_round pays per new set
         decoder.step()  # a warm-up
         seconds = timed(lambda: [decoder.step() for _ in range(n)])
         out[f"decode_b{B}_tokens_per_s"] = B * n / seconds
@@ -161,13 +173,40 @@ def bench_ours(s: State, batches: list[int], steps: int, prompt_len: int, prefil
         seconds = timed(lambda: [step() for _ in range(n - 2)])
         out[f"decode_b{B}_steps_tokens_per_s"] = B * (n - 2) / seconds
         log(f"ours batch {B}: {out[f'decode_b{B}_tokens_per_s']:.1f} tokens/s "
-            f"(step by step: {out[f'decode_b{B}_steps_tokens_per_s']:.1f})")
+            f"(step by step: {out[f'decode_b{B}_steps_tokens_per_s']:.1f}; capturing the step: "
+            f"{out[f'capture_b{B}_ms']:.0f} ms)")
     cache = Cache(c, prefill_len)
     ids = rng.integers(0, c.vocab_size, prefill_len)
     forward_on_device(s, ids, [(0, prefill_len, 0)], [cache])  # warm
     out["prefill_ms"] = 1e3 * timed(lambda: forward_on_device(s, ids, [(0, prefill_len, 0)], [cache]))
     log(f"ours prefill {prefill_len}: {out['prefill_ms']:.1f} ms")
     out["profile_prefill"] = profile(lambda: forward_on_device(s, ids, [(0, prefill_len, 0)], [cache]), hold=False)
+    return out
+
+
+SAMPLING_SETTINGS = [(0.0, 1, 1.0), SAMPLED_B1, (0.7, 1000, 1.0), (1.0, 0, 1.0), (1.0, 0, 0.9)]
+
+
+def bench_sampling(V: int, rows: tuple[int, ...] = (1, 64), repeats: int = 20) -> dict:
+    """Microseconds per launch of sample_rows over V random logits (normal x 3), per setting and row count."""
+    rng, out = np.random.default_rng(0), {}
+    sample_rows = cb.kernel("sampling.cu", "sample_rows")
+    for settings in SAMPLING_SETTINGS:
+        for B in rows:
+            logits = cp.asarray(rng.standard_normal((B, V), dtype=np.float32) * 3)
+            per_row = [cp.asarray(np.full(B, v), t) for v, t in zip(settings, (cp.float32, cp.int32, cp.float32))]
+            state = (cp.zeros(B, cp.int64), cp.zeros(B, cp.int32), cp.zeros(B + 1, cp.int32))
+            args = (logits, cb.i32(V), cb.i32(V), *per_row, cp.asarray(rng.random(B, np.float32)), *state,
+                    state[2][B:])
+            launch = lambda: sample_rows((B,), (cb.SAMPLE_THREADS,), args)
+            launch()
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            for _ in range(repeats):
+                launch()
+            end.record()
+            end.synchronize()
+            out[f"{settings} x{B}"] = 1e3 * cp.cuda.get_elapsed_time(start, end) / repeats
     return out
 
 
@@ -257,6 +296,7 @@ def run(args) -> int:
     log(f"creating Qwen3-30B-A3B-shaped weights ({layers} layers) on the GPU ...")
     hf = build_transformers_model(config)
     ours = bench_ours(state_from_transformers(hf, c), batches, args.steps, 32, args.prompt_len, log)
+    ours["sample_rows_us"] = bench_sampling(c.vocab_size)
     peer = bench_transformers(hf, batches, args.steps, 32)
     floor_b1 = decode_bytes(c, c.num_experts_per_tok) / bandwidth
     result = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "layers": layers,
@@ -276,10 +316,15 @@ def run(args) -> int:
         steps = ours.get(f"decode_b{B}_steps_tokens_per_s")
         print(f"{B:>5} {mine:>11.1f} {theirs:>12.1f} {mine / theirs:>6.1f}x {gbps:>11.0f} "
               f"{gbps / (bandwidth / 1e9):>9.0%} {'-' if steps is None else f'{steps:.1f}':>18}")
-    print("ours: greedy decoding through one captured CUDA graph per step (GreedyDecoder, BatchGreedyDecoder); "
+    print("ours: greedy decoding through one captured CUDA graph per step (GreedyDecoder, BatchDecoder); "
           "step by step: the block functions launched from Python, greedy on the device")
+    print(f"batch 1 sampled on the device (temperature, top_k, top_p = {SAMPLED_B1}): "
+          f"{ours['decode_b1_sampled_tokens_per_s']:.1f} tokens/s")
     print(f"bandwidth floor at batch 1: {1 / floor_b1:.0f} tokens/s; prefill of {args.prompt_len} tokens: "
           f"{ours['prefill_ms']:.1f} ms")
+    print(f"sample_rows over {c.vocab_size} logits, per launch ((temperature, top_k, top_p) x rows: us):")
+    for key, us in ours["sample_rows_us"].items():
+        print(f"  {key:<24} {us:8.1f}")
     for key, title in (("profile_b1", "one batch-1 step, uncaptured"), ("profile_prefill", "the prefill")):
         total = sum(ours[key].values())
         print(f"{title}, by kernel (ms):")

@@ -72,8 +72,8 @@ class OneGpu:
     def greedy_decoder(self, cache, pos: int, token: int):
         return cb.GreedyDecoder(self.state, cache, pos, token)
 
-    def batch_greedy_decoder(self, caches, positions: list[int], tokens: list[int]):
-        return cb.BatchGreedyDecoder(self.state, caches, positions, tokens)
+    def batch_decoder(self, caches, positions: list[int], tokens: list[int]):
+        return cb.BatchDecoder(self.state, caches, positions, tokens)
 
     def time_all_reduces(self, rows: int, count: int, reps: int) -> float:
         return 0.0
@@ -100,8 +100,8 @@ class Split:
     def greedy_decoder(self, cache, pos: int, token: int):
         return self.group.greedy_decoder(cache, pos, token)
 
-    def batch_greedy_decoder(self, caches, positions: list[int], tokens: list[int]):
-        return self.group.batch_greedy_decoder(caches, positions, tokens)
+    def batch_decoder(self, caches, positions: list[int], tokens: list[int]):
+        return self.group.batch_decoder(caches, positions, tokens)
 
     def time_all_reduces(self, rows: int, count: int, reps: int) -> float:
         self.group.send("time_all_reduces", rows=rows, count=count, reps=reps)
@@ -127,7 +127,7 @@ def measure(model, c, steps: int, batch: int, log, label: str) -> dict:
     n = max(4, steps // 8)
     caches = [model.new_cache(16 + 2 * n + 8) for _ in range(batch)]
     logits = model.forward([Request(rng.integers(0, c.vocab_size, 16).tolist(), 0, k) for k in caches])
-    decoder = model.batch_greedy_decoder(caches, [16] * batch, [int(np.argmax(l)) for l in logits])
+    decoder = model.batch_decoder(caches, [16] * batch, [int(np.argmax(l)) for l in logits])
     tokens = decoder.step()  # a warm-up
     start = time.perf_counter()
     for _ in range(n):
@@ -201,7 +201,7 @@ def format_results(results: dict, all_layers: int) -> str:
                      f"{r[f'b{B}_tokens_per_s']:>10.0f} {ratio(r, f'b{B}_tokens_per_s'):>7} "
                      f"{r[f'b{B}_loop_tokens_per_s']:>10.0f} {ratio(r, f'b{B}_loop_tokens_per_s'):>7} "
                      f"{per_layer:>11.3f} {per_layer * all_layers:>14.1f}")
-    lines.append(f"batch {B}: greedy decoding through each rank's captured graph (BatchGreedyDecoder); loop: the same "
+    lines.append(f"batch {B}: greedy decoding through each rank's captured graph (BatchDecoder); loop: the same "
                  "through the model loop, the logits of every step gathered to the host")
     lines.append(f"all layers: ms per layer x {all_layers} (the extrapolated batch-1 latency of the whole model)")
     return "\n".join(lines)

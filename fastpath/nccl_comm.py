@@ -42,6 +42,11 @@ class NcclComm:
         self.nccl.allReduce(x.data.ptr, x.data.ptr, x.size, TYPES[x.dtype], nccl.NCCL_SUM, _stream())
         return x
 
+    def broadcast(self, x: cp.ndarray, root: int = 0) -> cp.ndarray:
+        """Rank ``root``'s ``x`` on every rank, in place."""
+        self.nccl.broadcast(x.data.ptr, x.data.ptr, x.size, TYPES[x.dtype], root, _stream())
+        return x
+
     def all_gather_into(self, part: cp.ndarray, whole: cp.ndarray) -> None:
         """whole (ndev, *part.shape) = every rank's ``part``, in rank order."""
         self.nccl.allGather(part.data.ptr, whole.data.ptr, part.size, TYPES[part.dtype], _stream())

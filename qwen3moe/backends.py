@@ -17,8 +17,9 @@ decoding without the host in the loop, which ``generate`` uses where nothing nee
 A backend that can run one rank of a model split over several devices (``ranks.py``) takes ``prepare(weights,
 config, shard)`` with the rank's part of the weights (``sharding.shard_weights``) and its ``RankShard``, and names in
 the table how its ranks exchange activations: "host" (through rank 0's sockets, any machine) or "nccl" (GPU to GPU).
-Its ranks decode in whole steps if it offers ``BatchGreedyDecoder(state, caches, positions, tokens, comm)`` (a batch
-of sequences; ``step() -> tokens``) with ``SHARDS = True``.
+A backend may offer ``BatchDecoder(state, caches, positions, tokens, sampling, comm)`` (a batch of sequences, each
+greedy or sampled with its (temperature, topk, topp, rng); ``step() -> tokens``): ``generate`` uses it for sampled
+decoding, and with ``SHARDS = True`` the ranks of a split model decode in whole steps through it.
 
 The reference is ``qwen3moe/reference_backend.py``. Fast backends live in the ``fastpath`` package and are named
 here only by module path, imported when chosen: the reference never imports the fast path.

@@ -12,6 +12,7 @@ Batch inference (``batch_infer_one_round``) and perplexity go through the same `
 """
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +72,18 @@ class Qwen3MoeForCausalLM:
             self.shard_config = self.config
         self.xp = self._ops.xp  # numpy, or cupy when the KV caches live on a GPU
         self.generation_config = read_json(self.model_dir / "generation_config.json")
-        self.router_stats = RouterStats(self.config)
+        self._router_stats = RouterStats(self.config)
         self.debugger = Debugger(enabled=debug)
         self._routing_override: RoutingOverride | None = None
+        self._rounds: CapturedRounds | None = None  # the decode rounds being replayed from a captured step
+        self._previous_round: list[Qwen3MoeInferTask] = []
+
+    @property
+    def router_stats(self) -> RouterStats:
+        """The router statistics of every step so far (including the counts a captured decoder keeps on the device)."""
+        if self._rounds is not None:
+            self._rounds.decoder.flush_stats(self._router_stats)
+        return self._router_stats
 
     @property
     def routing_override(self) -> RoutingOverride | None:
@@ -113,14 +123,51 @@ class Qwen3MoeForCausalLM:
                 raise ValueError(f"task {t.task_id} has no KV cache; call task.bind_kvcache(Qwen3MoeKVCache(model))")
         if len({id(t.kvcache) for t in tasks}) < len(tasks):
             raise ValueError("two tasks of one round share a KV cache; give each task its own")
-        requests = [Request(t.pending, t.pos, t.kvcache, t.task_id) for t in tasks]
-        logits = self.forward(requests)
-        with self.debugger.phase("sampling"):
-            tokens = [sample(l, t.temperature, t.topk, t.topp, t.rng) for l, t in zip(logits, tasks)]
+        rounds = self._captured_rounds(tasks)
+        if rounds is not None:
+            try:
+                tokens = rounds.decoder.step()
+            except Exception:  # the decoder's device state has moved on without the tasks: capture afresh
+                self._drop_captured_rounds()
+                raise
+            rounds.last = tokens
+        else:
+            requests = [Request(t.pending, t.pos, t.kvcache, t.task_id) for t in tasks]
+            logits = self.forward(requests)
+            with self.debugger.phase("sampling"):
+                tokens = [sample(l, t.temperature, t.topk, t.topp, t.rng) for l, t in zip(logits, tasks)]
+            self.debugger.end_step(f"round of {len(tasks)} tasks, {sum(len(r.tokens) for r in requests)} tokens")
         for t, tok in zip(tasks, tokens):
             t.accept(tok, self.tokenizer.eos_token_ids)
-        self.debugger.end_step(f"round of {len(tasks)} tasks, {sum(len(r.tokens) for r in requests)} tokens")
         return tokens
+
+    def _captured_rounds(self, tasks: list[Qwen3MoeInferTask]) -> "CapturedRounds | None":
+        """The captured decode step (the backend's ``BatchDecoder``) that continues exactly these tasks, or None: the
+        round goes through the model loop. A round whose tasks all decode one token, and are the tasks of the round
+        before, is captured (capturing costs about as much as a few steps, so a set of tasks that changes every round
+        never pays for it); the capture is replayed while the same tasks continue. Like ``generate``'s decoder it
+        routes as the config says and keeps no per-token trace or debug checks, so it is not used while those are on.
+        """
+        if self._rounds is not None and self._rounds.continues(tasks):
+            return self._rounds
+        self._drop_captured_rounds()
+        repeated = len(tasks) == len(self._previous_round) and all(a is b for a, b in zip(tasks, self._previous_round))
+        self._previous_round = list(tasks)
+        able = self._ranks.can_decode_in_whole_steps if self._ranks else hasattr(self._ops, "BatchDecoder")
+        if not (repeated and able and all(len(t.pending) == 1 for t in tasks) and self._routing_override is None
+                and not self.debugger.enabled and not self._router_stats.trace_enabled):
+            return None
+        sampling = (None if all(is_greedy(t.temperature, t.topk) for t in tasks) else
+                    [(t.temperature, t.topk, t.topp, t.rng) for t in tasks])
+        args = ([t.kvcache for t in tasks], [t.pos for t in tasks], [t.pending[0] for t in tasks], sampling)
+        decoder = self._ranks.batch_decoder(*args) if self._ranks else self._ops.BatchDecoder(self._state, *args)
+        self._rounds = CapturedRounds(list(tasks), args[0], decoder, args[2])
+        return self._rounds
+
+    def _drop_captured_rounds(self) -> None:
+        if self._rounds is not None:
+            self._rounds.decoder.flush_stats(self._router_stats)
+            self._rounds = None
 
     def forward(self, requests: list[Request], all_logits: bool = False) -> list:
         """One model step (see model.forward): per request, the last token's logits, or all of them."""
@@ -161,16 +208,16 @@ class Qwen3MoeForCausalLM:
                 stream(piece)
 
         step = lambda: self.batch_infer_one_round([task])[0]
-        whole_steps = None  # the backend's GreedyDecoder, when it takes over after the prefill
+        whole_steps = None  # the backend's whole-step decoder, when it takes over after the prefill
         while not task.finished:
             start = time.perf_counter()
             token = step()
             if len(task.generated) > 1:  # the first round is the prefill
                 decode_seconds.append(time.perf_counter() - start)
-            elif not task.finished and self._can_decode_in_whole_steps(task):
-                whole_steps = (self._ranks.greedy_decoder(task.kvcache, task.pos, token) if self._ranks else
-                               self._ops.GreedyDecoder(self._state, task.kvcache, task.pos, token))
-                step = lambda: self._whole_step(whole_steps, task)
+            elif not task.finished:
+                whole_steps = self._whole_step_decoder(task, token)
+                if whole_steps is not None:
+                    step = lambda: self._whole_step(whole_steps, task)
             if task.finish_reason != "stop":  # the end token itself is not part of the reply
                 emit(decoder.push(token))
         if whole_steps is not None:
@@ -180,14 +227,24 @@ class Qwen3MoeForCausalLM:
         avg_ms = 1e3 * float(np.mean(decode_seconds)) if decode_seconds else 0.0
         return "".join(pieces), avg_ms
 
-    def _can_decode_in_whole_steps(self, task: Qwen3MoeInferTask) -> bool:
-        """Whether the backend's whole-step decoder (``GreedyDecoder``: one CUDA graph, or one compiled call, per token)
-        may take over: it decodes greedily with the config's routing, and counts router statistics but keeps no
-        per-token trace and runs no debug checks."""
-        able = self._ranks.can_decode_in_whole_steps if self._ranks else hasattr(self._ops, "GreedyDecoder")
-        return (able and is_greedy(task.temperature, task.topk)
-                and self._routing_override is None and not self.debugger.enabled
-                and not self.router_stats.trace_enabled)
+    def _whole_step_decoder(self, task: Qwen3MoeInferTask, token: int):
+        """The backend's decoder of whole steps (one CUDA graph, or one compiled call, per token) to continue ``task``
+        from ``token``, or None where it cannot take over. It routes as the config says, counts router statistics but
+        keeps no per-token trace and runs no debug checks. Greedy decoding takes a backend's ``GreedyDecoder``;
+        sampling its ``BatchDecoder`` (which draws from the task's generator as the host sampler would)."""
+        if self._routing_override is not None or self.debugger.enabled or self._router_stats.trace_enabled:
+            return None
+        greedy = is_greedy(task.temperature, task.topk)
+        sampling = None if greedy else [(task.temperature, task.topk, task.topp, task.rng)]
+        cache, pos = task.kvcache, task.pos
+        if self._ranks:
+            able = self._ranks.can_decode_in_whole_steps
+            return self._ranks.batch_decoder([cache], [pos], [token], sampling, one=True) if able else None
+        if greedy and hasattr(self._ops, "GreedyDecoder"):
+            return self._ops.GreedyDecoder(self._state, cache, pos, token)
+        if hasattr(self._ops, "BatchDecoder"):
+            return OneSequence(self._ops.BatchDecoder(self._state, [cache], [pos], [token], sampling))
+        return None
 
     def _whole_step(self, whole_steps, task: Qwen3MoeInferTask) -> int:
         token = whole_steps.step()
@@ -254,16 +311,46 @@ class Qwen3MoeForCausalLM:
     def destroy_model_instance(self) -> None:
         """Drop the weights (closing their memory maps) and statistics, and end the other ranks of a split model; the
         object cannot be used afterwards."""
+        self._drop_captured_rounds()
         if self._ranks:
             self._ranks.close()
         self.weights = self._state = None
-        self.router_stats.reset()
+        self._previous_round = []
+        self._router_stats.reset()
 
     def _check_alive(self) -> None:
         if self.weights is None:
             raise RuntimeError("this model instance was destroyed; create a new Qwen3MoeForCausalLM")
         if self._ranks:
             self._ranks.check()
+
+
+@dataclass
+class CapturedRounds:
+    """Decode rounds of one list of tasks replayed through a backend's ``BatchDecoder``."""
+
+    tasks: list[Qwen3MoeInferTask]
+    caches: list
+    decoder: object
+    last: list[int]  # the tokens the decoder chose last: each task's pending token while the task follows it
+
+    def continues(self, tasks: list[Qwen3MoeInferTask]) -> bool:
+        return len(tasks) == len(self.tasks) and all(
+            t is mine and t.kvcache is cache and t.pending == [token]
+            for t, mine, cache, token in zip(tasks, self.tasks, self.caches, self.last))
+
+
+class OneSequence:
+    """A batch decoder of one sequence, seen as a decoder of one: ``step()`` returns its token."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+    def step(self) -> int:
+        return self.decoder.step()[0]
+
+    def flush_stats(self, stats: RouterStats) -> None:
+        self.decoder.flush_stats(stats)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

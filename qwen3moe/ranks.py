@@ -9,7 +9,7 @@ LOCAL_RANK picks the rank's GPU.
 
 Rank 0 sends every rank the same plan (the model's config, the expert placement, how to load), and each rank loads
 only its own part of the weights (``sharding.shard_weights``). Then rank 0 sends each step -- the requests of a
-forward pass, a KV cache to open or drop, a greedy-decoder step -- and every rank runs the same model loop
+forward pass, a KV cache to open or drop, a decoder step -- and every rank runs the same model loop
 (``model.forward``) on its part; the backend's communicator (``Backend.comm``) adds the ranks' activations up
 (all-reduce) and joins their logits (all-gather) inside the loop (``ShardedOps``).
 
@@ -80,7 +80,7 @@ class ShardedOps:
 
 
 class Rank:
-    """One rank's part of the model and the state it keeps between steps: KV caches by id, a greedy decoder."""
+    """One rank's part of the model and the state it keeps between steps: KV caches by id, a whole-step decoder."""
 
     def __init__(self, spec: dict, rank: int, links: dict[int, socket.socket], fail, alive,
                  weights: Qwen3MoeWeights | None = None):
@@ -111,8 +111,8 @@ class Rank:
                 stats: RouterStats | None, debug: Debugger) -> list:
         return forward(self.ops, self.state, self.config, requests, stats, debug, all_logits, override)
 
-    def start_decoder(self, caches: list[KVCache], positions: list[int], tokens: list[int]):
-        self.decoder = self.ops.ops.BatchGreedyDecoder(self.state, caches, positions, tokens, comm=self.ops.comm)
+    def start_decoder(self, caches: list[KVCache], positions: list[int], tokens: list[int], sampling: list | None):
+        self.decoder = self.ops.ops.BatchDecoder(self.state, caches, positions, tokens, sampling, comm=self.ops.comm)
         return self.decoder
 
     def time_all_reduces(self, rows: int, count: int, reps: int) -> float:
@@ -138,8 +138,9 @@ class Rank:
 STEPS = {  # what rank 0 can ask the other ranks to do, by the name in its message
     "open_cache": Rank._open_cache,
     "forward": Rank._forward,
-    "decoder": lambda rank, h: rank.start_decoder([rank.caches[i] for i in h["caches"]], h["positions"],
-                                                  h["tokens"]),
+    "decoder": lambda rank, h: rank.start_decoder(  # rank 0 draws the uniform numbers: no generators here
+        [rank.caches[i] for i in h["caches"]], h["positions"], h["tokens"],
+        h["sampling"] and [(*row, None) for row in h["sampling"]]),
     "step": lambda rank, h: rank.decoder.step(),
     "time_all_reduces": lambda rank, h: rank.time_all_reduces(h["rows"], h["count"], h["reps"]),
 }
@@ -229,20 +230,22 @@ class RankGroup:
 
     def greedy_decoder(self, cache: KVCache, pos: int, token: int) -> "GroupDecoder":
         """Greedy decoding of one sequence in whole steps: its ``step()`` returns one token."""
-        return self.batch_greedy_decoder([cache], [pos], [token], one=True)
+        return self.batch_decoder([cache], [pos], [token], one=True)
 
-    def batch_greedy_decoder(self, caches: list[KVCache], positions: list[int], tokens: list[int],
-                             one: bool = False) -> "GroupDecoder":
-        """Greedy decoding of several sequences in whole steps (every rank's ``BatchGreedyDecoder``): ``step()``
-        returns a token per sequence."""
+    def batch_decoder(self, caches: list[KVCache], positions: list[int], tokens: list[int],
+                      sampling: list | None = None, one: bool = False) -> "GroupDecoder":
+        """Decoding of several sequences in whole steps (every rank's ``BatchDecoder``): ``step()`` returns a token
+        per sequence (one: an int). ``sampling``: None (greedy) or per sequence (temperature, topk, topp, rng); only
+        rank 0 draws from the generators, and its numbers reach the other ranks inside the step."""
+        settings = sampling and [[float(t), int(k), float(p)] for t, k, p, _ in sampling]
         self.send("decoder", caches=[c.rank_id for c in caches], positions=[int(p) for p in positions],
-                  tokens=[int(t) for t in tokens])
-        return GroupDecoder(self, self._guarded(self.rank.start_decoder, caches, positions, tokens), one)
+                  tokens=[int(t) for t in tokens], sampling=settings)
+        return GroupDecoder(self, self._guarded(self.rank.start_decoder, caches, positions, tokens, sampling), one)
 
     @property
     def can_decode_in_whole_steps(self) -> bool:
         ops = self.rank.ops.ops
-        return getattr(getattr(ops, "BatchGreedyDecoder", None), "SHARDS", False)
+        return getattr(getattr(ops, "BatchDecoder", None), "SHARDS", False)
 
     def _guarded(self, run, *args):
         """Run rank 0's part of a step; if it fails half-way the other ranks are left inside it, so stop them all."""
@@ -374,7 +377,7 @@ class RankGroup:
 
 
 class GroupDecoder:
-    """Rank 0's greedy decoder of a split model: each step, every rank replays its captured step in lockstep."""
+    """Rank 0's decoder of a split model: each step, every rank replays its captured step in lockstep."""
 
     def __init__(self, group: RankGroup, local, one: bool):
         self.group, self.local, self.one = group, local, one  # one: a single sequence, step() returns an int

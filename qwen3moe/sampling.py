@@ -14,6 +14,10 @@ import numpy as np
 
 from .debug import NonFiniteError
 
+# top-p counts as reached within this much: sums of probabilities round (0.5 + 0.3 < 0.8 in floats), and a GPU
+# backend that samples on the device sums them in float32.
+TOP_P_SLACK = 1e-6
+
 
 def check_sampling(temperature: float, topk: int, topp: float) -> None:
     """Raise ValueError naming the valid range of each bad setting."""
@@ -47,8 +51,8 @@ def candidate_distribution(logits: np.ndarray, temperature: float, topk: int,
         order = order[:topk]
     probs = np.exp(scaled[order] - scaled[order[0]])
     probs /= probs.sum()
-    if topp < 1:  # smallest prefix with mass >= topp; the 1e-9 forgives rounding (0.5 + 0.3 < 0.8 in floats)
-        keep = int(np.searchsorted(np.cumsum(probs), topp - 1e-9)) + 1
+    if topp < 1:  # smallest prefix with mass >= topp, within TOP_P_SLACK
+        keep = int(np.searchsorted(np.cumsum(probs), topp - TOP_P_SLACK)) + 1
         order, probs = order[:keep], probs[:keep]
     ids = order
     return ids, probs / probs.sum()

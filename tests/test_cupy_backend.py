@@ -12,7 +12,7 @@ from qwen3moe.debug import NonFiniteError
 from qwen3moe import reference_backend as ref
 from qwen3moe.bundled import BUNDLED_MODEL
 from qwen3moe.config import load_config
-from qwen3moe.layers import AttentionSegment, rope_cos_sin
+from qwen3moe.layers import AttentionSegment, RoutingOverride, rope_cos_sin
 from qwen3moe.model import KVCache, Request
 from qwen3moe.router_stats import RouterStats
 from qwen3moe.synthetic import TINY_CONFIG, random_weights, write_checkpoint
@@ -36,10 +36,14 @@ def close(ours, expected, what):
 
 
 def greedy(model: Qwen3MoeForCausalLM, prompt: list[int], steps: int) -> list[int]:
+    """Greedy tokens through the model loop, step by step (a routing override that changes nothing keeps the rounds
+    from being captured)."""
     task = Qwen3MoeInferTask(prompt, temperature=0, end_tokens=[], max_new_tokens=steps)
     task.bind_kvcache(Qwen3MoeKVCache(model, max_tokens=len(prompt) + steps))
+    model.routing_override = RoutingOverride()
     while not task.finished:
         model.batch_infer_one_round([task])
+    model.routing_override = None
     return task.generated
 
 
@@ -76,29 +80,40 @@ def test_graph_decoder_matches_step_by_step_decoding(cb, tiny_model_dir):
         decoder.step(), decoder.step()
 
 
-@pytest.mark.parametrize("B", [3, 20])
-def test_batch_graph_decoder_matches_batch_rounds(cb, tiny_model_dir, B):
-    """B sequences of different lengths decoded greedily through one captured graph per step give the tokens of batch
-    rounds through the model loop, and the router statistics those rounds count (20 sequences: the projections and
-    experts take the tensor-core paths inside the graph)."""
+SAMPLING = [  # (temperature, topk, topp): greedy, then sampling with every filter on and off
+    (0.0, 1, 1.0), (1.0, 0, 1.0), (0.8, 20, 0.9), (1.3, 5, 1.0), (0.6, 0, 0.7), (2.0, 1, 0.5),
+]
+
+
+@pytest.mark.parametrize("B, sampled", [(3, False), (20, False), (12, True)])
+def test_batch_graph_decoder_matches_batch_rounds(cb, tiny_model_dir, B, sampled):
+    """B sequences of different lengths decoded through one captured graph per step give the tokens of batch rounds
+    through the model loop, and the router statistics those rounds count (20 sequences: the projections and experts
+    take the tensor-core paths inside the graph). Sampled rows draw on the device from their task's seeded
+    generator: the same tokens as the host sampler of the rounds."""
     model = Qwen3MoeForCausalLM(tiny_model_dir, backend="cupy")
     rng = np.random.default_rng()
     prompts = [rng.integers(0, 256, int(rng.integers(1, 12))).tolist() for _ in range(B)]
+    settings = [SAMPLING[j % len(SAMPLING)] if sampled else (0.0, 1, 1.0) for j in range(B)]
+    seeds = rng.integers(0, 2**31, B).tolist()
     steps = 12
     runs = {}
     for way in ("graph", "rounds"):  # the rounds last: their prefill would count into the model's statistics
-        tasks = [Qwen3MoeInferTask(p, temperature=0, end_tokens=[], max_new_tokens=steps) for p in prompts]
+        tasks = [Qwen3MoeInferTask(p, *settings[j], end_tokens=[], max_new_tokens=steps, seed=seeds[j])
+                 for j, p in enumerate(prompts)]
         for t in tasks:
             t.bind_kvcache(Qwen3MoeKVCache(model, max_tokens=len(t.tokens) + steps))
         firsts = model.batch_infer_one_round(tasks)  # the prefill
         stats = RouterStats(model.config)
         if way == "rounds":
             model.reset_router_stats()
+            model.routing_override = RoutingOverride()  # changes nothing, but keeps the rounds from being captured
             while not all(t.finished for t in tasks):
                 model.batch_infer_one_round(tasks)
             runs[way] = ([t.generated for t in tasks], model.router_stats)
             continue
-        decoder = cb.BatchGreedyDecoder(model._state, [t.kvcache for t in tasks], [t.pos for t in tasks], firsts)
+        sampling = [(t.temperature, t.topk, t.topp, t.rng) for t in tasks] if sampled else None
+        decoder = cb.BatchDecoder(model._state, [t.kvcache for t in tasks], [t.pos for t in tasks], firsts, sampling)
         tokens = [[f] for f in firsts]
         for _ in range(steps - 1):
             for row, token in zip(tokens, decoder.step()):
@@ -114,6 +129,138 @@ def test_batch_graph_decoder_matches_batch_rounds(cb, tiny_model_dir, B):
         np.testing.assert_array_equal(ours.counts[layer], theirs.counts[layer])
         np.testing.assert_allclose(ours.prob_sum[layer], theirs.prob_sum[layer], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(ours.entropy_sum[layer], theirs.entropy_sum[layer], rtol=1e-4)
+
+
+def test_batch_rounds_are_captured_and_replayed(cb, tiny_model_dir, monkeypatch):
+    """batch_infer_one_round captures a round whose tasks decode and are the tasks of the round before, and replays it
+    while they continue: as tasks finish and leave, the smaller set is captured again. Tokens and router statistics
+    equal the model loop's (which a routing override that changes nothing forces), greedy and sampled tasks mixed."""
+    made = []
+
+    class Counted(cb.BatchDecoder):
+        def __init__(self, state, caches, *args, **kwargs):
+            made.append(len(caches))
+            super().__init__(state, caches, *args, **kwargs)
+
+    monkeypatch.setattr(cb, "BatchDecoder", Counted)
+    model = Qwen3MoeForCausalLM(tiny_model_dir, backend="cupy")
+    rng = np.random.default_rng()
+    prompts = [rng.integers(0, 256, int(rng.integers(1, 12))).tolist() for _ in range(6)]
+    seeds = rng.integers(0, 2**31, 6).tolist()
+    lengths = [3, 9, 9, 14, 14, 14]  # tasks leave after 3, 9 and 14 tokens
+    runs = {}
+    for way in ("loop", "captured"):
+        model.reset_router_stats()
+        model.routing_override = RoutingOverride() if way == "loop" else None
+        tasks = [Qwen3MoeInferTask(p, *SAMPLING[j], end_tokens=[], max_new_tokens=lengths[j], seed=seeds[j])
+                 for j, p in enumerate(prompts)]
+        for t in tasks:
+            t.bind_kvcache(Qwen3MoeKVCache(model, max_tokens=len(t.tokens) + 14))
+        running = tasks
+        while running:
+            model.batch_infer_one_round(running)
+            running = [t for t in running if not t.finished]
+        stats = model.router_stats
+        runs[way] = ([t.generated for t in tasks], dict(stats.counts), dict(stats.tokens))  # reset() makes new ones
+    assert made == [6, 5, 3]  # captured once per set of tasks, each on its first round after a change
+    assert runs["captured"][0] == runs["loop"][0]
+    assert runs["captured"][2] == runs["loop"][2]
+    for layer, counts in runs["loop"][1].items():
+        np.testing.assert_array_equal(runs["captured"][1][layer], counts)
+
+
+class Fixed:
+    """A stand-in for a numpy Generator whose next random() is u (what the reference sampler draws)."""
+
+    def __init__(self, u: float):
+        self.u = u
+
+    def random(self) -> float:
+        return self.u
+
+
+def sample_on_device(cb, logits: np.ndarray, settings: list, uniform: np.ndarray, padding: int = 0):
+    """sample_rows on (B, V) logits, rows ``padding`` NaNs apart (a split model's rows have padding): (tokens, the
+    positions it advanced, the non-finite flag)."""
+    import cupy as cp
+
+    B, V = logits.shape
+    padded = np.full((B, V + padding), np.nan, np.float32)  # past V: never read
+    padded[:, :V] = logits
+    temperature, topk, topp = (np.array(v) for v in zip(*settings))
+    next_id, tok_pos, sampled = cp.full(B, -1, cp.int64), cp.zeros(B, cp.int32), cp.full(B + 1, -1, cp.int32)
+    sampled[B] = 0
+    cb.kernel("sampling.cu", "sample_rows")(
+        (B,), (cb.SAMPLE_THREADS,),
+        (cp.asarray(padded), np.int32(V), np.int32(V + padding), cp.asarray(temperature, cp.float32),
+         cp.asarray(topk, cp.int32), cp.asarray(topp, cp.float32), cp.asarray(uniform, cp.float32), next_id, tok_pos,
+         sampled, sampled[B:]))
+    tokens = sampled[:B].get()
+    np.testing.assert_array_equal(next_id.get(), tokens)
+    return tokens, tok_pos.get(), int(sampled[B].get())
+
+
+def logit_rows(rng, B: int, V: int) -> np.ndarray:
+    """Rows of logits of several kinds: spread out, peaked, rounded to few values (many ties), all equal."""
+    rows = rng.standard_normal((B, V)).astype(np.float32) * rng.choice([0.5, 3.0, 10.0], (B, 1)).astype(np.float32)
+    rows[1::4] = np.round(rows[1::4])  # ties everywhere
+    rows[2::4, :V // 3] = -np.inf  # masked tokens, as a grammar would mask them
+    rows[3::8] = 1.5  # every token ties
+    return rows
+
+
+@pytest.mark.parametrize("V, padding", [(384, 0), (1000, 2), (5000, 0), (151936, 0)])
+def test_sample_rows_draws_what_the_reference_sampler_draws(cb, V, padding):
+    """sample_rows against qwen3moe.sampling.sample, from the same uniform number u, over every setting of SAMPLING
+    and rows with ties, masked tokens and equal logits: the same token (the reference sorts the vocabulary; the
+    kernel selects by radix without moving anything, and sorts only a small top-k set). Rows with padding after
+    them are what a split model gathers."""
+    from qwen3moe.sampling import sample
+
+    rng = np.random.default_rng()
+    settings = SAMPLING * 4 + [(0.9, 3, 1.0), (1.0, 0, 0.999), (0.7, 64, 0.95), (1.0, V, 1.0), (1.0, V + 5, 0.5)]
+    B = len(settings)
+    logits = logit_rows(rng, B, V)
+    uniform = rng.random(B)
+    uniform[:4] = [0.0, 0.999999, 0.5, 0.25]
+    tokens, advanced, non_finite = sample_on_device(cb, logits, settings, uniform, padding)
+    expected = [sample(logits[j], *settings[j], Fixed(float(np.float32(uniform[j])))) for j in range(B)]
+    assert tokens.tolist() == expected
+    assert advanced.tolist() == [1] * B and non_finite == 0
+
+
+def test_sample_rows_flags_nan_and_infinite_logits(cb):
+    rng = np.random.default_rng()
+    logits = rng.standard_normal((3, 500)).astype(np.float32)
+    for bad in (np.nan, np.inf):
+        poisoned = logits.copy()
+        poisoned[1, 321] = bad
+        assert sample_on_device(cb, poisoned, [(1.0, 0, 0.9)] * 3, rng.random(3))[2] == 1
+    assert sample_on_device(cb, logits, [(1.0, 0, 0.9)] * 3, rng.random(3))[2] == 0
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="the bundled model is not in this copy")
+def test_sampled_generate_decodes_through_the_graph(monkeypatch):
+    """generate() with sampling settings and a seed decodes through the captured graph (BatchDecoder, sampling on the
+    device) and gives the text of the model loop with the host sampler (which a routing override that changes
+    nothing forces)."""
+    cb = backends.load("cupy")
+    made = []
+
+    class Counted(cb.BatchDecoder):
+        def __init__(self, *args, **kwargs):
+            made.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(cb, "BatchDecoder", Counted)
+    model = Qwen3MoeForCausalLM(backend="cupy", max_tokens=256)
+    settings = dict(temperature=0.9, topk=40, topp=0.95, seed=int(np.random.default_rng().integers(2**31)))
+    graph_text, _ = model.generate("Speak of the sea.", max_steps=64, **settings)
+    assert made, "generate did not decode through BatchDecoder"
+    model.routing_override = RoutingOverride()
+    loop_text, _ = model.generate("Speak of the sea.", max_steps=64, **settings)
+    assert len(made) == 1
+    assert graph_text == loop_text
 
 
 @pytest.mark.parametrize("T", [7, 40])

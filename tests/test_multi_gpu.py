@@ -110,15 +110,22 @@ PASSAGE = ("ROMEO: But soft, what light through yonder window breaks? It is the 
            "fair sun, and kill the envious moon, who is already sick and pale with grief.")
 
 
-def batch_graph_tokens(model, prompts: list[list[int]], steps: int) -> list[list[int]]:
-    """Greedy tokens of several sequences: one batch round for the prompts, then the captured graph of the batch."""
-    tasks = [Qwen3MoeInferTask(p, temperature=0, end_tokens=[], max_new_tokens=steps) for p in prompts]
+SAMPLED = [(0.0, 1, 1.0), (0.8, 20, 0.9), (1.0, 0, 1.0), (1.2, 5, 0.8)]  # (temperature, topk, topp) by turns
+
+
+def batch_graph_tokens(model, prompts: list[list[int]], steps: int, sampled: bool = False) -> list[list[int]]:
+    """Tokens of several sequences: one batch round for the prompts, then the captured graph of the batch; greedy,
+    or with the SAMPLED settings by turns and fixed seeds."""
+    settings = [SAMPLED[j % len(SAMPLED)] if sampled else (0.0, 1, 1.0) for j in range(len(prompts))]
+    tasks = [Qwen3MoeInferTask(p, *settings[j], end_tokens=[], max_new_tokens=steps, seed=j)
+             for j, p in enumerate(prompts)]
     for t in tasks:
         t.bind_kvcache(Qwen3MoeKVCache(model, max_tokens=len(t.tokens) + steps))
     firsts = model.batch_infer_one_round(tasks)
-    args = ([t.kvcache for t in tasks], [t.pos for t in tasks], firsts)
-    decoder = (model._ranks.batch_greedy_decoder(*args) if model._ranks else
-               model._ops.BatchGreedyDecoder(model._state, *args))
+    args = ([t.kvcache for t in tasks], [t.pos for t in tasks], firsts,
+            [(t.temperature, t.topk, t.topp, t.rng) for t in tasks] if sampled else None)
+    decoder = (model._ranks.batch_decoder(*args) if model._ranks else
+               model._ops.BatchDecoder(model._state, *args))
     out = [[f] for f in firsts]
     for _ in range(steps - 1):
         for row, token in zip(out, decoder.step()):
@@ -128,18 +135,20 @@ def batch_graph_tokens(model, prompts: list[list[int]], steps: int) -> list[list
 
 @pytest.mark.parametrize("ndev, experts", SPLITS)
 def test_batch_graph_decoding_on_a_split_model(ndev, experts):
-    """20 sequences of different lengths decoded greedily through every rank's captured graph of the batch give one
-    GPU's tokens (at 20 tokens a step the projections and experts take the tensor-core paths inside the graph)."""
+    """20 sequences of different lengths decoded through every rank's captured graph of the batch give one GPU's
+    tokens (at 20 tokens a step the projections and experts take the tensor-core paths inside the graph): greedy, and
+    sampled on the device from rank 0's seeded draws over the logits gathered from every rank's vocabulary rows."""
     one = Qwen3MoeForCausalLM(device="nvidia")
     words = PASSAGE.split()
     prompts = [one.tokenizer.encode(" ".join(words[:n])) for n in range(2, 22)]
     try:
-        expected = batch_graph_tokens(one, prompts, 16)
+        expected = {sampled: batch_graph_tokens(one, prompts, 16, sampled) for sampled in (False, True)}
     finally:
         one.destroy_model_instance()
     m = Qwen3MoeForCausalLM(device="nvidia", ndev=ndev, experts=experts)
     try:
-        assert batch_graph_tokens(m, prompts, 16) == expected
+        for sampled in (False, True):
+            assert batch_graph_tokens(m, prompts, 16, sampled) == expected[sampled], f"sampled={sampled}"
     finally:
         m.destroy_model_instance()
 

@@ -1,5 +1,6 @@
-// Greedy decoding on the device, so that a captured decode step feeds its own next input: the argmax of the logits
-// (the lowest index on ties, as numpy.argmax), in two passes, then the step's bookkeeping.
+// Choosing the next token on the device, so that a captured decode step feeds its own next input: greedy decoding
+// (the argmax, the lowest index on ties as numpy.argmax) in two passes, or sampling (sample_rows, below), then the
+// step's bookkeeping.
 #include "common.cuh"
 
 __device__ __forceinline__ void keep_better(float& best, int& best_i, float v, int i) {
@@ -62,5 +63,306 @@ __global__ void greedy_advance(const float* __restrict__ best_val, const int* __
         next_id[row] = best_i;
         sampled[row] = best_i;
         tok_pos[row] += 1;
+    }
+}
+
+// ---- sampling: temperature -> top-k -> top-p -> draw, in the reference's order (qwen3moe/sampling.py) ---------------
+//
+// The reference sorts the vocabulary (larger logit first, lower id on ties) and walks it. Here one block per row
+// finds elements by their place in that order without sorting the row: the k-th for top-k, the one where the
+// running probability reaches top_p, the one where it passes the drawn number u. It does so with a radix select: a
+// histogram of counts (top-k) or of probability mass (the others) over 8 bits of the ordering key at a time narrows
+// the key down to one value in four passes over the row; only if several ids share that value, three more passes
+// over their ids pick one. When top-k keeps at most FEW tokens (Qwen3 samples with top_k = 20), those few are
+// gathered into shared memory and sorted there, and top-p and the draw walk them as the reference walks its sorted
+// list. Probabilities are computed in float64, as the reference does, and the histograms add them as integers in
+// units of 2^-40 (exact sums in any order, and integer atomics): with a hundred thousand tokens in play, float32
+// sums would move the drawn token by one now and then. The row (600 KB for Qwen3's vocabulary) stays in the L2 cache
+// between passes.
+
+constexpr int RADIX = 256;  // bins of one 8-bit digit
+constexpr int COPIES = 16;  // copies of the histogram, so that the lanes of a warp seldom add into the same bin
+constexpr int FEW = 1024;   // top-k sets this small are sorted in shared memory (one element per thread)
+constexpr int UNROLL = 8;   // logits each thread has in flight per pass
+constexpr double UNIT = 1099511627776.0;  // 2^40: the radix histograms' unit of weight (a probability of at most 1
+                                          // relative to the most likely token is at most 2^40 of them)
+
+// top_p is reached when the kept mass is within TOP_P_SLACK of it, as in the reference.
+constexpr double TOP_P_SLACK = 1e-6;
+
+// A logit's place in the order as an unsigned key: a smaller key for a larger logit; -0.0 counts as +0.0 (they tie in
+// the reference's comparisons).
+__device__ __forceinline__ unsigned order_key(float v) {
+    unsigned b = __float_as_uint(v);
+    if (b << 1 == 0) b = 0;
+    return (b & 0x80000000u) ? b : ~b & 0x7fffffffu;
+}
+
+__device__ __forceinline__ float key_value(unsigned key) {  // order_key's inverse
+    return __uint_as_float((key & 0x80000000u) ? key : ~key & 0x7fffffffu);
+}
+
+// (key, id) as one number: comparing two of them compares places in the order.
+__device__ __forceinline__ unsigned long long place(unsigned key, int id) {
+    return static_cast<unsigned long long>(key) << 32 | static_cast<unsigned>(id);
+}
+
+// f(i, row[i]) for every i < V, shared by the block; each thread loads UNROLL logits before using them, so that
+// enough loads are in flight to hide the memory's latency.
+template <class F>
+__device__ __forceinline__ void for_each(const float* __restrict__ row, int V, F f) {
+    for (int base = threadIdx.x; base < V; base += UNROLL * blockDim.x) {
+        float v[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int i = base + u * blockDim.x;
+            v[u] = i < V ? row[i] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+            if (base + u * blockDim.x < V) f(base + u * blockDim.x, v[u]);
+    }
+}
+
+template <class T, class Op>
+__device__ __forceinline__ T block_reduce(T v, Op op, T identity) {
+    __shared__ T partial[32];
+    for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    __syncthreads();  // partial[] may still be read by an earlier call
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = threadIdx.x % 32 < blockDim.x / 32 ? partial[threadIdx.x % 32] : identity;
+    for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+__device__ __forceinline__ unsigned long long block_min(unsigned long long v) {
+    return block_reduce(v, [](unsigned long long a, unsigned long long b) { return min(a, b); }, ~0ull);
+}
+
+__device__ __forceinline__ unsigned long long block_total(unsigned long long v) {
+    return block_reduce(v, [](unsigned long long a, unsigned long long b) { return a + b; }, 0ull);
+}
+
+// Running sum over the block, thread order: thread j gets v_0 + ... + v_j.
+__device__ __forceinline__ double block_inclusive_sum(double v) {
+    __shared__ double warp_total[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const double y = __shfl_up_sync(0xffffffffu, v, offset);
+        if (lane >= offset) v += y;
+    }
+    __syncthreads();  // warp_total[] may still be read by an earlier call
+    if (lane == 31) warp_total[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double w = lane < blockDim.x / 32 ? warp_total[lane] : 0.0;
+        for (int offset = 1; offset < 32; offset <<= 1) {
+            const double y = __shfl_up_sync(0xffffffffu, w, offset);
+            if (lane >= offset) w += y;
+        }
+        warp_total[lane] = w;
+    }
+    __syncthreads();
+    return warp > 0 ? v + warp_total[warp - 1] : v;
+}
+
+struct SampleScratch {  // one per block, in shared memory; the radix histograms and the few tokens take turns
+    union {
+        struct {
+            unsigned long long hist[RADIX][COPIES];
+            unsigned long long total[RADIX];
+        } radix;
+        struct {
+            unsigned long long place[FEW];  // sorted
+            double running[FEW];
+        } few;
+    };
+    unsigned chosen_bin;
+    unsigned long long chosen_before;
+    int n_few;
+};
+
+// Radix select. Among the ids i < n with in_set(i, v) (v = row[i]), taken in ascending order of digits(i, v), finds
+// the element where the running sum of weight(v) (an integer) passes t: the sum before it <= t < the sum through it
+// (or the last element of nonzero weight, when t is past the end). Returns its digits, reading 8 bits at a time
+// from bit top_shift + 7 down; t becomes what is left of it inside the elements that share those digits.
+template <class InSet, class Digits, class Weight>
+__device__ unsigned radix_select(SampleScratch& sh, const float* row, int n, int top_shift, InSet in_set,
+                                 Digits digits, Weight weight, unsigned long long& t) {
+    auto& hist = sh.radix.hist;
+    auto& total = sh.radix.total;
+    const int copy = threadIdx.x % COPIES;
+    unsigned prefix = 0, mask = 0;
+    for (int shift = top_shift; shift >= 0; shift -= 8) {
+        for (int j = threadIdx.x; j < RADIX * COPIES; j += blockDim.x) (&hist[0][0])[j] = 0;
+        __syncthreads();
+        for_each(row, n, [&](int i, float v) {
+            const unsigned d = digits(i, v);
+            if ((d & mask) == prefix && in_set(i, v)) atomicAdd(&hist[(d >> shift) & (RADIX - 1)][copy], weight(v));
+        });
+        __syncthreads();
+        for (int b = threadIdx.x; b < RADIX; b += blockDim.x) {
+            unsigned long long s = 0;
+            for (int c = 0; c < COPIES; ++c) s += hist[b][(c + b) % COPIES];  // rotated: fewer bank conflicts
+            total[b] = s;
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {  // lane l owns bins 8l .. 8l + 7: scan the lanes' sums, then walk the owner's bins
+            const int lane = threadIdx.x;
+            unsigned long long own = 0;
+            for (int q = 0; q < 8; ++q) own += total[8 * lane + q];
+            unsigned long long through = own;
+            for (int offset = 1; offset < 32; offset <<= 1) {
+                const unsigned long long y = __shfl_up_sync(0xffffffffu, through, offset);
+                if (lane >= offset) through += y;
+            }
+            const unsigned passes = __ballot_sync(0xffffffffu, own > 0 && through > t);
+            const unsigned filled = __ballot_sync(0xffffffffu, own > 0);
+            const int owner = passes ? __ffs(passes) - 1 : 31 - __clz(filled);
+            if (lane == owner) {
+                unsigned long long before = through - own, bin_before = 0;
+                int bin = 0;
+                for (int q = 0; q < 8; ++q) {
+                    const unsigned long long w = total[8 * lane + q];
+                    if (w == 0) continue;
+                    bin = 8 * lane + q, bin_before = before;
+                    if (before + w > t) break;
+                    before += w;
+                }
+                sh.chosen_bin = bin, sh.chosen_before = bin_before;
+            }
+        }
+        __syncthreads();
+        prefix |= sh.chosen_bin << shift, mask |= (RADIX - 1u) << shift;
+        t -= sh.chosen_before;
+        __syncthreads();  // everyone has read chosen_*
+    }
+    return prefix;
+}
+
+// The element of the set where the running weight, taken in the order, passes t (as in radix_select): its place.
+template <class InSet, class Weight>
+__device__ unsigned long long select_in_order(SampleScratch& sh, const float* row, int V, InSet in_set,
+                                              Weight weight, unsigned long long t) {
+    const unsigned key = radix_select(sh, row, V, 24, in_set, [](int, float v) { return order_key(v); }, weight, t);
+    unsigned long long count = 0, lowest = ~0ull;  // the ids that share the key: how many, and the lowest
+    for_each(row, V, [&](int i, float v) {
+        if (order_key(v) == key && in_set(i, v)) count += 1, lowest = min(lowest, static_cast<unsigned long long>(i));
+    });
+    count = block_total(count), lowest = block_min(lowest);
+    if (count <= 1) return place(key, static_cast<int>(lowest));
+    // ties: they share one weight w, so the pick is the n-th of them in id order, n = t / w
+    const unsigned long long w = weight(key_value(key));
+    unsigned long long n = min(w ? t / w : 0ull, count - 1);
+    const unsigned id = radix_select(
+        sh, row, V, 16, [&](int i, float v) { return order_key(v) == key && in_set(i, v); },
+        [](int i, float) { return static_cast<unsigned>(i); }, [](float) { return 1ull; }, n);
+    return place(key, static_cast<int>(id));
+}
+
+template <class InSet, class Weight>
+__device__ unsigned long long set_weight(const float* row, int V, InSet in_set, Weight weight) {
+    unsigned long long s = 0;
+    for_each(row, V, [&](int i, float v) {
+        if (in_set(i, v)) s += weight(v);
+    });
+    return block_total(s);
+}
+
+// Top-p and the draw over the at most FEW tokens placed up to ``last``, exactly as the reference walks its sorted
+// list: gathered, sorted by place (bitonic, one element per thread), running sums of their weights; keep the first
+// ones whose sum reaches top_p, then the first whose sum passes u times the kept sum. Needs blockDim.x == FEW.
+template <class Weight>
+__device__ unsigned long long draw_from_few(SampleScratch& sh, const float* row, int V, unsigned long long last,
+                                            Weight probability, float topp, float u) {
+    auto& few = sh.few.place;
+    const int j = threadIdx.x;
+    if (j == 0) sh.n_few = 0;
+    few[j] = ~0ull;
+    __syncthreads();
+    for_each(row, V, [&](int i, float v) {
+        const unsigned long long p = place(order_key(v), i);
+        if (p <= last) {
+            const int slot = atomicAdd(&sh.n_few, 1);
+            if (slot < FEW) few[slot] = p;
+        }
+    });
+    for (int size = 2; size <= FEW; size <<= 1) {
+        for (int stride = size / 2; stride > 0; stride >>= 1) {
+            __syncthreads();
+            const int partner = j ^ stride;
+            if (partner > j) {
+                const unsigned long long a = few[j], b = few[partner];
+                if ((a > b) == ((j & size) == 0)) few[j] = b, few[partner] = a;
+            }
+        }
+    }
+    __syncthreads();
+    const int n = min(sh.n_few, FEW);
+    const unsigned key = static_cast<unsigned>(few[j] >> 32);
+    const double running = block_inclusive_sum(j < n ? probability(key_value(key)) : 0.0);
+    sh.few.running[j] = running;
+    __syncthreads();
+    int keep = n;
+    if (topp < 1.0f) {
+        const double reach = (topp - TOP_P_SLACK) * sh.few.running[n - 1];
+        keep = 1 + static_cast<int>(min(block_min(j < n && running >= reach ? j : ~0ull), n - 1ull));
+    }
+    const double target = u * sh.few.running[keep - 1];
+    const int at = static_cast<int>(min(block_min(j < keep && running > target ? j : ~0ull), keep - 1ull));
+    return few[at];
+}
+
+// Row blockIdx.x of the logits (V of them, rows ``stride`` apart): its next token, drawn as the reference sampler
+// draws it from the same uniform number u = uniform[row]. Greedy where temperature == 0 or topk == 1; otherwise among
+// the tokens kept by top-k (0: all) and then top-p (1: all), each with probability exp((logit - max) / temperature)
+// / (their sum). The token becomes the row's next input, as in greedy_advance. Ids must be below 2^24. A NaN or +Inf
+// logit sets non_finite[0] = 1 (the host refuses the step).             grid (rows), block FEW (1024)
+__global__ void sample_rows(const float* __restrict__ logits, int V, int stride, const float* __restrict__ temperature,
+                            const int* __restrict__ topk, const float* __restrict__ topp,
+                            const float* __restrict__ uniform, long long* __restrict__ next_id,
+                            int* __restrict__ tok_pos, int* __restrict__ sampled, int* __restrict__ non_finite) {
+    __shared__ SampleScratch sh;
+    begin_after_previous();
+    const int r = blockIdx.x;
+    const float* row = logits + static_cast<long long>(r) * stride;
+    unsigned long long first = ~0ull;  // the argmax: the first place in the order
+    bool bad = false;
+    for_each(row, V, [&](int i, float v) {
+        bad |= isnan(v) || v == INFINITY;
+        first = min(first, place(order_key(v), i));
+    });
+    first = block_min(first);
+    unsigned long long pick = first;
+    if (__syncthreads_or(bad)) {
+        if (threadIdx.x == 0) non_finite[0] = 1;
+    } else if (temperature[r] != 0.0f && topk[r] != 1) {
+        const double top = key_value(static_cast<unsigned>(first >> 32)), inv_t = 1.0 / temperature[r];
+        const auto probability = [=](float v) { return exp((v - top) * inv_t); };  // relative to the top token's
+        const auto mass = [=](float v) { return static_cast<unsigned long long>(probability(v) * UNIT); };
+        const auto one = [](float) { return 1ull; };
+        unsigned long long last = ~0ull;  // the last kept place: every token up to it in the order is kept
+        const auto kept = [&](int i, float v) { return place(order_key(v), i) <= last; };
+        const int k = topk[r] > 0 && topk[r] < V ? topk[r] : V;
+        if (k < V) last = select_in_order(sh, row, V, kept, one, k - 1ull);
+        if (k <= FEW) {
+            pick = draw_from_few(sh, row, V, last, probability, topp[r], uniform[r]);
+        } else {
+            const auto part = [](double fraction, unsigned long long whole) {
+                return static_cast<unsigned long long>(fraction * static_cast<double>(whole));
+            };
+            if (topp[r] < 1.0f) {
+                const unsigned long long reach = part(topp[r] - TOP_P_SLACK, set_weight(row, V, kept, mass));
+                last = select_in_order(sh, row, V, kept, mass, reach);
+            }
+            pick = select_in_order(sh, row, V, kept, mass, part(uniform[r], set_weight(row, V, kept, mass)));
+        }
+    }
+    if (threadIdx.x == 0) {
+        const int id = static_cast<int>(pick & 0xffffffffu);
+        next_id[r] = id;
+        sampled[r] = id;
+        tok_pos[r] += 1;
     }
 }
