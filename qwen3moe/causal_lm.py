@@ -153,12 +153,13 @@ class Qwen3MoeForCausalLM:
         self._drop_captured_rounds()
         repeated = len(tasks) == len(self._previous_round) and all(a is b for a, b in zip(tasks, self._previous_round))
         self._previous_round = list(tasks)
-        able = self._ranks.can_decode_in_whole_steps if self._ranks else hasattr(self._ops, "BatchDecoder")
+        sampling = (None if all(is_greedy(t.temperature, t.topk) for t in tasks) else
+                    [(t.temperature, t.topk, t.topp, t.rng) for t in tasks])
+        able = (self._ranks.can_decode_in_whole_steps and (sampling is None or self._ranks.samples_in_whole_steps)
+                if self._ranks else hasattr(self._ops, "BatchDecoder"))
         if not (repeated and able and all(len(t.pending) == 1 for t in tasks) and self._routing_override is None
                 and not self.debugger.enabled and not self._router_stats.trace_enabled):
             return None
-        sampling = (None if all(is_greedy(t.temperature, t.topk) for t in tasks) else
-                    [(t.temperature, t.topk, t.topp, t.rng) for t in tasks])
         args = ([t.kvcache for t in tasks], [t.pos for t in tasks], [t.pending[0] for t in tasks], sampling)
         decoder = self._ranks.batch_decoder(*args) if self._ranks else self._ops.BatchDecoder(self._state, *args)
         self._rounds = CapturedRounds(list(tasks), args[0], decoder, args[2])
@@ -238,7 +239,7 @@ class Qwen3MoeForCausalLM:
         sampling = None if greedy else [(task.temperature, task.topk, task.topp, task.rng)]
         cache, pos = task.kvcache, task.pos
         if self._ranks:
-            able = self._ranks.can_decode_in_whole_steps
+            able = self._ranks.can_decode_in_whole_steps and (greedy or self._ranks.samples_in_whole_steps)
             return self._ranks.batch_decoder([cache], [pos], [token], sampling, one=True) if able else None
         if greedy and hasattr(self._ops, "GreedyDecoder"):
             return self._ops.GreedyDecoder(self._state, cache, pos, token)
