@@ -73,19 +73,19 @@ __global__ void greedy_advance(const float* __restrict__ best_val, const int* __
 // running probability reaches top_p, the one where it passes the drawn number u. It does so with a radix select: a
 // histogram of counts (top-k) or of probability mass (the others) over 8 bits of the ordering key at a time narrows
 // the key down to one value in four passes over the row; only if several ids share that value, three more passes
-// over their ids pick one. When top-k keeps at most FEW tokens (Qwen3 samples with top_k = 20), those few are
-// gathered into shared memory and sorted there, and top-p and the draw walk them as the reference walks its sorted
-// list. Probabilities are computed in float64, as the reference does, and the histograms add them as integers in
-// units of 2^-40 (exact sums in any order, and integer atomics): with a hundred thousand tokens in play, float32
-// sums would move the drawn token by one now and then. The row (600 KB for Qwen3's vocabulary) stays in the L2 cache
-// between passes.
+// over their ids pick one. When top-k keeps at most FEW tokens (Qwen3 samples with top_k = 20), the tokens whose
+// first 8 bits of key are those of the k-th token or better (its power-of-two range of logits and above: some
+// hundreds of 151,936 normally spread logits) are gathered into shared memory
+// and sorted there, and top-k, top-p and the draw walk them as the reference walks its sorted list.
+// Probabilities are computed in float64, as the reference does, and the histograms add them as integers in units of
+// 2^-45 for Qwen3's vocabulary (exact sums in any order): with a hundred thousand tokens in play, float32 sums would
+// move the drawn token by one now and then. The row (600 KB for Qwen3's vocabulary) stays in the L2 cache between
+// passes.
 
 constexpr int RADIX = 256;  // bins of one 8-bit digit
 constexpr int COPIES = 16;  // copies of the histogram, so that the lanes of a warp seldom add into the same bin
 constexpr int FEW = 1024;   // top-k sets this small are sorted in shared memory (one element per thread)
 constexpr int UNROLL = 8;   // logits each thread has in flight per pass
-constexpr double UNIT = 1099511627776.0;  // 2^40: the radix histograms' unit of weight (a probability of at most 1
-                                          // relative to the most likely token is at most 2^40 of them)
 
 // top_p is reached when the kept mass is within TOP_P_SLACK of it, as in the reference.
 constexpr double TOP_P_SLACK = 1e-6;
@@ -179,22 +179,23 @@ struct SampleScratch {  // one per block, in shared memory; the radix histograms
         } few;
     };
     unsigned chosen_bin;
-    unsigned long long chosen_before;
+    unsigned long long chosen_before, chosen_weight;
     int n_few;
 };
 
 // Radix select. Among the ids i < n with in_set(i, v) (v = row[i]), taken in ascending order of digits(i, v), finds
 // the element where the running sum of weight(v) (an integer) passes t: the sum before it <= t < the sum through it
 // (or the last element of nonzero weight, when t is past the end). Returns its digits, reading 8 bits at a time
-// from bit top_shift + 7 down; t becomes what is left of it inside the elements that share those digits.
+// from bit top_shift + 7 down to bit last_shift; t becomes what is left of it inside the elements that share those
+// digits, and sh.chosen_weight the weight of those elements.
 template <class InSet, class Digits, class Weight>
 __device__ unsigned radix_select(SampleScratch& sh, const float* row, int n, int top_shift, InSet in_set,
-                                 Digits digits, Weight weight, unsigned long long& t) {
+                                 Digits digits, Weight weight, unsigned long long& t, int last_shift = 0) {
     auto& hist = sh.radix.hist;
     auto& total = sh.radix.total;
     const int copy = threadIdx.x % COPIES;
     unsigned prefix = 0, mask = 0;
-    for (int shift = top_shift; shift >= 0; shift -= 8) {
+    for (int shift = top_shift; shift >= last_shift; shift -= 8) {
         for (int j = threadIdx.x; j < RADIX * COPIES; j += blockDim.x) (&hist[0][0])[j] = 0;
         __syncthreads();
         for_each(row, n, [&](int i, float v) {
@@ -230,7 +231,7 @@ __device__ unsigned radix_select(SampleScratch& sh, const float* row, int n, int
                     if (before + w > t) break;
                     before += w;
                 }
-                sh.chosen_bin = bin, sh.chosen_before = bin_before;
+                sh.chosen_bin = bin, sh.chosen_before = bin_before, sh.chosen_weight = total[bin];
             }
         }
         __syncthreads();
@@ -270,11 +271,12 @@ __device__ unsigned long long set_weight(const float* row, int V, InSet in_set, 
     return block_total(s);
 }
 
-// Top-p and the draw over the at most FEW tokens placed up to ``last``, exactly as the reference walks its sorted
-// list: gathered, sorted by place (bitonic, one element per thread), running sums of their weights; keep the first
-// ones whose sum reaches top_p, then the first whose sum passes u times the kept sum. Needs blockDim.x == FEW.
+// Top-k, top-p and the draw over the at most FEW tokens placed up to ``last``, exactly as the reference walks its
+// sorted list: gathered, sorted by place (bitonic, one element per thread); the first k of them; running sums of
+// their weights; keep the first ones whose sum reaches top_p, then the first whose sum passes u times the kept sum.
+// Needs blockDim.x == FEW.
 template <class Weight>
-__device__ unsigned long long draw_from_few(SampleScratch& sh, const float* row, int V, unsigned long long last,
+__device__ unsigned long long draw_from_few(SampleScratch& sh, const float* row, int V, unsigned long long last, int k,
                                             Weight probability, float topp, float u) {
     auto& few = sh.few.place;
     const int j = threadIdx.x;
@@ -299,7 +301,7 @@ __device__ unsigned long long draw_from_few(SampleScratch& sh, const float* row,
         }
     }
     __syncthreads();
-    const int n = min(sh.n_few, FEW);
+    const int n = min(min(sh.n_few, FEW), k);
     const unsigned key = static_cast<unsigned>(few[j] >> 32);
     const double running = block_inclusive_sum(j < n ? probability(key_value(key)) : 0.0);
     sh.few.running[j] = running;
@@ -319,10 +321,11 @@ __device__ unsigned long long draw_from_few(SampleScratch& sh, const float* row,
 // the tokens kept by top-k (0: all) and then top-p (1: all), each with probability exp((logit - max) / temperature)
 // / (their sum). The token becomes the row's next input, as in greedy_advance. Ids must be below 2^24. A NaN or +Inf
 // logit sets non_finite[0] = 1 (the host refuses the step).             grid (rows), block FEW (1024)
-__global__ void sample_rows(const float* __restrict__ logits, int V, int stride, const float* __restrict__ temperature,
-                            const int* __restrict__ topk, const float* __restrict__ topp,
-                            const float* __restrict__ uniform, long long* __restrict__ next_id,
-                            int* __restrict__ tok_pos, int* __restrict__ sampled, int* __restrict__ non_finite) {
+__global__ void __launch_bounds__(FEW) sample_rows(const float* __restrict__ logits, int V, int stride,
+                                                 const float* __restrict__ temperature, const int* __restrict__ topk,
+                                                 const float* __restrict__ topp, const float* __restrict__ uniform,
+                                                 long long* __restrict__ next_id, int* __restrict__ tok_pos,
+                                                 int* __restrict__ sampled, int* __restrict__ non_finite) {
     __shared__ SampleScratch sh;
     begin_after_previous();
     const int r = blockIdx.x;
@@ -340,15 +343,28 @@ __global__ void sample_rows(const float* __restrict__ logits, int V, int stride,
     } else if (temperature[r] != 0.0f && topk[r] != 1) {
         const double top = key_value(static_cast<unsigned>(first >> 32)), inv_t = 1.0 / temperature[r];
         const auto probability = [=](float v) { return exp((v - top) * inv_t); };  // relative to the top token's
-        const auto mass = [=](float v) { return static_cast<unsigned long long>(probability(v) * UNIT); };
+        // the histograms' unit of probability: as fine as V weights of at most 1 (the top token's) can sum in 63 bits
+        const double unit = ldexp(1.0, 63 - (32 - __clz(V)));
+        const auto mass = [=](float v) { return __double2ull_rn(probability(v) * unit); };
         const auto one = [](float) { return 1ull; };
         unsigned long long last = ~0ull;  // the last kept place: every token up to it in the order is kept
         const auto kept = [&](int i, float v) { return place(order_key(v), i) <= last; };
         const int k = topk[r] > 0 && topk[r] < V ? topk[r] : V;
-        if (k < V) last = select_in_order(sh, row, V, kept, one, k - 1ull);
         if (k <= FEW) {
-            pick = draw_from_few(sh, row, V, last, probability, topp[r], uniform[r]);
+            if (k < V && k <= FEW / 4) {  // the key's first 8 bits of the k-th token; if at most FEW tokens share
+                                          // those or better ones, gathering them is cheaper than an exact select
+                unsigned long long t = k - 1ull;
+                const auto all = [](int, float) { return true; };
+                const auto key = [](int, float v) { return order_key(v); };
+                const unsigned top_digit = radix_select(sh, row, V, 24, all, key, one, t, 24);
+                last = k - 1ull - t + sh.chosen_weight <= FEW ? place(top_digit | 0xffffffu, -1)
+                                                               : select_in_order(sh, row, V, kept, one, k - 1ull);
+            } else if (k < V) {
+                last = select_in_order(sh, row, V, kept, one, k - 1ull);
+            }
+            pick = draw_from_few(sh, row, V, last, k, probability, topp[r], uniform[r]);
         } else {
+            if (k < V) last = select_in_order(sh, row, V, kept, one, k - 1ull);
             const auto part = [](double fraction, unsigned long long whole) {
                 return static_cast<unsigned long long>(fraction * static_cast<double>(whole));
             };
