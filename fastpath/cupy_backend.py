@@ -532,7 +532,9 @@ class BatchDecoder:
             raise ValueError(f"vocab_size {c.vocab_size} is too large for the sampling kernel (ids below 2^24)")
         self.sampling = sampling
         if sampling is not None:  # (B,) settings per row, and the uniform numbers: the host's, then the device's
-            temperature, topk, topp, _ = zip(*sampling)  # the generators are read in step()
+            temperature, topk, topp, rngs = zip(*sampling)
+            self.draws = [(j, rng) for j, (t, k, rng) in enumerate(zip(temperature, topk, rngs))
+                          if rng is not None and not is_greedy(t, k)]  # the rows whose generator step() reads
             self.settings = (cp.asarray(np.array(temperature, np.float32)), cp.asarray(np.array(topk, np.int32)),
                              cp.asarray(np.array(topp, np.float32)))
             self.host_uniform = cp.cuda.alloc_pinned_memory(4 * B)
@@ -651,9 +653,8 @@ class BatchDecoder:
         B = len(self.positions)
         if self.sampling is not None:
             uniform = np.frombuffer(self.host_uniform, np.float32, B)
-            for j, (temperature, topk, _, rng) in enumerate(self.sampling):
-                if rng is not None and not is_greedy(temperature, topk):
-                    uniform[j] = rng.random()
+            for j, rng in self.draws:
+                uniform[j] = rng.random()
         self.graph.launch(self.stream)
         cp.cuda.runtime.memcpyAsync(self.host.ptr, self.sampled.data.ptr, 4 * (B + 1),
                                     cp.cuda.runtime.memcpyDeviceToHost, self.stream.ptr)
@@ -671,6 +672,8 @@ class BatchDecoder:
 
     def flush_stats(self, stats: RouterStats) -> None:
         """Add the routing counted on the device since the last flush to ``stats``."""
+        if self.steps == 0:  # nothing counted (reading the counters back would cost a copy per layer)
+            return
         tokens = self.steps * len(self.positions)
         for i, (counts, prob_sum, entropy) in self.stats.items():
             stats.add(i, counts.get().astype(np.int64), tokens, float(entropy.get()[0]), prob_sum.get())

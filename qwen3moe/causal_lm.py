@@ -153,12 +153,10 @@ class Qwen3MoeForCausalLM:
         self._drop_captured_rounds()
         repeated = len(tasks) == len(self._previous_round) and all(a is b for a, b in zip(tasks, self._previous_round))
         self._previous_round = list(tasks)
-        sampling = (None if all(is_greedy(t.temperature, t.topk) for t in tasks) else
-                    [(t.temperature, t.topk, t.topp, t.rng) for t in tasks])
-        able = (self._ranks.can_decode_in_whole_steps and (sampling is None or self._ranks.samples_in_whole_steps)
-                if self._ranks else hasattr(self._ops, "BatchDecoder"))
-        if not (repeated and able and all(len(t.pending) == 1 for t in tasks) and self._routing_override is None
-                and not self.debugger.enabled and not self._router_stats.trace_enabled):
+        sampling = sampling_rows(tasks)
+        able = self._ranks is not None or hasattr(self._ops, "BatchDecoder")
+        decoding = all(len(t.pending) == 1 for t in tasks)
+        if not (repeated and able and decoding and self._may_decode_in_whole_steps(sampling)):
             return None
         args = ([t.kvcache for t in tasks], [t.pos for t in tasks], [t.pending[0] for t in tasks], sampling)
         decoder = self._ranks.batch_decoder(*args) if self._ranks else self._ops.BatchDecoder(self._state, *args)
@@ -233,19 +231,25 @@ class Qwen3MoeForCausalLM:
         from ``token``, or None where it cannot take over. It routes as the config says, counts router statistics but
         keeps no per-token trace and runs no debug checks. Greedy decoding takes a backend's ``GreedyDecoder``;
         sampling its ``BatchDecoder`` (which draws from the task's generator as the host sampler would)."""
-        if self._routing_override is not None or self.debugger.enabled or self._router_stats.trace_enabled:
+        sampling = sampling_rows([task])
+        if not self._may_decode_in_whole_steps(sampling):
             return None
-        greedy = is_greedy(task.temperature, task.topk)
-        sampling = None if greedy else [(task.temperature, task.topk, task.topp, task.rng)]
         cache, pos = task.kvcache, task.pos
         if self._ranks:
-            able = self._ranks.can_decode_in_whole_steps and (greedy or self._ranks.samples_in_whole_steps)
-            return self._ranks.batch_decoder([cache], [pos], [token], sampling, one=True) if able else None
-        if greedy and hasattr(self._ops, "GreedyDecoder"):
+            return self._ranks.batch_decoder([cache], [pos], [token], sampling, one=True)
+        if sampling is None and hasattr(self._ops, "GreedyDecoder"):
             return self._ops.GreedyDecoder(self._state, cache, pos, token)
         if hasattr(self._ops, "BatchDecoder"):
             return OneSequence(self._ops.BatchDecoder(self._state, [cache], [pos], [token], sampling))
         return None
+
+    def _may_decode_in_whole_steps(self, sampling: list | None) -> bool:
+        """What a whole-step decoder needs beyond the backend offering one: the config's routing, no per-token trace,
+        no debug checks, and, on a split model, ranks that decode (and, to sample, sample) in whole steps."""
+        if self._routing_override is not None or self.debugger.enabled or self._router_stats.trace_enabled:
+            return False
+        return not self._ranks or (self._ranks.can_decode_in_whole_steps
+                                   and (sampling is None or self._ranks.samples_in_whole_steps))
 
     def _whole_step(self, whole_steps, task: Qwen3MoeInferTask) -> int:
         token = whole_steps.step()
@@ -324,6 +328,14 @@ class Qwen3MoeForCausalLM:
             raise RuntimeError("this model instance was destroyed; create a new Qwen3MoeForCausalLM")
         if self._ranks:
             self._ranks.check()
+
+
+def sampling_rows(tasks: list[Qwen3MoeInferTask]) -> list | None:
+    """A whole-step decoder's ``sampling`` for these tasks: None when all are greedy, else (temperature, topk, topp,
+    rng) per task."""
+    if all(is_greedy(t.temperature, t.topk) for t in tasks):
+        return None
+    return [(t.temperature, t.topk, t.topp, t.rng) for t in tasks]
 
 
 @dataclass

@@ -131,10 +131,8 @@ def test_batch_graph_decoder_matches_batch_rounds(cb, tiny_model_dir, B, sampled
         np.testing.assert_allclose(ours.entropy_sum[layer], theirs.entropy_sum[layer], rtol=1e-4)
 
 
-def test_batch_rounds_are_captured_and_replayed(cb, tiny_model_dir, monkeypatch):
-    """batch_infer_one_round captures a round whose tasks decode and are the tasks of the round before, and replays it
-    while they continue: as tasks finish and leave, the smaller set is captured again. Tokens and router statistics
-    equal the model loop's (which a routing override that changes nothing forces), greedy and sampled tasks mixed."""
+def count_batch_decoders(cb, monkeypatch) -> list[int]:
+    """The batch size of every BatchDecoder made from now on, in order."""
     made = []
 
     class Counted(cb.BatchDecoder):
@@ -143,6 +141,14 @@ def test_batch_rounds_are_captured_and_replayed(cb, tiny_model_dir, monkeypatch)
             super().__init__(state, caches, *args, **kwargs)
 
     monkeypatch.setattr(cb, "BatchDecoder", Counted)
+    return made
+
+
+def test_batch_rounds_are_captured_and_replayed(cb, tiny_model_dir, monkeypatch):
+    """batch_infer_one_round captures a round whose tasks decode and are the tasks of the round before, and replays it
+    while they continue: as tasks finish and leave, the smaller set is captured again. Tokens and router statistics
+    equal the model loop's (which a routing override that changes nothing forces), greedy and sampled tasks mixed."""
+    made = count_batch_decoders(cb, monkeypatch)
     model = Qwen3MoeForCausalLM(tiny_model_dir, backend="cupy")
     rng = np.random.default_rng()
     prompts = [rng.integers(0, 256, int(rng.integers(1, 12))).tolist() for _ in range(6)]
@@ -245,14 +251,7 @@ def test_sampled_generate_decodes_through_the_graph(monkeypatch):
     device) and gives the text of the model loop with the host sampler (which a routing override that changes
     nothing forces)."""
     cb = backends.load("cupy")
-    made = []
-
-    class Counted(cb.BatchDecoder):
-        def __init__(self, *args, **kwargs):
-            made.append(args)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(cb, "BatchDecoder", Counted)
+    made = count_batch_decoders(cb, monkeypatch)
     model = Qwen3MoeForCausalLM(backend="cupy", max_tokens=256)
     settings = dict(temperature=0.9, topk=40, topp=0.95, seed=int(np.random.default_rng().integers(2**31)))
     graph_text, _ = model.generate("Speak of the sea.", max_steps=64, **settings)

@@ -74,16 +74,22 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-__device__ __forceinline__ float block_sum(float v) {
-    __shared__ float partial[32];
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    v = warp_sum(v);
+// op(...) over the whole block (blockDim.x a multiple of 32, at most 1024), ``identity`` its neutral value; every
+// thread gets the result.
+template <class T, class Op>
+__device__ __forceinline__ T block_reduce(T v, Op op, T identity) {
+    __shared__ T partial[32];
+    for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
     __syncthreads();  // partial[] may still be read by an earlier call
-    if (lane == 0) partial[warp] = v;
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
     __syncthreads();
-    v = lane < warps ? partial[lane] : 0.0f;
-    return warp_sum(v);
+    v = threadIdx.x % 32 < blockDim.x / 32 ? partial[threadIdx.x % 32] : identity;
+    for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+__device__ __forceinline__ float block_sum(float v) {
+    return block_reduce(v, [](float a, float b) { return a + b; }, 0.0f);
 }
 
 // 1 / rms(x) = 1 / sqrt(mean(x^2) + eps) of one row, computed by one warp.

@@ -124,18 +124,6 @@ __device__ __forceinline__ void for_each(const float* __restrict__ row, int V, F
     }
 }
 
-template <class T, class Op>
-__device__ __forceinline__ T block_reduce(T v, Op op, T identity) {
-    __shared__ T partial[32];
-    for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    __syncthreads();  // partial[] may still be read by an earlier call
-    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
-    __syncthreads();
-    v = threadIdx.x % 32 < blockDim.x / 32 ? partial[threadIdx.x % 32] : identity;
-    for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    return v;
-}
-
 __device__ __forceinline__ unsigned long long block_min(unsigned long long v) {
     return block_reduce(v, [](unsigned long long a, unsigned long long b) { return min(a, b); }, ~0ull);
 }
