@@ -153,12 +153,11 @@ class Qwen3MoeForCausalLM:
         self._drop_captured_rounds()
         repeated = len(tasks) == len(self._previous_round) and all(a is b for a, b in zip(tasks, self._previous_round))
         self._previous_round = list(tasks)
-        sampling = sampling_rows(tasks)
         able = self._ranks is not None or hasattr(self._ops, "BatchDecoder")
         decoding = all(len(t.pending) == 1 for t in tasks)
-        if not (repeated and able and decoding and self._may_decode_in_whole_steps(sampling)):
+        if not (repeated and able and decoding and self._may_decode_in_whole_steps()):
             return None
-        args = ([t.kvcache for t in tasks], [t.pos for t in tasks], [t.pending[0] for t in tasks], sampling)
+        args = ([t.kvcache for t in tasks], [t.pos for t in tasks], [t.pending[0] for t in tasks], sampling_rows(tasks))
         decoder = self._ranks.batch_decoder(*args) if self._ranks else self._ops.BatchDecoder(self._state, *args)
         self._rounds = CapturedRounds(list(tasks), args[0], decoder, args[2])
         return self._rounds
@@ -231,10 +230,9 @@ class Qwen3MoeForCausalLM:
         from ``token``, or None where it cannot take over. It routes as the config says, counts router statistics but
         keeps no per-token trace and runs no debug checks. Greedy decoding takes a backend's ``GreedyDecoder``;
         sampling its ``BatchDecoder`` (which draws from the task's generator as the host sampler would)."""
-        sampling = sampling_rows([task])
-        if not self._may_decode_in_whole_steps(sampling):
+        if not self._may_decode_in_whole_steps():
             return None
-        cache, pos = task.kvcache, task.pos
+        sampling, cache, pos = sampling_rows([task]), task.kvcache, task.pos
         if self._ranks:
             return self._ranks.batch_decoder([cache], [pos], [token], sampling, one=True)
         if sampling is None and hasattr(self._ops, "GreedyDecoder"):
@@ -243,13 +241,12 @@ class Qwen3MoeForCausalLM:
             return OneSequence(self._ops.BatchDecoder(self._state, [cache], [pos], [token], sampling))
         return None
 
-    def _may_decode_in_whole_steps(self, sampling: list | None) -> bool:
+    def _may_decode_in_whole_steps(self) -> bool:
         """What a whole-step decoder needs beyond the backend offering one: the config's routing, no per-token trace,
-        no debug checks, and, on a split model, ranks that decode (and, to sample, sample) in whole steps."""
+        no debug checks, and, on a split model, ranks that decode in whole steps."""
         if self._routing_override is not None or self.debugger.enabled or self._router_stats.trace_enabled:
             return False
-        return not self._ranks or (self._ranks.can_decode_in_whole_steps
-                                   and (sampling is None or self._ranks.samples_in_whole_steps))
+        return not self._ranks or self._ranks.can_decode_in_whole_steps
 
     def _whole_step(self, whole_steps, task: Qwen3MoeInferTask) -> int:
         token = whole_steps.step()

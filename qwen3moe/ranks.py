@@ -242,11 +242,6 @@ class RankGroup:
                   tokens=[int(t) for t in tokens], sampling=settings)
         return GroupDecoder(self, self._guarded(self.rank.start_decoder, caches, positions, tokens, sampling), one)
 
-    # Sampling inside the ranks' captured steps (rank 0's uniform numbers broadcast, every rank's logits gathered) is
-    # built and has its test (tests/test_multi_gpu.py), but has not run on several GPUs yet: until it has, generate and
-    # batch rounds of a split model sample through the model loop, and decode in whole steps only greedily.
-    samples_in_whole_steps = False
-
     @property
     def can_decode_in_whole_steps(self) -> bool:
         ops = self.rank.ops.ops

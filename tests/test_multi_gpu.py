@@ -85,14 +85,21 @@ def test_split_model_matches_one_gpu(single, ndev, experts):
 
 
 def test_generate_and_batch_rounds_on_a_split_model():
+    """Greedy and seeded sampled generate, and batch rounds, on 2 GPUs (each decoded in captured steps on both ranks)
+    give one GPU's text and tokens."""
+    sampled = dict(temperature=0.8, topk=20, topp=0.9, seed=5)
     one = Qwen3MoeForCausalLM(device="nvidia")
     text, _ = one.generate("Tell me about the sea", max_steps=40, temperature=0)
+    sampled_text, _ = one.generate("Tell me about the sea", max_steps=40, **sampled)
     tasks_one = [Qwen3MoeInferTask(one.tokenizer.encode(p), temperature=0, end_tokens=[], max_new_tokens=6)
                  for p in ("ROMEO:", "What light through yonder window breaks?")]
     m = Qwen3MoeForCausalLM(device="nvidia", ndev=2, experts="etp")
     try:
         assert m.generate("Tell me about the sea", max_steps=40, temperature=0)[0] == text
         assert m._ranks.rank.decoder is not None  # the decode ran as captured graphs on both ranks
+        m._ranks.rank.decoder = None
+        assert m.generate("Tell me about the sea", max_steps=40, **sampled)[0] == sampled_text
+        assert m._ranks.rank.decoder.sampling is not None  # sampled in the captured graphs
         tasks = [Qwen3MoeInferTask(t.tokens, temperature=0, end_tokens=[], max_new_tokens=6) for t in tasks_one]
         for model, ts in ((one, tasks_one), (m, tasks)):
             for t in ts:
