@@ -26,7 +26,7 @@ KERNELS = {
     "moe.cu": ["route_topk", "group_by_expert", "moe_combine",
                *(f"expert_{p}<{{W}}, {m}>" for p in ("gate_up", "down") for m in MAXT)],
     "mma_few.cu": ["mma_few<LINEAR>", "mma_few<GATE_UP>", "mma_few<DOWN>"],
-    "attention.cu": ["qk_norm_rope_cache", "attention", "attention_combine"],
+    "attention.cu": ["qk_norm_rope_cache", "attention<1>", "attention<2>"],
     "attention_mma.cu": ["attention_mma<64>", "attention_mma<128>"],
     "sampling.cu": ["argmax_partial", "greedy_advance", "sample_rows"],
     "matmul.cu": ["mma_tiles<LINEAR>", "mma_tiles<GATE_UP>", "mma_tiles<DOWN>"],
@@ -37,7 +37,7 @@ OPTIONS = ("-std=c++17", f"-I{SOURCE_DIR}")
 LADDER_DIR = SOURCE_DIR / "ladder"
 LADDER_KERNELS = {
     "moe_gemv.cu": ["moe_gemv_v1", "moe_gemv_v2", "moe_gemv_v3"],
-    "attention_decode.cu": ["attention_v1"],
+    "attention_decode.cu": ["attention_v1", "attention_v2", "attention_v3_combine"],
     "router.cu": ["router_v1", "router_v2"],
 }
 

@@ -11,7 +11,7 @@ Two layout changes, both plain copies made during the upload: q, k and v project
 Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) are:
     linear                RMSNorm (fused) + projection, or projection + residual add        q/k/v, o_proj, lm_head
     qk_norm_rope_cache    q/k RMSNorm, RoPE, K/V written into the sequence's cache
-    attention (+combine)  grouped-query attention, keys split across blocks (flash-decoding)
+    attention             grouped-query attention, keys split across blocks and merged by the last (flash-decoding)
     attention_mma         prefill attention on the tensor cores (attention_mma.cu)
     linear + route_topk   RMSNorm + router GEMV; softmax + top-k (+ renormalise) + the experts' normalised input
     group_by_expert       a counting sort of the (token, slot) picks by expert (not needed for a single token)
@@ -55,7 +55,8 @@ xp = cp  # the array module of this backend's KV caches
 BLOCK = 256  # threads per block of every kernel
 NULL = np.uint64(0)  # a null pointer argument
 KEYS_PER_SPLIT = 32  # attention: the fewest keys worth a block of their own
-TARGET_BLOCKS = 264  # attention: enough blocks to fill 132 SMs twice over
+TARGET_BLOCKS = 264  # attention: keys split until there are this many blocks (132 SMs, twice over)
+MAX_KEYS_PER_SPLIT = 256  # attention at decode: and until no block has more keys than this
 MAX_ATTENTION_ROWS = 32  # attention: (query token, head) rows one block handles
 ATTENTION_MMA_HEAD_DIMS = (64, 128)  # the head_dim values attention_mma.cu is compiled for
 ATTENTION_MMA_MIN_TOKENS = 16  # a step with a segment this long (a prefill) runs attention on the tensor cores
@@ -352,7 +353,7 @@ class AttentionPlan:
 
     A step with a segment of at least ATTENTION_MMA_MIN_TOKENS tokens (a prefill) takes the tensor-core kernel
     (attention_mma.cu: tiles of 64 tokens, all keys in one pass) where head_dim allows; otherwise attention.cu's
-    kernel (tiles of 32 (token, head) rows, keys split across blocks and merged) serves decoding."""
+    kernel (tiles of up to 32 (token, head) rows, keys split across blocks and merged) serves decoding."""
 
     tok_pos: cp.ndarray  # (T,) int32
     tok_seq: cp.ndarray  # (T,) int32
@@ -361,6 +362,7 @@ class AttentionPlan:
     tile_rows: cp.ndarray  # (tiles,) int32
     splits: int
     chunk: int  # keys per split
+    rows: int  # the most (token, head) rows of a tile
     tensor_cores: bool = False  # attention_mma.cu
 
     @staticmethod
@@ -380,12 +382,21 @@ class AttentionPlan:
             seq += [j] * (stop - start)
             tiles += [(j, r, min(per_tile, stop - r)) for r in range(start, stop, per_tile)]
         blocks = len(tiles) * c.num_key_value_heads
-        splits = 1 if mma else max(1, min(math.ceil(max_keys / KEYS_PER_SPLIT), math.ceil(TARGET_BLOCKS / blocks)))
+        enough = math.ceil(TARGET_BLOCKS / blocks)
+        if max(stop - start for start, stop, _ in segments) == 1:  # decoding: partial results stay small
+            enough = max(enough, math.ceil(max_keys / MAX_KEYS_PER_SPLIT))
+        splits = 1 if mma else max(1, min(math.ceil(max_keys / KEYS_PER_SPLIT), enough))
         chunk = math.ceil(max_keys / splits / 32) * 32
         a = lambda v: cp.asarray(np.asarray(v, dtype=np.int32))
         tile_seq, tile_row, tile_rows = zip(*tiles)
         return AttentionPlan(a(pos), a(seq), a(tile_seq), a(tile_row), a(tile_rows), math.ceil(max_keys / chunk),
-                             chunk, mma)
+                             chunk, max(tile_rows) * c.num_attention_heads // c.num_key_value_heads, mma)
+
+    def shared_bytes(self, head_dim: int) -> int:
+        """Dynamic shared memory of attention.cu's kernel: the tile's queries, then two stages of 32 keys and values
+        (key rows padded by 4 floats), which the merge reuses for its weights (rows x splits, and rows)."""
+        dp = math.ceil(head_dim / 4) * 4
+        return 4 * (self.rows * dp + max(2 * 32 * (2 * dp + 4), self.rows * (self.splits + 1)))
 
 
 @dataclass
@@ -397,13 +408,14 @@ class AttentionBuffers:
     part_l: cp.ndarray  # (splits, T, Hq)
     attn: cp.ndarray  # (T, Hq D)
     xn: cp.ndarray  # (T, H) the normalised input, where the projection does not fuse the norm
+    arrivals: cp.ndarray  # (T, Hkv) uint32: blocks of a (tile, kv head) done, zero between launches
 
     @staticmethod
     def empty(T: int, c: Qwen3MoeConfig, splits: int) -> "AttentionBuffers":
         Hq, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         f = lambda *shape: cp.empty(shape, dtype=cp.float32)
         return AttentionBuffers(f(T, (Hq + 2 * Hkv) * D), f(T, Hq, D), f(splits, T, Hq, D), f(splits, T, Hq),
-                                f(splits, T, Hq), f(T, Hq * D), f(T, c.hidden_size))
+                                f(splits, T, Hq), f(T, Hq * D), f(T, c.hidden_size), cp.zeros((T, Hkv), cp.uint32))
 
 
 def attention_into(s: State, layer: Layer, x: cp.ndarray, plan: AttentionPlan, k_caches: cp.ndarray,
@@ -423,7 +435,7 @@ def attention_into(s: State, layer: Layer, x: cp.ndarray, plan: AttentionPlan, k
 
 def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_caches: cp.ndarray,
            b: AttentionBuffers) -> None:
-    """b.attn = grouped-query attention of the queries b.q over the caches: the key splits, then their merge."""
+    """b.attn = grouped-query attention of the queries b.q over the caches (the key splits, merged by the last)."""
     T, Hq, Hkv, D = b.q.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
     if plan.tensor_cores:
         kernel("attention_mma.cu", f"attention_mma<{D}>")(
@@ -431,16 +443,13 @@ def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_cache
                                                    plan.tile_row, plan.tile_rows, plan.tok_pos,
                                                    np.float32(D ** -0.5), b.attn))
         return
-    attention = kernel("attention.cu", "attention")
-    smem = 4 * (MAX_ATTENTION_ROWS * D + 32 * (2 * D + 1))
-    attention.max_dynamic_shared_size_bytes = smem
+    attention = kernel("attention.cu", f"attention<{1 if D <= 128 else 2}>")
+    smem = plan.shared_bytes(D)
+    attention.max_dynamic_shared_size_bytes = max(smem, attention.max_dynamic_shared_size_bytes)
     attention((plan.splits, Hkv, plan.tile_seq.shape[0]), (BLOCK,),
               (b.q, i32(Hq), i32(Hkv), i32(D), k_caches, v_caches, plan.tile_seq, plan.tile_row, plan.tile_rows,
-               plan.tok_pos, i32(T), i32(plan.chunk), np.float32(D ** -0.5), b.part_acc, b.part_m, b.part_l),
-              shared_mem=smem)
-    kernel("attention.cu", "attention_combine")(
-        (T, Hq), (min(1024, math.ceil(D / 32) * 32),),
-        (b.part_acc, b.part_m, b.part_l, i32(plan.splits), i32(T), i32(Hq), i32(D), b.attn))
+               plan.tok_pos, i32(T), i32(plan.chunk), np.float32(D ** -0.5), b.part_acc, b.part_m, b.part_l,
+               b.arrivals, b.attn), shared_mem=smem)
 
 
 # ---- the backend interface (see qwen3moe/backends.py) ----------------------------------------------------------------

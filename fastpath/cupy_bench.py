@@ -6,9 +6,9 @@ file is written). Our backend reads the very same memory: transformers 5 already
 (E, 2I, H) gate/up and (E, H, I) down, the layout our kernels take, so only q/k/v are stacked (a 1 GB copy).
 
 Measured: decode tokens/s at batch 1 and at larger batches (greedy, through a captured graph per step; the larger
-batches also one step at a time from Python), prefill of a long prompt, the weight bytes a decode step must read
-against the copy bandwidth, the same decode for transformers, and the time of each kernel of one batch-1 step
-against its own bytes.
+batches also one step at a time from Python), prefill of a long prompt and batch-1 decoding after it, the weight
+bytes a decode step must read against the copy bandwidth, the same decode for transformers, and the time of each
+kernel of one batch-1 step against its own bytes.
 """
 
 import json
@@ -175,12 +175,19 @@ def bench_ours(s: State, batches: list[int], steps: int, prompt_len: int, prefil
         log(f"ours batch {B}: {out[f'decode_b{B}_tokens_per_s']:.1f} tokens/s "
             f"(step by step: {out[f'decode_b{B}_steps_tokens_per_s']:.1f}; capturing the step: "
             f"{out[f'capture_b{B}_ms']:.0f} ms)")
-    cache = Cache(c, prefill_len)
+    cache = Cache(c, prefill_len + steps + 16)
     ids = rng.integers(0, c.vocab_size, prefill_len)
     forward_on_device(s, ids, [(0, prefill_len, 0)], [cache])  # warm
     out["prefill_ms"] = 1e3 * timed(lambda: forward_on_device(s, ids, [(0, prefill_len, 0)], [cache]))
     log(f"ours prefill {prefill_len}: {out['prefill_ms']:.1f} ms")
     out["profile_prefill"] = profile(lambda: forward_on_device(s, ids, [(0, prefill_len, 0)], [cache]), hold=False)
+    # batch 1 again, after the long prompt: attention now reads prefill_len cached positions per layer
+    first = int(forward_on_device(s, ids, [(0, prefill_len, 0)], [cache])[0])
+    decoder = cb.GreedyDecoder(s, cache, prefill_len, first)
+    decoder.step()
+    seconds = timed(lambda: [decoder.step() for _ in range(steps)])
+    out["decode_b1_long_tokens_per_s"] = steps / seconds
+    log(f"ours batch 1 after {prefill_len} tokens: {steps / seconds:.1f} tokens/s")
     return out
 
 
@@ -321,7 +328,8 @@ def run(args) -> int:
     print(f"batch 1 sampled on the device (temperature, top_k, top_p = {SAMPLED_B1}): "
           f"{ours['decode_b1_sampled_tokens_per_s']:.1f} tokens/s")
     print(f"bandwidth floor at batch 1: {1 / floor_b1:.0f} tokens/s; prefill of {args.prompt_len} tokens: "
-          f"{ours['prefill_ms']:.1f} ms")
+          f"{ours['prefill_ms']:.1f} ms; batch 1 after those {args.prompt_len} tokens: "
+          f"{ours['decode_b1_long_tokens_per_s']:.1f} tokens/s")
     print(f"sample_rows over {c.vocab_size} logits, per launch ((temperature, top_k, top_p) x rows: us):")
     for key, us in ours["sample_rows_us"].items():
         print(f"  {key:<24} {us:8.1f}")

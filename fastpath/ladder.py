@@ -140,23 +140,42 @@ def ladder_attention(L: int = 8192) -> list[Row]:
     addr = lambda a: cp.asarray(np.array([a.data.ptr], np.uint64))
     addresses = [(addr(kc), addr(vc)) for kc, vc in caches]
 
-    def production(splits: int):
+    def old_kernels(split: bool):  # v2 and v3: attention_v2 over one split or many, then attention_v3_combine
         plan = cb.AttentionPlan.build(c, [(0, 1, L - 1)], L)
-        if splits == 1:
+        if not split:
             plan.splits, plan.chunk = 1, L
         b = cb.AttentionBuffers.empty(1, c, plan.splits)
         b.q[...] = q
-        return b, lambda i: cb.attend(c, plan, *addresses[i % 3], b)
+        smem = 4 * (cb.MAX_ATTENTION_ROWS * D + 32 * (2 * D + 1))
+        attention = ladder_kernel("attention_decode.cu", "attention_v2")
+        attention.max_dynamic_shared_size_bytes = smem
 
-    b2, run2 = production(1)
-    b3, run3 = production(0)
+        def run(i):
+            k_cache, v_cache = addresses[i % 3]
+            attention((plan.splits, Hkv, 1), (256,), (b.q, np.int32(Hq), np.int32(Hkv), np.int32(D), k_cache,
+                                                      v_cache, plan.tile_seq, plan.tile_row, plan.tile_rows,
+                                                      plan.tok_pos, np.int32(1), np.int32(plan.chunk),
+                                                      np.float32(D ** -0.5), b.part_acc, b.part_m, b.part_l),
+                      shared_mem=smem)
+            ladder_kernel("attention_decode.cu", "attention_v3_combine")(
+                (1, Hq), (D,), (b.part_acc, b.part_m, b.part_l, np.int32(plan.splits), np.int32(1), np.int32(Hq),
+                                np.int32(D), b.attn))
+        return b, run
+
+    plan = cb.AttentionPlan.build(c, [(0, 1, L - 1)], L)
+    b4 = cb.AttentionBuffers.empty(1, c, plan.splits)
+    b4.q[...] = q
+    b2, run2 = old_kernels(False)
+    b3, run3 = old_kernels(True)
     versions = {
         "v1": ("a block per query head, scores via global memory", out, lambda i: ladder_kernel(
             "attention_decode.cu", "attention_v1")((Hq,), (256,), (q, caches[i % 3][0], caches[i % 3][1],
                                                                     np.int32(Hq), np.int32(Hkv), np.int32(D),
                                                                     np.int32(L), scratch, out))),
         "v2": ("a block per kv head: K/V read once for G heads, online softmax", b2.attn, run2),
-        "v3": (f"production: keys split over {b3.part_m.shape[0]} blocks per head + merge", b3.attn, run3),
+        "v3": (f"keys split over {b3.part_m.shape[0]} blocks per head, then a merge kernel", b3.attn, run3),
+        "v4": (f"production: {plan.splits} splits, the next stage in flight via cp.async, unpredicated row loops, "
+               "the last block merges", b4.attn, lambda i: cb.attend(c, plan, *addresses[i % 3], b4)),
     }
     rows = []
     for name, (why, result, run) in versions.items():

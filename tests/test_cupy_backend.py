@@ -288,7 +288,8 @@ def test_kernels_write_every_output(cb, tiny_model_dir, T, path, monkeypatch):
     plan = cb.AttentionPlan.build(config, [(0, T, pos)], pos + T)
     buffers = cb.AttentionBuffers.empty(T, config, plan.splits)
     for a in vars(buffers).values():
-        a.fill(np.nan)
+        if a.dtype == cp.float32:  # not the arrival counters, which must start at zero
+            a.fill(np.nan)
     y = cp.asarray(x)
     addr = lambda a: cp.asarray(np.array([a.data.ptr], np.uint64))
     cb.attention_into(s, s.layers[1], y, plan, addr(k), addr(v), buffers)
@@ -319,6 +320,51 @@ def test_long_context_attention_uses_many_splits(cb, tiny_model_dir):
     plan = cb.AttentionPlan.build(model.config, [(0, 1, 299)], 300)
     assert plan.splits > 1
     assert greedy(model, prompt, 8) == greedy(reference, prompt, 8)
+
+
+@pytest.mark.parametrize("heads, head_dim", [((32, 4), 128), ((6, 2), 18)])
+@pytest.mark.parametrize("decode", [True, False])
+def test_attention_kernel_matches_float64_attention(cb, heads, head_dim, decode):
+    """attention.cu against plain float64 attention on fresh random caches: one-token rows of sequences of many
+    lengths (decoding: keys split over many blocks, the last to finish merging them; sequences whose keys all sit in
+    one split; splits past a sequence's end), or those mixed with multi-token chunks whose rows see different key
+    ranges (rows that see nothing of a split). Qwen3's shapes, and a head_dim that is not a multiple of 4."""
+    import cupy as cp
+    from qwen3moe.config import config_from_dict
+
+    c = config_from_dict(dict(TINY_CONFIG, num_attention_heads=heads[0], num_key_value_heads=heads[1],
+                              head_dim=head_dim))
+    Hq, Hkv, D, G = c.num_attention_heads, c.num_key_value_heads, c.head_dim, heads[0] // heads[1]
+    rng = np.random.default_rng()
+    capacity = 1100
+    lengths = [(1, 1099), (1, 0), (1, 40), (1, 511)] + ([] if decode else [(5, 318), (9, 0), (3, 777)])
+    segments, row = [], 0
+    for n, first in lengths:
+        segments.append((row, row + n, first))
+        row += n
+    caches = [(rng.standard_normal((capacity, Hkv, D), dtype=np.float32),
+               rng.standard_normal((capacity, Hkv, D), dtype=np.float32)) for _ in segments]
+    q = rng.standard_normal((row, Hq, D), dtype=np.float32)
+    plan = cb.AttentionPlan.build(c, segments, capacity, tensor_cores=False)
+    assert plan.splits >= 4 and (decode or 320 % plan.chunk == 0)  # the 5-token chunk straddles a split
+    b = cb.AttentionBuffers.empty(row, c, plan.splits)
+    for a in vars(b).values():
+        if a.dtype == cp.float32:
+            a.fill(np.nan)
+    b.q[...] = cp.asarray(q)
+    device = [(cp.asarray(k), cp.asarray(v)) for k, v in caches]
+    addr = lambda arrays: cp.asarray(np.array([a.data.ptr for a in arrays], np.uint64))
+    for _ in range(2):  # twice: the arrival counters must be back at zero after a launch
+        cb.attend(c, plan, addr([k for k, _ in device]), addr([v for _, v in device]), b)
+    expected = np.empty((row, Hq, D))
+    for (start, stop, first), (k, v) in zip(segments, caches):
+        for t in range(start, stop):
+            seen = first + t - start + 1
+            for h in range(Hq):
+                scores = k[:seen, h // G].astype(np.float64) @ q[t, h].astype(np.float64) / np.sqrt(D)
+                p = np.exp(scores - scores.max())
+                expected[t, h] = p @ v[:seen, h // G] / p.sum()
+    close(b.attn.reshape(row, Hq, D), expected, "attention")
 
 
 def test_non_finite_logits_are_refused_in_graph_decoding(cb, tmp_path):

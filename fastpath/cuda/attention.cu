@@ -64,83 +64,146 @@ __global__ void __launch_bounds__(256) qk_norm_rope_cache(const float* __restric
     }
 }
 
-// Grouped-query attention of a tile of query tokens against one key range of their sequence's cache.
+// cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers, so a thread can have
+// all of its copies in flight at once and compute while they land. ``valid`` false writes 16 zero bytes instead.
+__device__ __forceinline__ void copy_async16(float* shared_dst, const float* src, bool valid) {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void copies_issued() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int PENDING>  // wait until at most PENDING committed groups of this thread's copies are still in flight
+__device__ __forceinline__ void copies_landed() { asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory"); }
+
+// Four floats of a head vector at dst/src, of which only the first n exist when D is not a multiple of 4 (then the
+// address is not 16-byte aligned either, and the elements go one at a time).
+__device__ __forceinline__ void store4(float* dst, float4 v, int n) {
+    if (n >= 4 && reinterpret_cast<unsigned long long>(dst) % 16 == 0) {
+        *reinterpret_cast<float4*>(dst) = v;
+        return;
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+        if (c < n) dst[c] = (&v.x)[c];
+}
+__device__ __forceinline__ float4 load4_cg(const float* src, int n) {  // from L2 (written by other blocks)
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+        if (c < n) (&v.x)[c] = __ldcg(src + c);
+    return v;
+}
+
+constexpr int KEYS = 32;           // keys per stage: one per lane when scoring
+constexpr int ROWS_PER_WARP = 4;   // a tile has R <= 32 = WARPS * ROWS_PER_WARP (query token, head) rows
+
+// Grouped-query attention of a tile of query tokens against one key range of their sequence's cache, and the merge
+// of the key ranges (flash-decoding).
 //
 // Block (split, kv head, tile): the tile's tokens (consecutive rows of one sequence) times the G = Hq / Hkv query
-// heads that share kv head h make R <= 32 rows; every key and value is read from the cache once for all of them
-// (staged in shared memory 32 keys at a time). Each row keeps an online softmax (running max m, sum l and the
-// unnormalised output acc) over keys [split * chunk, (split + 1) * chunk) that it may see (key <= its position); the
-// partial results of the splits are merged by attention_combine. Many splits keep the GPU busy at decode, when a
-// step has one query token per sequence; a prefill has enough tiles with one split.
-//                                  grid (splits, Hkv, tiles), block 256, dynamic smem (R * D + 32 * (2D + 1)) floats
-__global__ void __launch_bounds__(256) attention(const float* __restrict__ q, int Hq, int Hkv, int D,
-                                                 const float* const* k_caches, const float* const* v_caches,
-                                                 const int* __restrict__ tile_seq, const int* __restrict__ tile_row,
-                                                 const int* __restrict__ tile_rows, const int* __restrict__ tok_pos,
-                                                 int T, int chunk, float scale, float* __restrict__ part_acc,
-                                                 float* __restrict__ part_m, float* __restrict__ part_l) {
-    extern __shared__ float smem[];
-    begin_after_previous();
-    const int split = blockIdx.x, h = blockIdx.y, tile = blockIdx.z;
+// heads that share kv head h make R <= 32 rows; every key and value is read from the cache once for all of them.
+// Keys [split * chunk, (split + 1) * chunk) that the rows may see (key <= position) are staged in shared memory 32
+// at a time, in two stages: while the block computes on one, cp.async fills the other. Scores: lane j takes key j,
+// reading its key row as float4 (rows padded by 4 floats, so the 8 lanes of each 16-byte phase hit distinct banks).
+// Each row keeps an online softmax (running max m, sum l, unnormalised output acc).
+// Many splits keep the GPU busy at decode, when a step has one query token per sequence. The grid is sized for the
+// longest cache; splits past the tile's last position exit at once. Each other block writes its m, l and acc; the
+// last of a (tile, kv head) to finish -- counted in ``arrivals``, which it resets -- merges them into ``out``, so no
+// second kernel (and no second wait) is needed. When one split holds all the keys, that block writes ``out``.
+// D up to MAX_D; a D that is not a multiple of 4 (tiny test models) is staged with plain loads, zero-padded.
+// VEC_PER_LANE: 1 for D up to 128, 2 up to MAX_D (as few registers for the outputs as D allows).
+//                         grid (splits, Hkv, tiles), block 256, dynamic smem: see AttentionPlan.shared_bytes
+template <int VEC_PER_LANE>  // a lane holds dims 4 (lane + 32 i) .. + 3 of each of its rows' outputs, i < this
+__global__ void __launch_bounds__(256, 2) attention(const float* __restrict__ q, int Hq, int Hkv, int D,
+                                                    const float* const* k_caches, const float* const* v_caches,
+                                                    const int* __restrict__ tile_seq, const int* __restrict__ tile_row,
+                                                    const int* __restrict__ tile_rows, const int* __restrict__ tok_pos,
+                                                    int T, int chunk, float scale, float* __restrict__ part_acc,
+                                                    float* __restrict__ part_m, float* __restrict__ part_l,
+                                                    unsigned* __restrict__ arrivals, float* __restrict__ out) {
+    extern __shared__ __align__(16) float smem[];
+    // Before the wait: the plan and the positions (written by earlier steps, not by the kernel ahead) and the cached
+    // keys and values this block will read, asked into L2 (the kernel ahead writes one of those rows: L2 is where
+    // that write lands, so asking early is harmless). This takes the chain of dependent loads off the critical path.
+    const int split = blockIdx.x, h = blockIdx.y, tile = blockIdx.z, splits = gridDim.x;
     const int G = Hq / Hkv, row0 = tile_row[tile], ntok = tile_rows[tile], R = ntok * G;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, DP = (D + 3) / 4 * 4;
     const float* kc = k_caches[tile_seq[tile]];
     const float* vc = v_caches[tile_seq[tile]];
-    float* qs = smem;                // (R, D)
-    float* ks = qs + R * D;          // (32, D + 1): padded so that lane j reading key j hits its own bank
-    float* vs = ks + 32 * (D + 1);   // (32, D)
+    const int last_pos = tok_pos[row0 + ntok - 1];  // the tile's last token sees most
+    const int used = min(splits, last_pos / chunk + 1);  // the splits that hold keys this tile may see
+    if (split >= used) return;  // past the sequence's length (the grid is sized for the longest cache)
+    const int key_begin = split * chunk, key_end = min(key_begin + chunk, last_pos + 1);
+    const int stages = key_end > key_begin ? (key_end - key_begin + KEYS - 1) / KEYS : 0;
+    if (D % 4 == 0)
+        for (int i = threadIdx.x; i < 2 * (key_end - key_begin); i += blockDim.x)
+            prefetch_l2((i % 2 ? vc : kc) + (static_cast<long long>(key_begin + i / 2) * Hkv + h) * D, 4 * D);
+    begin_after_previous();
+    float* qs = smem;                          // (R, DP), zero past D
+    float* ks = qs + R * DP;                   // 2 stages of (KEYS, DP + 4)
+    float* vs = ks + 2 * KEYS * (DP + 4);      // 2 stages of (KEYS, DP)
 
-    for (int i = threadIdx.x; i < R * D; i += blockDim.x) {  // row r = (token r / G, head h * G + r % G)
-        const int r = i / D, d = i % D;
-        qs[i] = q[(static_cast<long long>(row0 + r / G) * Hq + h * G + r % G) * D + d];
+    auto stage = [&](int s) {  // keys key_begin + s * KEYS + [0, KEYS) into stage s % 2; keys past key_end as zeros
+        float* kd = ks + s % 2 * KEYS * (DP + 4);
+        float* vd = vs + s % 2 * KEYS * DP;
+        const int k0 = key_begin + s * KEYS;
+        if (D % 4 == 0) {
+            for (int i = threadIdx.x; i < KEYS * (D / 4); i += blockDim.x) {
+                const int j = i / (D / 4), d = i % (D / 4) * 4, key = k0 + j;
+                const long long at = (static_cast<long long>(key < key_end ? key : 0) * Hkv + h) * D + d;
+                copy_async16(kd + j * (DP + 4) + d, kc + at, key < key_end);
+                copy_async16(vd + j * DP + d, vc + at, key < key_end);
+            }
+        } else {
+            for (int i = threadIdx.x; i < KEYS * DP; i += blockDim.x) {
+                const int j = i / DP, d = i % DP, key = k0 + j;
+                const bool valid = key < key_end && d < D;
+                const long long at = (static_cast<long long>(key) * Hkv + h) * D + d;
+                kd[j * (DP + 4) + d] = valid ? kc[at] : 0.0f;
+                vd[j * DP + d] = valid ? vc[at] : 0.0f;
+            }
+        }
+        copies_issued();
+    };
+    if (stages > 0) stage(0);
+    for (int i = threadIdx.x; i < R * DP; i += blockDim.x) {  // row r = (token r / G, head h * G + r % G)
+        const int r = i / DP, d = i % DP;
+        qs[i] = d < D ? q[(static_cast<long long>(row0 + r / G) * Hq + h * G + r % G) * D + d] : 0.0f;
     }
-    const int key_begin = split * chunk;
-    const int key_end = min(key_begin + chunk, tok_pos[row0 + ntok - 1] + 1);  // the tile's last token sees most
 
-    constexpr int ROWS_PER_WARP = 4;  // R <= 32 = WARPS * ROWS_PER_WARP
-    float m[ROWS_PER_WARP], l[ROWS_PER_WARP], acc[ROWS_PER_WARP][D_PER_LANE];
+    float m[ROWS_PER_WARP], l[ROWS_PER_WARP];
+    float4 acc[ROWS_PER_WARP][VEC_PER_LANE];
+    int row_pos[ROWS_PER_WARP];  // the position of row warp + WARPS j's token: it sees keys up to there
 #pragma unroll
     for (int j = 0; j < ROWS_PER_WARP; ++j) {
         m[j] = -INFINITY, l[j] = 0.0f;
+        row_pos[j] = warp + WARPS * j < R ? tok_pos[row0 + (warp + WARPS * j) / G] : 0;
 #pragma unroll
-        for (int i = 0; i < D_PER_LANE; ++i) acc[j][i] = 0.0f;
+        for (int i = 0; i < VEC_PER_LANE; ++i) acc[j][i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
-    for (int k0 = key_begin; k0 < key_end; k0 += 32) {
-        __syncthreads();  // the previous keys are no longer read
-        if (D % 4 == 0) {  // 16-byte loads
-            for (int i = threadIdx.x; i < 8 * D; i += blockDim.x) {
-                const int j = i / (D / 4), d = i % (D / 4) * 4, key = k0 + j;
-                const long long at = (static_cast<long long>(key) * Hkv + h) * D + d;
-                const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                const float4 k4 = key < key_end ? *reinterpret_cast<const float4*>(kc + at) : zero;
-                const float4 v4 = key < key_end ? *reinterpret_cast<const float4*>(vc + at) : zero;
-                float* kd = ks + j * (D + 1) + d;  // padded rows: not 16-byte aligned
-                kd[0] = k4.x, kd[1] = k4.y, kd[2] = k4.z, kd[3] = k4.w;
-                *reinterpret_cast<float4*>(vs + j * D + d) = v4;
-            }
+    for (int s = 0; s < stages; ++s) {
+        if (s + 1 < stages) {
+            stage(s + 1);  // its buffer was last read in iteration s - 1, which ended with a barrier
+            copies_landed<1>();
         } else {
-            for (int i = threadIdx.x; i < 32 * D; i += blockDim.x) {
-                const int j = i / D, d = i % D, key = k0 + j;
-                const long long at = (static_cast<long long>(key) * Hkv + h) * D + d;
-                ks[j * (D + 1) + d] = key < key_end ? kc[at] : 0.0f;
-                vs[j * D + d] = key < key_end ? vc[at] : 0.0f;
-            }
+            copies_landed<0>();
         }
-        __syncthreads();
+        __syncthreads();  // stage s (and the queries) written by every thread
+        const float* kt = ks + s % 2 * KEYS * (DP + 4);
+        const float* vt = vs + s % 2 * KEYS * DP;
+        const int key = key_begin + s * KEYS + lane;
 #pragma unroll
-        for (int j = 0; j < ROWS_PER_WARP; ++j) {
+        for (int j = 0; j < ROWS_PER_WARP; ++j) {  // a warp's rows r = warp + WARPS j (one at decode, G <= 8)
             const int r = warp + WARPS * j;
-            if (r >= R) break;
-            const int key = k0 + lane;
-            const bool visible = key < key_end && key <= tok_pos[row0 + r / G];
-            float part[4] = {};  // four independent sums: a chain of D dependent additions would stall
-            int d = 0;
-            for (; d + 3 < D; d += 4)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) part[i] += qs[r * D + d + i] * ks[lane * (D + 1) + d + i];
-            for (; d < D; ++d) part[0] += qs[r * D + d] * ks[lane * (D + 1) + d];
-            float score = (part[0] + part[1]) + (part[2] + part[3]);
-            score = visible ? score * scale : -INFINITY;
+            if (r >= R) break;  // the same for the whole warp: a branch, not predicated copies of the loop
+            float dot[4] = {};  // four sums: a quarter of the chain of dependent adds
+#pragma unroll 8
+            for (int d = 0; d < DP; d += 4) {  // unrolled: eight keys' and queries' float4 loads in flight
+                const float4 k4 = *reinterpret_cast<const float4*>(kt + lane * (DP + 4) + d);
+                const float4 q4 = *reinterpret_cast<const float4*>(qs + r * DP + d);  // the same for every lane
+                dot[0] += q4.x * k4.x, dot[1] += q4.y * k4.y, dot[2] += q4.z * k4.z, dot[3] += q4.w * k4.w;
+            }
+            const bool visible = key < key_end && key <= row_pos[j];
+            const float score = visible ? ((dot[0] + dot[1]) + (dot[2] + dot[3])) * scale : -INFINITY;
             const float m_new = fmaxf(m[j], warp_max(score));
             if (m_new == -INFINITY) continue;  // nothing visible yet
             const float p = visible ? expf(score - m_new) : 0.0f;
@@ -148,50 +211,95 @@ __global__ void __launch_bounds__(256) attention(const float* __restrict__ q, in
             l[j] = l[j] * alpha + warp_sum(p);
             m[j] = m_new;
 #pragma unroll
-            for (int i = 0; i < D_PER_LANE; ++i) acc[j][i] *= alpha;
-            for (int key_j = 0; key_j < 32; ++key_j) {
-                const float pj = __shfl_sync(0xffffffffu, p, key_j);
+            for (int i = 0; i < VEC_PER_LANE; ++i)
+                acc[j][i].x *= alpha, acc[j][i].y *= alpha, acc[j][i].z *= alpha, acc[j][i].w *= alpha;
+#pragma unroll 8
+            for (int kj = 0; kj < KEYS; ++kj) {  // unrolled: eight values' loads in flight
+                const float pj = __shfl_sync(0xffffffffu, p, kj);
 #pragma unroll
-                for (int i = 0; i < D_PER_LANE; ++i) {
-                    const int d = lane + 32 * i;
-                    if (d < D) acc[j][i] += pj * vs[key_j * D + d];
+                for (int i = 0; i < VEC_PER_LANE; ++i) {
+                    const int d = 4 * (lane + 32 * i);
+                    if (d >= DP) continue;
+                    const float4 v4 = *reinterpret_cast<const float4*>(vt + kj * DP + d);
+                    acc[j][i].x += pj * v4.x, acc[j][i].y += pj * v4.y, acc[j][i].z += pj * v4.z,
+                        acc[j][i].w += pj * v4.w;
                 }
             }
         }
+        __syncthreads();  // every warp is done with this stage before it is refilled
     }
+
+    // Row r's result: with one split the output (acc / l), otherwise this split's partial (m, l, acc).
+    const bool alone = used == 1;
+    const long long stride = static_cast<long long>(T) * Hq;  // between splits of the partial results
 #pragma unroll
     for (int j = 0; j < ROWS_PER_WARP; ++j) {
         const int r = warp + WARPS * j;
         if (r >= R) break;
-        const long long at = (static_cast<long long>(split) * T + row0 + r / G) * Hq + h * G + r % G;
-        if (lane == 0) part_m[at] = m[j], part_l[at] = l[j];
+        const long long th = static_cast<long long>(row0 + r / G) * Hq + h * G + r % G;
+        const long long at = alone ? th : split * stride + th;
+        if (!alone && lane == 0) part_m[at] = m[j], part_l[at] = l[j];
+        float* dst = (alone ? out : part_acc) + at * D;
+        const float div = alone ? l[j] : 1.0f;
 #pragma unroll
-        for (int i = 0; i < D_PER_LANE; ++i) {
-            const int d = lane + 32 * i;
-            if (d < D) part_acc[at * D + d] = acc[j][i];
+        for (int i = 0; i < VEC_PER_LANE; ++i) {
+            const int d = 4 * (lane + 32 * i);
+            if (d < D)
+                store4(dst + d, make_float4(acc[j][i].x / div, acc[j][i].y / div, acc[j][i].z / div,
+                                            acc[j][i].w / div), D - d);
         }
     }
-}
+    if (alone) return;
 
-// out[t, head, :] = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s over the splits s that saw any key.
-// Splits with no visible key left m = -inf and l = 0 and drop out.      grid (T, Hq), block D rounded up to 32
-__global__ void attention_combine(const float* __restrict__ part_acc, const float* __restrict__ part_m,
-                                  const float* __restrict__ part_l, int splits, int T, int Hq, int D,
-                                  float* __restrict__ out) {
-    begin_after_previous();
-    const long long th = static_cast<long long>(blockIdx.x) * Hq + blockIdx.y;
-    const long long stride = static_cast<long long>(T) * Hq;
-    float M = -INFINITY;
-    for (int s = 0; s < splits; ++s) M = fmaxf(M, part_m[s * stride + th]);
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float num = 0.0f, den = 0.0f;
-        for (int s = 0; s < splits; ++s) {
-            const float ms = part_m[s * stride + th];
-            if (ms == -INFINITY) continue;
-            const float w = expf(ms - M);
-            num += w * part_acc[(s * stride + th) * D + d];
-            den += w * part_l[s * stride + th];
+    // The last block of this (tile, kv head) to arrive merges the splits that saw any key:
+    // out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s, M the largest m_s.
+    __shared__ bool is_last;
+    __threadfence();  // this block's partial results are visible to the block that merges
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(arrivals + tile * Hkv + h, 1u) == used - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    float* weight = smem + R * DP;  // (R, used), in the stages' memory
+    float* den = weight + R * used;  // (R,)
+    for (int r = warp; r < R; r += WARPS) {  // a warp per row, its lanes over the splits
+        const long long th = static_cast<long long>(row0 + r / G) * Hq + h * G + r % G;
+        float M = -INFINITY;
+        for (int s = lane; s < used; s += 32) M = fmaxf(M, __ldcg(part_m + s * stride + th));
+        M = warp_max(M);
+        float sum = 0.0f;
+        for (int s = lane; s < used; s += 32) {
+            const float ms = __ldcg(part_m + s * stride + th);
+            const float w = ms == -INFINITY ? 0.0f : expf(ms - M);  // a split that saw no key of this row
+            weight[r * used + s] = w;
+            sum += w * __ldcg(part_l + s * stride + th);
         }
-        out[th * D + d] = num / den;
+        sum = warp_sum(sum);
+        if (lane == 0) den[r] = sum;
     }
+    __syncthreads();
+    for (int i = threadIdx.x; i < R * DP / 4; i += blockDim.x) {  // a thread per 4 outputs, 8 splits in flight
+        const int r = i / (DP / 4), d = i % (DP / 4) * 4;
+        const long long th = static_cast<long long>(row0 + r / G) * Hq + h * G + r % G;
+        const float* part = part_acc + th * D + d;
+        const long long split_stride = stride * D;
+        float4 num = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (D % 4 == 0) {  // aligned float4 loads, none of them waiting on another
+#pragma unroll 8
+            for (int s = 0; s < used; ++s) {
+                const float w = weight[r * used + s];
+                const float4 a = __ldcg(reinterpret_cast<const float4*>(part + s * split_stride));
+                num.x += w * a.x, num.y += w * a.y, num.z += w * a.z, num.w += w * a.w;
+            }
+        } else {
+            for (int s = 0; s < used; ++s) {
+                const float w = weight[r * used + s];
+                const float4 a = load4_cg(part + s * split_stride, D - d);
+                num.x += w * a.x, num.y += w * a.y, num.z += w * a.z, num.w += w * a.w;
+            }
+        }
+        const float sum = den[r];
+        store4(out + th * D + d, make_float4(num.x / sum, num.y / sum, num.z / sum, num.w / sum), D - d);
+    }
+    if (threadIdx.x == 0) arrivals[tile * Hkv + h] = 0;  // ready for the next launch
 }
