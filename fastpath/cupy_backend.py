@@ -371,9 +371,9 @@ class AttentionPlan:
         """``segments``: (first row, end row, first position) per sequence; ``max_keys``: the most keys any query
         may see (the grid is sized for it: a captured step passes the cache capacity); ``tensor_cores``: which
         kernel (None: chosen by the step's shape, as above; the kernel ladder compares both)."""
+        longest = max(stop - start for start, stop, _ in segments)
         mma = tensor_cores if tensor_cores is not None else (
-            c.head_dim in ATTENTION_MMA_HEAD_DIMS and
-            max(stop - start for start, stop, _ in segments) >= ATTENTION_MMA_MIN_TOKENS)
+            c.head_dim in ATTENTION_MMA_HEAD_DIMS and longest >= ATTENTION_MMA_MIN_TOKENS)
         per_tile = MMA_ATTENTION_TOKENS if mma else max(
             1, MAX_ATTENTION_ROWS // (c.num_attention_heads // c.num_key_value_heads))
         pos, seq, tiles = [], [], []
@@ -383,7 +383,7 @@ class AttentionPlan:
             tiles += [(j, r, min(per_tile, stop - r)) for r in range(start, stop, per_tile)]
         blocks = len(tiles) * c.num_key_value_heads
         enough = math.ceil(TARGET_BLOCKS / blocks)
-        if max(stop - start for start, stop, _ in segments) == 1:  # decoding: partial results stay small
+        if longest == 1:  # decoding: partial results stay small
             enough = max(enough, math.ceil(max_keys / MAX_KEYS_PER_SPLIT))
         splits = 1 if mma else max(1, min(math.ceil(max_keys / KEYS_PER_SPLIT), enough))
         chunk = math.ceil(max_keys / splits / 32) * 32
@@ -445,7 +445,8 @@ def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_cache
         return
     attention = kernel("attention.cu", f"attention<{1 if D <= 128 else 2}>")
     smem = plan.shared_bytes(D)
-    attention.max_dynamic_shared_size_bytes = max(smem, attention.max_dynamic_shared_size_bytes)
+    if smem > attention.max_dynamic_shared_size_bytes:  # raised once, for the largest plan so far
+        attention.max_dynamic_shared_size_bytes = smem
     attention((plan.splits, Hkv, plan.tile_seq.shape[0]), (BLOCK,),
               (b.q, i32(Hq), i32(Hkv), i32(D), k_caches, v_caches, plan.tile_seq, plan.tile_row, plan.tile_rows,
                plan.tok_pos, i32(T), i32(plan.chunk), np.float32(D ** -0.5), b.part_acc, b.part_m, b.part_l,
