@@ -23,7 +23,7 @@ MAXT = (1, 8)  # tokens per pass of the GEMV kernels: 1 for batch-1 decode, 8 ot
 
 KERNELS = {
     "linear.cu": ["embed<{W}>", "rms_norm", *(f"linear<{{W}}, {m}>" for m in MAXT)],
-    "moe.cu": ["route_topk", "group_by_expert", "moe_combine",
+    "moe.cu": [*(f"route_topk<{c}>" for c in (4, 8, 16)), "group_by_expert", "moe_combine",
                *(f"expert_{p}<{{W}}, {m}>" for p in ("gate_up", "down") for m in MAXT)],
     "mma_few.cu": ["mma_few<LINEAR>", "mma_few<GATE_UP>", "mma_few<DOWN>"],
     "attention.cu": ["qk_norm_rope_cache", "attention<1>", "attention<2>"],

@@ -313,9 +313,10 @@ def route(s: State, gate: cp.ndarray, norm: cp.ndarray, x: cp.ndarray, top_k: in
     experts' normalised input. ``stats``: device accumulators (counts, prob_sum, entropy) or None."""
     c, T = s.config, x.shape[0]
     H, E, g = c.hidden_size, c.num_experts, b.grouping
-    linear(s, x, gate, b.logits, norm=norm, scratch=b.xn)  # route_topk writes b.xn again, with the same values
+    linear(s, x, gate, b.logits, norm=norm, scratch=b.xn)  # route_topk writes b.xn again
     slots = (g.slot_expert, g.slot_offset, g.pair_src, g.pair_token, g.n_slots) if T == 1 else (NULL,) * 5
-    kernel("moe.cu", "route_topk")(
+    chunks = next(n for n in (4, 8, 16) if 32 * n >= E)  # a lane's experts (MAX_EXPERTS = 32 x 16)
+    kernel("moe.cu", f"route_topk<{chunks}>")(
         (T,), (BLOCK,),
         (b.logits, x, i32(H), norm, np.float32(c.rms_norm_eps), i32(E), i32(top_k), i32(c.norm_topk_prob),
          NULL if disabled is None else disabled, b.xn, b.probs, b.topk_ids, g.pair_weight,

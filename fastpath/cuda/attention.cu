@@ -22,9 +22,17 @@ __global__ void __launch_bounds__(256) qk_norm_rope_cache(const float* __restric
                                                           const int* __restrict__ tok_seq, float* const* k_caches,
                                                           float* const* v_caches, float* __restrict__ q_out) {
     extern __shared__ float scratch[];  // one head vector per warp
-    begin_after_previous();
     const int t = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = D / 2;
+    // The rotation needs only the position, written kernels ahead (see common.cuh): computed while the q/k/v
+    // projection ahead still runs.
     const int pos = tok_pos[t], seq = tok_seq[t];
+    float cos_d[D_PER_LANE], sin_d[D_PER_LANE];
+#pragma unroll
+    for (int j = 0; j < D_PER_LANE; ++j) {
+        const int d = lane + 32 * j;
+        sincosf(d < D ? static_cast<float>(pos) * inv_freq[d % half] : 0.0f, &sin_d[j], &cos_d[j]);
+    }
+    begin_after_previous();
     const float* row = qkv + static_cast<long long>(t) * (Hq + 2 * Hkv) * D;
     float* head_vec = scratch + warp * D;
     for (int h = blockIdx.y * WARPS + warp; h < min(Hq + 2 * Hkv, (blockIdx.y + 1) * WARPS); h += WARPS) {
@@ -56,9 +64,8 @@ __global__ void __launch_bounds__(256) qk_norm_rope_cache(const float* __restric
         for (int j = 0; j < D_PER_LANE; ++j) {
             const int d = lane + 32 * j;
             if (d >= D) break;
-            const float angle = static_cast<float>(pos) * inv_freq[d % half];
             const float rotated = d < half ? -head_vec[d + half] : head_vec[d - half];
-            dst[d] = head_vec[d] * cosf(angle) + rotated * sinf(angle);
+            dst[d] = head_vec[d] * cos_d[j] + rotated * sin_d[j];
         }
         __syncwarp();
     }

@@ -7,7 +7,6 @@
 #include "common.cuh"
 
 constexpr int WARPS = 8;  // every block is 256 threads
-constexpr int MAX_EXPERTS = 512;  // route_topk keeps a token's router probabilities in one warp's registers
 
 // Per token (one block each), after the router logits (T, E) were computed by the projection kernel (linear.cu, with
 // the RMSNorm fused): mask ``disabled`` experts; softmax over all experts in float32; the top_k experts, ties to the
@@ -17,7 +16,11 @@ constexpr int MAX_EXPERTS = 512;  // route_topk keeps a token's router probabili
 // With one token (``slots`` non-null) the K picks are already grouped -- each is its own slot -- and written as such,
 // which saves the grouping kernel at batch-1 decode. On a rank of a split model that holds experts [expert_lo,
 // expert_hi) (expert parallelism), only the picks of those experts become slots, numbered from expert_lo.
-//                                                               grid (T), block 256, dynamic smem top_k floats
+//
+// The routing is a chain of dependent steps in one warp (a batch-1 step waits for it), so it is kept short: warp 0
+// starts on it at once while the other warps compute xn, and CHUNKS = ceil(E / 32) rounded up to 4, 8 or 16 sizes
+// its unrolled loops to the experts there are.       grid (T), block 256, dynamic smem top_k floats
+template <int CHUNKS>
 __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logits, const float* __restrict__ x, int H,
                                                   const float* __restrict__ norm_weight, float eps, int E, int top_k,
                                                   int norm_topk_prob, const unsigned char* __restrict__ disabled,
@@ -28,19 +31,30 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
                                                   int* pair_src, int* pair_token, int* n_slots, int expert_lo,
                                                   int expert_hi) {
     extern __shared__ float chosen_weight[];  // (top_k,)
+    __shared__ float partial[32];
     begin_after_previous();
     const long long t = blockIdx.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-    const float inv = block_inv_rms(x + t * H, H, eps);
-    for (int k = threadIdx.x; k < H; k += blockDim.x) xn[t * H + k] = norm_weight[k] * (x[t * H + k] * inv);
-    if (warp != 0) return;  // softmax and top-k in one warp, the probabilities in its registers
+    if (warp != 0) {  // warps 1, 2, ...: xn = RMSNorm(x), synchronised among themselves only (barrier 1)
+        const int threads = blockDim.x - 32;
+        float ss = 0.0f;
+        for (int k = threadIdx.x - 32; k < H; k += threads) ss += x[t * H + k] * x[t * H + k];
+        ss = warp_sum(ss);
+        if (lane == 0) partial[warp] = ss;
+        asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
+        ss = 0.0f;
+        for (int w = 1; w < blockDim.x / 32; ++w) ss += partial[w];
+        const float inv = 1.0f / sqrtf(ss / H + eps);
+        for (int k = threadIdx.x - 32; k < H; k += threads) xn[t * H + k] = norm_weight[k] * (x[t * H + k] * inv);
+        return;
+    }
 
     // lane holds experts lane, lane + 32, ...: every loop over i below is unrolled, so p stays in registers
-    float p[MAX_EXPERTS / 32];
+    float p[CHUNKS];
     float m = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < MAX_EXPERTS / 32; ++i) {
+    for (int i = 0; i < CHUNKS; ++i) {
         const int e = lane + 32 * i;
         p[i] = e < E && !(disabled && disabled[e]) ? logits[t * E + e] : -INFINITY;
         m = fmaxf(m, p[i]);
@@ -48,11 +62,11 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
     m = warp_max(m);
     float s = 0.0f;
 #pragma unroll
-    for (int i = 0; i < MAX_EXPERTS / 32; ++i) s += lane + 32 * i < E ? expf(p[i] - m) : 0.0f;
+    for (int i = 0; i < CHUNKS; ++i) s += lane + 32 * i < E ? expf(p[i] - m) : 0.0f;
     s = warp_sum(s);
-    double entropy = 0.0;
+    float entropy = 0.0f;
 #pragma unroll
-    for (int i = 0; i < MAX_EXPERTS / 32; ++i) {
+    for (int i = 0; i < CHUNKS; ++i) {
         const int e = lane + 32 * i;
         if (e >= E) {
             p[i] = -2.0f;  // no such expert: never chosen
@@ -61,11 +75,11 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
         const float prob = expf(p[i] - m) / s;
         probs[t * E + e] = prob;
         if (stat_prob_sum) atomicAdd(stat_prob_sum + e, static_cast<double>(prob));
-        entropy -= static_cast<double>(prob) * log(fmax(static_cast<double>(prob), 1e-30));
+        entropy -= prob * logf(fmaxf(prob, 1e-30f));
         p[i] = disabled && disabled[e] ? -1.0f : prob;  // disabled experts are never chosen, even at p = 0
     }
-    for (int offset = 16; offset > 0; offset >>= 1) entropy += __shfl_xor_sync(0xffffffffu, entropy, offset);
-    if (stat_entropy_sum && lane == 0) atomicAdd(stat_entropy_sum, entropy);
+    entropy = warp_sum(entropy);
+    if (stat_entropy_sum && lane == 0) atomicAdd(stat_entropy_sum, static_cast<double>(entropy));
 
     float total = 0.0f;
     int held = 0;  // slots written: the picks of this rank's experts
@@ -73,7 +87,7 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
         float best = -1.0f;
         int best_e = E;
 #pragma unroll
-        for (int i = 0; i < MAX_EXPERTS / 32; ++i)  // increasing ids: ">" keeps the lowest of equals
+        for (int i = 0; i < CHUNKS; ++i)  // increasing ids: ">" keeps the lowest of equals
             if (p[i] > best) best = p[i], best_e = lane + 32 * i;
         for (int offset = 16; offset > 0; offset >>= 1) {
             const float other = __shfl_xor_sync(0xffffffffu, best, offset);
@@ -81,7 +95,7 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
             if (other > best || (other == best && other_e < best_e)) best = other, best_e = other_e;
         }
 #pragma unroll
-        for (int i = 0; i < MAX_EXPERTS / 32; ++i)
+        for (int i = 0; i < CHUNKS; ++i)
             if (lane + 32 * i == best_e) p[i] = -1.0f;  // taken
         if (lane == 0) {
             chosen_weight[j] = best;
@@ -106,33 +120,47 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
 // weighted sum (moe_combine) adds a token's K results in slot-number order.
 // For the tensor-core kernels (matmul.cu) it also lists tiles of at most ``tile_rows`` pairs of one slot:
 // tile_slot, tile_row (the first pair) and n_tiles[0]. Only experts [expert_lo, expert_hi) get slots (a rank's own
-// experts under expert parallelism), numbered from expert_lo.             grid (1), block 1024, smem 2E ints
+// experts under expert parallelism), numbered from expert_lo. Thread e places expert e: where its slot, pairs and
+// tiles start are prefix sums over the experts before it, computed by the whole block at once.
+//                                                                grid (1), block 1024 (at least E), smem 2E ints
 __global__ void group_by_expert(const int* __restrict__ topk_ids, int P, int K, int E, int* __restrict__ slot_expert,
                                 int* __restrict__ slot_offset, int* __restrict__ pair_src, int* __restrict__ pair_token,
                                 int* __restrict__ n_slots, int tile_rows, int* __restrict__ tile_slot,
                                 int* __restrict__ tile_row, int* __restrict__ n_tiles, int expert_lo, int expert_hi) {
     extern __shared__ int counts[];  // (E,) picks, then (E,) write cursors
     int* cursor = counts + E;
+    __shared__ int3 warp_total[32];  // (slots, pairs, tiles) of each warp's experts
     begin_after_previous();
     for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = 0;
     __syncthreads();
     for (int p = threadIdx.x; p < P; p += blockDim.x) atomicAdd(&counts[topk_ids[p]], 1);
     __syncthreads();
-    if (threadIdx.x == 0) {
-        int s = 0, offset = 0, tiles = 0;
-        for (int e = expert_lo; e < expert_hi; ++e) {
-            cursor[e] = offset;
-            if (counts[e]) {
-                for (int r = 0; r < counts[e]; r += tile_rows) tile_slot[tiles] = s, tile_row[tiles++] = offset + r;
-                slot_expert[s] = e - expert_lo;
-                slot_offset[s++] = offset;
-                offset += counts[e];
-            }
-        }
-        slot_offset[s] = offset;
-        n_slots[0] = s;
-        n_tiles[0] = tiles;
+
+    const int e = threadIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int n = e >= expert_lo && e < expert_hi ? counts[e] : 0;  // this thread's expert's picks
+    int3 mine = make_int3(n > 0, n, (n + tile_rows - 1) / tile_rows), before = mine;  // inclusive, then exclusive
+    for (int offset = 1; offset < 32; offset <<= 1) {  // inclusive scan within the warp
+        const int3 other = make_int3(__shfl_up_sync(0xffffffffu, before.x, offset),
+                                     __shfl_up_sync(0xffffffffu, before.y, offset),
+                                     __shfl_up_sync(0xffffffffu, before.z, offset));
+        if (lane >= offset) before.x += other.x, before.y += other.y, before.z += other.z;
     }
+    if (lane == 31) warp_total[warp] = before;
+    __syncthreads();
+    before.x -= mine.x, before.y -= mine.y, before.z -= mine.z;
+    int3 all = make_int3(0, 0, 0);
+    for (int w = 0; w < blockDim.x / 32; ++w) {
+        if (w == warp) before.x += all.x, before.y += all.y, before.z += all.z;
+        all.x += warp_total[w].x, all.y += warp_total[w].y, all.z += warp_total[w].z;
+    }
+    if (n > 0) {
+        const int s = before.x, offset = before.y;
+        cursor[e] = offset;
+        slot_expert[s] = e - expert_lo;
+        slot_offset[s] = offset;
+        for (int r = 0, tile = before.z; r < n; r += tile_rows, ++tile) tile_slot[tile] = s, tile_row[tile] = offset + r;
+    }
+    if (threadIdx.x == 0) slot_offset[all.x] = all.y, n_slots[0] = all.x, n_tiles[0] = all.z;
     __syncthreads();
     for (int p = threadIdx.x; p < P; p += blockDim.x) {
         if (topk_ids[p] < expert_lo || topk_ids[p] >= expert_hi) continue;  // another rank's expert
