@@ -35,21 +35,8 @@ __device__ __forceinline__ void load_b_transposed(unsigned (&b)[2], const bf16_t
 
 // 4 floats as bf16 hi and lo halves, 4 of each packed in 8 bytes.
 __device__ __forceinline__ void split4(const float4& x, uint2& hi, uint2& lo) {
-    const float v[4] = {x.x, x.y, x.z, x.w};
-    unsigned h[4], l[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        h[e] = to_bf16(v[e]);
-        l[e] = to_bf16(v[e] - widen(static_cast<bf16_t>(h[e])));
-    }
-    hi = make_uint2(h[0] | h[1] << 16, h[2] | h[3] << 16), lo = make_uint2(l[0] | l[1] << 16, l[2] | l[3] << 16);
-}
-
-// (x0, x1) as bf16 pairs: hi = (x0, x1) rounded, lo = the rounding errors rounded.
-__device__ __forceinline__ void split2(float x0, float x1, unsigned& hi, unsigned& lo) {
-    const bf16_t h0 = to_bf16(x0), h1 = to_bf16(x1);
-    hi = h0 | static_cast<unsigned>(h1) << 16;
-    lo = to_bf16(x0 - widen(h0)) | static_cast<unsigned>(to_bf16(x1 - widen(h1))) << 16;
+    split2(x.x, x.y, hi.x, lo.x);
+    split2(x.z, x.w, hi.y, lo.y);
 }
 
 // d += a_hi b_hi + a_hi b_lo + a_lo b_hi, the small terms first.

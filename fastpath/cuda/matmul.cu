@@ -75,17 +75,13 @@ __global__ void __launch_bounds__(128) mma_tiles(const float* __restrict__ a, in
 
     float acc[SLOTS][2][4][4] = {};  // [product][16-row block][8-column block][fragment]
     for (int k0 = 0; k0 < K; k0 += TK) {
-        __align__(16) bf16_t hi[16], lo[16];
+        __align__(16) unsigned hi[8], lo[8];  // 16 columns as bf16 pairs
 #pragma unroll
         for (int v = 0; v < 4; ++v) {
             const float4 x4 = a_row ? *reinterpret_cast<const float4*>(a_row + k0 + half + 4 * v)
                                     : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            const float x[4] = {x4.x, x4.y, x4.z, x4.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                hi[4 * v + i] = to_bf16(x[i]);
-                lo[4 * v + i] = to_bf16(x[i] - widen(hi[4 * v + i]));
-            }
+            split2(x4.x, x4.y, hi[2 * v], lo[2 * v]);
+            split2(x4.z, x4.w, hi[2 * v + 1], lo[2 * v + 1]);
         }
         uint4* dst_hi = reinterpret_cast<uint4*>(As + r * LD + half);
         uint4* dst_lo = reinterpret_cast<uint4*>(As + TM * LD + r * LD + half);

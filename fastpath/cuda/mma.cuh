@@ -1,4 +1,4 @@
-// The tensor-core instruction both tensor-core kernels use (matmul.cu, mma_few.cu), and the float32 -> bf16 split
+// The tensor-core instruction the tensor-core kernels use (matmul.cu, mma_few.cu, attention_mma.cu), and the float32 -> bf16 split
 // that lets float32 activations through it at float32-like accuracy.
 //
 // mma.sync m16n8k16 bf16 with float32 accumulators, as inline PTX (the wmma headers are not part of every CUDA
@@ -12,10 +12,17 @@
 // The products a tensor-core kernel computes (see matmul.cu for what each one writes).
 enum Mode { LINEAR = 0, GATE_UP = 1, DOWN = 2 };
 
-// float32 -> bf16 bits, rounded to nearest even (finite inputs).
-__device__ __forceinline__ bf16_t to_bf16(float x) {
-    const unsigned u = __float_as_uint(x);
-    return static_cast<bf16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+// (x0, x1) as pairs of bf16 in one 32-bit word each (x0 in the lower half): hi = (x0, x1) rounded to nearest even,
+// lo = the rounding errors rounded. The hardware converts two floats in one instruction (cvt.rn.bf16x2.f32), which
+// matters: a decode-sized product splits every activation again in each block that reads it.
+__device__ __forceinline__ unsigned to_bf16x2(float x0, float x1) {
+    unsigned d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(x1), "f"(x0));  // the first source goes to the upper half
+    return d;
+}
+__device__ __forceinline__ void split2(float x0, float x1, unsigned& hi, unsigned& lo) {
+    hi = to_bf16x2(x0, x1);
+    lo = to_bf16x2(x0 - __uint_as_float(hi << 16), x1 - __uint_as_float(hi & 0xffff0000u));
 }
 
 // d += a (16x16, row-major) * b (16x8, column-major), bf16 inputs, float32 accumulators. Fragment layout (PTX ISA,

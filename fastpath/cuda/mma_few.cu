@@ -34,12 +34,7 @@ __device__ __forceinline__ void split8(const float* p, unsigned (&hi)[4], unsign
         x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const bf16_t h0 = to_bf16(x[2 * i]), h1 = to_bf16(x[2 * i + 1]);
-        const bf16_t l0 = to_bf16(x[2 * i] - widen(h0)), l1 = to_bf16(x[2 * i + 1] - widen(h1));
-        hi[i] = h0 | static_cast<unsigned>(h1) << 16;
-        lo[i] = l0 | static_cast<unsigned>(l1) << 16;
-    }
+    for (int i = 0; i < 4; ++i) split2(x[2 * i], x[2 * i + 1], hi[i], lo[i]);
 }
 
 // One k-step of one 16-row weight tile: w[0], w[1] are the lane's 8 weights of rows g and g + 8, x its token's 8
