@@ -26,6 +26,7 @@ KERNELS = {
     "moe.cu": [*(f"route_topk<{c}>" for c in (4, 8, 16)), "group_by_expert", "moe_combine",
                *(f"expert_{p}<{{W}}, {m}>" for p in ("gate_up", "down") for m in MAXT)],
     "mma_few.cu": ["mma_few<LINEAR>", "mma_few<GATE_UP>", "mma_few<DOWN>"],
+    "mma_batch.cu": ["mma_batch"],
     "attention.cu": ["qk_norm_rope_cache", "attention<1>", "attention<2>"],
     "attention_mma.cu": ["attention_mma<64>", "attention_mma<128>"],
     "sampling.cu": ["argmax_partial", "greedy_advance", "sample_rows"],

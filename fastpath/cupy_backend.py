@@ -20,6 +20,8 @@ Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) ar
     moe_combine           the weighted sum over a token's experts and the residual add, in a fixed order
     mma_few               small steps (see linear_path, expert_path): the projections and experts on the tensor
                           cores, weights as the 16-row operand and 8 tokens as the columns (mma_few.cu)
+    mma_batch             the projections of a decode batch (16-64 tokens): every token in each block, the
+                          activations shared through shared memory, K split over blocks (mma_batch.cu)
     mma_tiles             larger steps (prefill): 64-token tiles on the tensor cores (matmul.cu)
     argmax_partial + greedy_advance, or sample_rows    a decoded row's next token, chosen on the device
 Kernels captured into a graph are launched with programmatic dependent launch allowed (``cuda_build.Kernel``).
@@ -27,7 +29,7 @@ Kernel ladders that build up to the central ones step by step: ``python -m fastp
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -63,6 +65,8 @@ ATTENTION_MMA_MIN_TOKENS = 16  # a step with a segment this long (a prefill) run
 MMA_ATTENTION_TOKENS = 64  # query tokens per block of attention_mma.cu
 GEMV_MAX_TOKENS = 16  # projections of fewer tokens run on linear.cu's GEMV
 FEW_TOKENS = 64  # projections of up to this many tokens run on mma_few.cu, beyond on matmul.cu's tiles
+BATCH_MIN_TOKENS, BATCH_MAX_TOKENS = 2, 16  # projections of these many tokens run on mma_batch.cu (its MAX_TOKENS)
+BATCH_ROWS, BATCH_KSPLIT = 64, 256  # mma_batch.cu: weight rows of a block, k of a split
 FEW_PICKS_PER_EXPERT = 16  # likewise the experts, by the picks per expert on average
 TILE = 64  # rows and outputs of one tensor-core tile
 MAX_EXPERTS = 512  # route_topk holds a token's router probabilities in one warp's registers (moe.cu)
@@ -95,6 +99,17 @@ class State:
     expert_lo: int = 0  # the experts held are [expert_lo, expert_hi): a block of them under expert parallelism
     expert_hi: int = MAX_EXPERTS
     first_vocab_row: int = 0  # the token id of lm_head's first row
+    # mma_batch.cu's workspace: each split's partial sums, and per row block the splits done
+    split_partial: cp.ndarray = field(init=False)
+    split_arrivals: cp.ndarray = field(init=False)
+
+    def __post_init__(self):
+        """Allocate the workspace once, for the largest layer projection of BATCH_MAX_TOKENS tokens: a captured
+        graph keeps its address, so it never grows (a product it does not fit takes another kernel)."""
+        shapes = [w.shape for l in self.layers for w in (l.qkv, l.o_proj, l.router) if w is not None]
+        self.split_partial = cp.empty(max([batch_splits(K) * BATCH_MAX_TOKENS * N for N, K in shapes], default=0),
+                                      cp.float32)
+        self.split_arrivals = cp.zeros(max([math.ceil(N / BATCH_ROWS) for N, _ in shapes], default=0), cp.uint32)
 
 
 def upload(w: np.ndarray) -> cp.ndarray:
@@ -146,14 +161,29 @@ def i32(v) -> np.int32:
     return np.int32(v)
 
 
-def linear_path(s: State, tokens: int, K: int) -> str:
-    """Which kernel computes a projection of ``tokens`` rows: "gemv" (linear.cu, CUDA cores, the RMSNorm fused) below
-    GEMV_MAX_TOKENS (measured faster there: a 32-row block per 8 tokens leaves small matrices too few blocks), for
-    float32 weights, or for a K that is not whole 32-column steps; "few" (mma_few.cu) up to FEW_TOKENS; "tiles"
-    (matmul.cu, 64-token tiles) beyond."""
-    if s.wtype != "bf16_t" or K % 32 or tokens < GEMV_MAX_TOKENS:
+def batch_splits(K: int) -> int:
+    return math.ceil(K / BATCH_KSPLIT)
+
+
+def linear_path(s: State, tokens: int, K: int, N: int) -> str:
+    """Which kernel computes a projection of ``tokens`` rows: "batch" (mma_batch.cu) from BATCH_MIN_TOKENS to
+    BATCH_MAX_TOKENS where its workspace holds the product's partial sums (not the lm_head); otherwise "gemv"
+    (linear.cu, CUDA cores, the RMSNorm fused) below GEMV_MAX_TOKENS (measured faster there than mma_few.cu: a
+    32-row block per 8 tokens leaves small matrices too few blocks), for float32 weights, or for a K that is not
+    whole 32-column steps; "few" (mma_few.cu) up to FEW_TOKENS; "tiles" (matmul.cu, 64-token tiles) beyond."""
+    if s.wtype != "bf16_t" or K % 32:
+        return "gemv"
+    if tokens >= BATCH_MIN_TOKENS and batch_fits(s, tokens, K, N):
+        return "batch"
+    if tokens < GEMV_MAX_TOKENS:
         return "gemv"
     return "few" if tokens <= FEW_TOKENS else "tiles"
+
+
+def batch_fits(s: State, tokens: int, K: int, N: int) -> bool:
+    """Whether mma_batch.cu takes this many tokens and its workspace holds the product's partial sums."""
+    return (tokens <= BATCH_MAX_TOKENS and batch_splits(K) * tokens * N <= s.split_partial.size
+            and math.ceil(N / BATCH_ROWS) <= s.split_arrivals.size)
 
 
 def expert_path(s: State, tokens: int, picks: int, experts: int, H: int, I: int) -> str:
@@ -176,7 +206,7 @@ def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.nda
     input goes when the kernel does not fuse the norm (None: a new array; a captured graph passes its own)."""
     T, K = x.shape
     N = w.shape[0]
-    path = linear_path(s, T, K)
+    path = linear_path(s, T, K, N)
     if path == "gemv":
         m = 1 if T == 1 else MAXT[-1]
         kernel("linear.cu", f"linear<{s.wtype}, {m}>")(
@@ -189,7 +219,12 @@ def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.nda
         rms_norm(s, x, norm, xn)
         x = xn
     residual = NULL if residual is None else residual
-    if path == "few":
+    if path == "batch":
+        kernel("mma_batch.cu", "mma_batch")(
+            (math.ceil(N / BATCH_ROWS), batch_splits(K)), (128,),
+            (x, i32(T), i32(K), w, i32(N), residual, s.split_partial, s.split_arrivals, out),
+            shared_mem=8 * math.ceil(T / 8) * (BATCH_KSPLIT + 4) * 4)
+    elif path == "few":
         kernel("mma_few.cu", "mma_few<LINEAR>")(
             (math.ceil(T / 8), math.ceil(N / 32)), (128,),
             (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 6, residual, out))

@@ -263,15 +263,17 @@ def test_sampled_generate_decodes_through_the_graph(monkeypatch):
 
 
 @pytest.mark.parametrize("T", [7, 40])
-@pytest.mark.parametrize("path", ["gemv", "few", "tiles"])
+@pytest.mark.parametrize("path", ["gemv", "few", "tiles", "batch"])
 def test_kernels_write_every_output(cb, tiny_model_dir, T, path, monkeypatch):
     """Buffers poisoned with NaN before the kernels run: every element must be overwritten with the right value.
-    Each of the three kernel paths computes the projections and the experts (at 40 tokens x top-2 over 8 experts
-    the experts serve more than 8 picks each: several passes of mma_few.cu)."""
+    Each kernel path computes the projections and the experts (at 40 tokens x top-2 over 8 experts the experts
+    serve more than 8 picks each: several passes of mma_few.cu); "batch" is mma_batch.cu for every projection its
+    workspace holds, with the experts on mma_few.cu."""
     import cupy as cp
 
-    monkeypatch.setattr(cb, "linear_path", lambda *args: path)
-    monkeypatch.setattr(cb, "expert_path", lambda *args: path)
+    batch = lambda s, tokens, K, N: "batch" if cb.batch_fits(s, tokens, K, N) else "few"
+    monkeypatch.setattr(cb, "linear_path", batch if path == "batch" else lambda *args: path)
+    monkeypatch.setattr(cb, "expert_path", lambda *args: "few" if path == "batch" else path)
 
     config = load_config(tiny_model_dir)
     weights = load_weights(tiny_model_dir, config)
@@ -310,6 +312,39 @@ def test_kernels_write_every_output(cb, tiny_model_dir, T, path, monkeypatch):
     logits = cp.full((T, config.vocab_size), np.nan, cp.float32)
     cb.linear(s, cp.asarray(x), s.lm_head, logits, norm=s.norm, rows_per_block=64)
     close(logits, ref.final_logits(r, x), "logits")
+
+
+@pytest.mark.parametrize("T, K, N", [(16, 2048, 5120), (9, 800, 200), (2, 96, 130), (8, 4096, 64)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_batch_projection_matches_float64(cb, T, K, N, with_residual):
+    """mma_batch.cu against a float64 product on fresh random bf16 weights: K split over 1-16 blocks (the last
+    split short when K is not a multiple of 256), rows that are not a whole number of blocks, token counts that fill
+    one or two eight-token tiles wholly or partly, the residual added in place. Launched twice: the arrival counters
+    must be back at zero after a launch. The output is poisoned with NaN first. Tolerance: 4e-5 of the products'
+    root sum of squares, the scale of the rounding errors' random walk (hi/lo products accumulated in float32: at
+    K = 2048 errors up to ~5.5e-4 are seen, by mma_few.cu too, against a bound of ~1.8e-3; a lost split or token
+    would be off by ~10)."""
+    import cupy as cp
+
+    rng = np.random.default_rng()
+    layer = cb.Layer(*(None,) * 8, router=None)
+    layer.qkv, layer.o_proj = cp.empty((N, K), cp.uint16), cp.empty((N, K), cp.uint16)
+    s = cb.State(None, "bf16_t", None, [layer], None, None, None)
+    assert cb.linear_path(s, T, K, N) == "batch"
+    bits = rng.standard_normal((N, K), dtype=np.float32).view(np.uint32)
+    w = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # bf16, rounded to nearest even
+    w64 = (w.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    x = rng.standard_normal((T, K), dtype=np.float32)
+    residual = rng.standard_normal((T, N), dtype=np.float32)
+    expected = x.astype(np.float64) @ w64.T + (residual if with_residual else 0)
+    bound = 4e-5 * np.sqrt(x.astype(np.float64) ** 2 @ (w64 ** 2).T) + 1e-6 * np.abs(expected)
+    for _ in range(2):
+        out = cp.asarray(residual) if with_residual else cp.full((T, N), np.nan, cp.float32)
+        cb.linear(s, cp.asarray(x), cp.asarray(w), out, residual=out if with_residual else None)
+        ours = out.get()
+        assert np.isfinite(ours).all()
+        worst = np.unravel_index(np.argmax(np.abs(ours - expected) / bound), ours.shape)
+        assert np.all(np.abs(ours - expected) <= bound), f"at {worst}: {ours[worst]} against {expected[worst]}"
 
 
 def test_long_context_attention_uses_many_splits(cb, tiny_model_dir):

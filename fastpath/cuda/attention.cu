@@ -71,16 +71,6 @@ __global__ void __launch_bounds__(256) qk_norm_rope_cache(const float* __restric
     }
 }
 
-// cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers, so a thread can have
-// all of its copies in flight at once and compute while they land. ``valid`` false writes 16 zero bytes instead.
-__device__ __forceinline__ void copy_async16(float* shared_dst, const float* src, bool valid) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void copies_issued() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int PENDING>  // wait until at most PENDING committed groups of this thread's copies are still in flight
-__device__ __forceinline__ void copies_landed() { asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory"); }
-
 // Four floats of a head vector at dst/src, of which only the first n exist when D is not a multiple of 4 (then the
 // address is not 16-byte aligned either, and the elements go one at a time).
 __device__ __forceinline__ void store4(float* dst, float4 v, int n) {

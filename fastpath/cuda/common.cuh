@@ -64,6 +64,16 @@ __device__ __forceinline__ void prefetch_rows(const W* w, long long K, int begin
     for (int r = begin + threadIdx.x; r < end; r += blockDim.x) prefetch_l2(w + r * K, static_cast<unsigned>(bytes));
 }
 
+// cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers, so a thread can have
+// all of its copies in flight at once and compute while they land. ``valid`` false writes 16 zero bytes instead.
+__device__ __forceinline__ void copy_async16(float* shared_dst, const float* src, bool valid) {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void copies_issued() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int PENDING>  // wait until at most PENDING committed groups of this thread's copies are still in flight
+__device__ __forceinline__ void copies_landed() { asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory"); }
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;

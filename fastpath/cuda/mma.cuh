@@ -35,3 +35,17 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const unsigned (&a)[4], 
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+// One k-step of one 16-row weight tile in the k order of mma_few.cu and mma_batch.cu (lane g, c holds the 8
+// consecutive k at 8c): w[0], w[1] are the lane's 8 weights of rows g and g + 8, hi/lo its token g's 8 activations;
+// two mma instructions (words 0-1, then 2-3), each on the lo half and then the hi half.
+__device__ __forceinline__ void mma_kstep(float (&acc)[4], const uint4 (&w)[2], const unsigned (&hi)[4],
+                                          const unsigned (&lo)[4]) {
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+        const unsigned a[4] = {(&w[0].x)[2 * m], (&w[1].x)[2 * m], (&w[0].x)[2 * m + 1], (&w[1].x)[2 * m + 1]};
+        const unsigned b_lo[2] = {lo[2 * m], lo[2 * m + 1]}, b_hi[2] = {hi[2 * m], hi[2 * m + 1]};
+        mma_bf16(acc, a, b_lo);  // the small half first
+        mma_bf16(acc, a, b_hi);
+    }
+}

@@ -37,19 +37,6 @@ __device__ __forceinline__ void split8(const float* p, unsigned (&hi)[4], unsign
     for (int i = 0; i < 4; ++i) split2(x[2 * i], x[2 * i + 1], hi[i], lo[i]);
 }
 
-// One k-step of one 16-row weight tile: w[0], w[1] are the lane's 8 weights of rows g and g + 8, x its token's 8
-// activations; two mma instructions (words 0-1, then 2-3), each on the lo half and then the hi half.
-__device__ __forceinline__ void mma_kstep(float (&acc)[4], const uint4 (&w)[2], const unsigned (&hi)[4],
-                                          const unsigned (&lo)[4]) {
-#pragma unroll
-    for (int m = 0; m < 2; ++m) {
-        const unsigned a[4] = {(&w[0].x)[2 * m], (&w[1].x)[2 * m], (&w[0].x)[2 * m + 1], (&w[1].x)[2 * m + 1]};
-        const unsigned b_lo[2] = {lo[2 * m], lo[2 * m + 1]}, b_hi[2] = {hi[2 * m], hi[2 * m + 1]};
-        mma_bf16(acc, a, b_lo);  // the small half first
-        mma_bf16(acc, a, b_hi);
-    }
-}
-
 template <int MODE>
 __global__ void __launch_bounds__(128) mma_few(const float* __restrict__ a, int K, const bf16_t* __restrict__ w,
                                                const bf16_t* __restrict__ w2, long long expert_stride, int N, int T,
