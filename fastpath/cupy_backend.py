@@ -20,7 +20,7 @@ Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) ar
     moe_combine           the weighted sum over a token's experts and the residual add, in a fixed order
     mma_few               small steps (see linear_path, expert_path): the projections and experts on the tensor
                           cores, weights as the 16-row operand and 8 tokens as the columns (mma_few.cu)
-    mma_batch             the projections of a decode batch (16-64 tokens): every token in each block, the
+    mma_batch             the projections of a small decode batch (2-16 tokens): every token in each block, the
                           activations shared through shared memory, K split over blocks (mma_batch.cu)
     mma_tiles             larger steps (prefill): 64-token tiles on the tensor cores (matmul.cu)
     argmax_partial + greedy_advance, or sample_rows    a decoded row's next token, chosen on the device
@@ -63,9 +63,9 @@ MAX_ATTENTION_ROWS = 32  # attention: (query token, head) rows one block handles
 ATTENTION_MMA_HEAD_DIMS = (64, 128)  # the head_dim values attention_mma.cu is compiled for
 ATTENTION_MMA_MIN_TOKENS = 16  # a step with a segment this long (a prefill) runs attention on the tensor cores
 MMA_ATTENTION_TOKENS = 64  # query tokens per block of attention_mma.cu
-GEMV_MAX_TOKENS = 16  # projections of fewer tokens run on linear.cu's GEMV
+GEMV_MAX_TOKENS = 16  # projections of fewer tokens that mma_batch.cu does not take run on linear.cu's GEMV
 FEW_TOKENS = 64  # projections of up to this many tokens run on mma_few.cu, beyond on matmul.cu's tiles
-BATCH_MIN_TOKENS, BATCH_MAX_TOKENS = 2, 16  # projections of these many tokens run on mma_batch.cu (its MAX_TOKENS)
+BATCH_MIN_TOKENS, BATCH_MAX_TOKENS = 2, 16  # projections of these many tokens run on mma_batch.cu (= its MAX_TOKENS)
 BATCH_ROWS, BATCH_KSPLIT = 64, 256  # mma_batch.cu: weight rows of a block, k of a split
 FEW_PICKS_PER_EXPERT = 16  # likewise the experts, by the picks per expert on average
 TILE = 64  # rows and outputs of one tensor-core tile
@@ -162,6 +162,7 @@ def i32(v) -> np.int32:
 
 
 def batch_splits(K: int) -> int:
+    """Blocks mma_batch.cu splits K over."""
     return math.ceil(K / BATCH_KSPLIT)
 
 

@@ -89,8 +89,8 @@ SAMPLING = [  # (temperature, topk, topp): greedy, then sampling with every filt
 def test_batch_graph_decoder_matches_batch_rounds(cb, tiny_model_dir, B, sampled):
     """B sequences of different lengths decoded through one captured graph per step give the tokens of batch rounds
     through the model loop, and the router statistics those rounds count (the projections and experts take the
-    tensor-core paths inside the graph: mma_batch.cu at 3 and 12 sequences, mma_few.cu at 20). Sampled rows draw on the device from their task's seeded
-    generator: the same tokens as the host sampler of the rounds."""
+    tensor-core paths inside the graph: mma_batch.cu at 3 and 12 sequences, mma_few.cu at 20). Sampled rows draw on
+    the device from their task's seeded generator: the same tokens as the host sampler of the rounds."""
     model = Qwen3MoeForCausalLM(tiny_model_dir, backend="cupy")
     rng = np.random.default_rng()
     prompts = [rng.integers(0, 256, int(rng.integers(1, 12))).tolist() for _ in range(B)]

@@ -1,5 +1,5 @@
-// The tensor-core instruction the tensor-core kernels use (matmul.cu, mma_few.cu, attention_mma.cu), and the float32 -> bf16 split
-// that lets float32 activations through it at float32-like accuracy.
+// The tensor-core instruction of every tensor-core kernel (matmul.cu, mma_few.cu, mma_batch.cu, attention_mma.cu),
+// and the float32 -> bf16 split that lets float32 activations through it at float32-like accuracy.
 //
 // mma.sync m16n8k16 bf16 with float32 accumulators, as inline PTX (the wmma headers are not part of every CUDA
 // install that NVRTC sees). The activations are float32 and the weights bf16: x is split as x = hi + lo, both bf16

@@ -158,7 +158,8 @@ __global__ void group_by_expert(const int* __restrict__ topk_ids, int P, int K, 
         cursor[e] = offset;
         slot_expert[s] = e - expert_lo;
         slot_offset[s] = offset;
-        for (int r = 0, tile = before.z; r < n; r += tile_rows, ++tile) tile_slot[tile] = s, tile_row[tile] = offset + r;
+        for (int r = 0, tile = before.z; r < n; r += tile_rows, ++tile)
+            tile_slot[tile] = s, tile_row[tile] = offset + r;
     }
     if (threadIdx.x == 0) slot_offset[all.x] = all.y, n_slots[0] = all.x, n_tiles[0] = all.z;
     __syncthreads();
