@@ -1,8 +1,9 @@
-"""Kernel ladders: ``python -m fastpath.ladder [moe_gemv|attention|router ...]``.
+"""Kernel ladders: ``python -m fastpath.ladder [moe_gemv|attention|router|batch_projection|attention_prefill ...]``.
 
 In the style of llm.c's dev/cuda: for each central kernel of batch-1 decode, a naive first version and then each
 optimisation on its own (``fastpath/cuda/ladder/*.cu``, each with a comment saying what it improves), ending with the
-kernel the backend really runs; and for prefill attention, the CUDA-core kernel against the tensor-core one. Every version is checked against a float64 NumPy reference on fresh random inputs
+kernel the backend really runs; for a small batch's projections and for prefill attention, the CUDA-core kernel
+against the tensor-core ones. Every version is checked against a float64 NumPy reference on fresh random inputs
 (its output poisoned with NaN before it runs) and timed with CUDA events (median of many runs, inputs rotated so
 that the weights do not sit in the 50 MB L2 cache), at Qwen3-30B-A3B shapes.
 """
@@ -251,9 +252,45 @@ def ladder_attention_prefill(T: int = 1024) -> list[Row]:
     return rows
 
 
+def ladder_batch_projection(T: int = 8) -> list[Row]:
+    """The q/k/v projection of a decode batch of T tokens: the same product on the CUDA cores and on the tensor
+    cores two ways (each version is a kernel the backend has; linear_path picks among them by the token count)."""
+    c = CONFIG
+    N, K = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim, c.hidden_size
+    ws = [random_bf16(N, K) for _ in range(8)]  # rotated: 168 MB, so a version never finds its weights in L2
+    x = cp.random.standard_normal((T, K), dtype=cp.float32)
+    ref = x.get().astype(np.float64) @ widen(ws[0]).T  # (T, N)
+    out = cp.empty((T, N), cp.float32)
+    layer = cb.Layer(*(None,) * 8, router=None)
+    layer.qkv, layer.o_proj = ws[0], ws[0]
+    state = cb.State(c, "bf16_t", None, [layer], None, None, None)  # for mma_batch.cu's workspace
+    i32, null, eps = np.int32, np.uint64(0), np.float32(c.rms_norm_eps)
+    versions = {
+        "v1": ("CUDA cores: a warp per row, 8 tokens per pass over it (linear.cu)", lambda i: kernel(
+            "linear.cu", "linear<bf16_t, 8>")((N // 8, 1), (256,), (x, i32(T), i32(K), null, eps, ws[i % 8], i32(N),
+                                                                   i32(8), null, out))),
+        "v2": ("tensor cores: weights as the 16-row operand, 8 tokens a block, warps split K (mma_few.cu)",
+               lambda i: kernel("mma_few.cu", "mma_few<LINEAR>")(
+                   ((T + 7) // 8, N // 32), (128,), (x, i32(K), ws[i % 8], null, np.int64(0), i32(N), i32(T),
+                                                    *(null,) * 6, null, out))),
+        "v3": ("production: every token in a block, activations split once in shared memory, weights loaded before "
+               "the wait, K split over blocks (mma_batch.cu)",
+               lambda i: cb.linear(state, x, ws[i % 8], out)),
+    }
+    assert cb.linear_path(state, T, K, N) == "batch"
+    rows = []
+    for name, (why, run) in versions.items():
+        out.fill(np.nan)
+        run(0)
+        error = relative_error(out, ref)  # before the timing rounds, which multiply the other weights
+        rows.append(Row(name, why, median_us(run), error, N * K * 2))
+    return rows
+
+
 LADDERS = {"moe_gemv": ("MoE gate/up GEMV, 8 of 128 experts (50 MB)", ladder_moe_gemv, "GB/s"),
            "attention": ("attention decode, 8192 cached positions (33 MB of K/V)", ladder_attention, "GB/s"),
            "router": ("router: 128 x 2048 GEMV, softmax, top-8 (0.5 MB)", ladder_router, "GB/s"),
+           "batch_projection": ("q/k/v projection of 8 tokens: 5120 x 2048 (21 MB)", ladder_batch_projection, "GB/s"),
            "attention_prefill": ("attention prefill, 1024 tokens (causal)", ladder_attention_prefill, "TFLOP/s")}
 
 
