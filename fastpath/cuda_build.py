@@ -40,6 +40,7 @@ LADDER_KERNELS = {
     "moe_gemv.cu": ["moe_gemv_v1", "moe_gemv_v2", "moe_gemv_v3"],
     "attention_decode.cu": ["attention_v1", "attention_v2", "attention_v3_combine"],
     "router.cu": ["router_v1", "router_v2"],
+    "prefill_tiles.cu": ["prefill_tiles_v1"],
 }
 
 

@@ -68,7 +68,9 @@ FEW_TOKENS = 64  # projections of up to this many tokens run on mma_few.cu, beyo
 BATCH_MIN_TOKENS, BATCH_MAX_TOKENS = 2, 16  # projections of these many tokens run on mma_batch.cu (= its MAX_TOKENS)
 BATCH_ROWS, BATCH_KSPLIT = 64, 256  # mma_batch.cu: weight rows of a block, k of a split
 FEW_PICKS_PER_EXPERT = 16  # likewise the experts, by the picks per expert on average
-TILE = 64  # rows and outputs of one tensor-core tile
+TILE = 64  # pairs of one expert in a tile of the tensor cores' grouped products (group_by_expert, matmul.cu)
+TILE_SHAPES = {"LINEAR": (128, 256), "GATE_UP": (64, 128), "DOWN": (64, 256)}  # matmul.cu Tile<MODE>: rows, outputs
+TILE_K, TILE_STAGES = 32, 3  # matmul.cu: the k of a pipeline step, and the steps staged in shared memory at once
 MAX_EXPERTS = 512  # route_topk holds a token's router probabilities in one warp's registers (moe.cu)
 
 
@@ -196,6 +198,18 @@ def expert_path(s: State, tokens: int, picks: int, experts: int, H: int, I: int)
     return "few" if picks <= FEW_PICKS_PER_EXPERT * experts else "tiles"
 
 
+def tiles(mode: str, N: int, row_tiles: int, args: tuple) -> None:
+    """Launch mma_tiles<mode> (matmul.cu) over ``row_tiles`` tiles of rows, with the shared memory of its pipeline:
+    TILE_STAGES steps of float32 activations and bf16 weights (two matrices for GATE_UP), rows padded by 8. Its
+    ``Tile<MODE>::SHARED``: more than the 48 KB a launch may take without asking, so the kernel is allowed it once."""
+    rows, cols = TILE_SHAPES[mode]
+    smem = TILE_STAGES * (rows * (TILE_K + 8) * 4 + (2 if mode == "GATE_UP" else 1) * cols * (TILE_K + 8) * 2)
+    k = kernel("matmul.cu", f"mma_tiles<{mode}>")
+    if smem > k.max_dynamic_shared_size_bytes:
+        k.max_dynamic_shared_size_bytes = smem
+    k((math.ceil(N / cols), row_tiles), (2 * rows,), args, shared_mem=smem)
+
+
 def rms_norm(s: State, x: cp.ndarray, weight: cp.ndarray, out: cp.ndarray) -> None:
     kernel("linear.cu", "rms_norm")((x.shape[0],), (BLOCK,), (x, i32(x.shape[1]), weight,
                                                                 np.float32(s.config.rms_norm_eps), out))
@@ -230,9 +244,8 @@ def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.nda
             (math.ceil(T / 8), math.ceil(N / 32)), (128,),
             (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 6, residual, out))
     else:
-        kernel("matmul.cu", "mma_tiles<LINEAR>")(
-            (math.ceil(N / TILE), math.ceil(T / TILE)), (128,),
-            (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 8, residual, out))
+        tiles("LINEAR", N, math.ceil(T / TILE_SHAPES["LINEAR"][0]),
+              (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 8, residual, out))
 
 
 @dataclass
@@ -305,14 +318,12 @@ def swiglu_experts_into(s: State, layer: Layer, x: cp.ndarray, xn: cp.ndarray, g
             (act, i32(I), layer.down, NULL, np.int64(H * I), i32(H), i32(0), *slots, pair_weight, g.n_slots, NULL,
              out))
     elif path == "tiles":
-        tiles, grouped = g.tile_slot.shape[0], (g.tile_slot, g.tile_row, g.n_tiles, g.slot_expert, g.slot_offset,
-                                                g.pair_token, g.pair_src)
-        kernel("matmul.cu", "mma_tiles<GATE_UP>")(
-            (math.ceil(I / TILE), tiles), (128,),
-            (xn, i32(H), layer.gate_up, up, np.int64(two_i * H), i32(I), i32(0), *grouped, NULL, NULL, act))
-        kernel("matmul.cu", "mma_tiles<DOWN>")(
-            (math.ceil(H / TILE), tiles), (128,),
-            (act, i32(I), layer.down, NULL, np.int64(H * I), i32(H), i32(0), *grouped, pair_weight, NULL, out))
+        n_tiles, grouped = g.tile_slot.shape[0], (g.tile_slot, g.tile_row, g.n_tiles, g.slot_expert, g.slot_offset,
+                                                  g.pair_token, g.pair_src)
+        tiles("GATE_UP", I, n_tiles,
+              (xn, i32(H), layer.gate_up, up, np.int64(two_i * H), i32(I), i32(0), *grouped, NULL, NULL, act))
+        tiles("DOWN", H, n_tiles,
+              (act, i32(I), layer.down, NULL, np.int64(H * I), i32(H), i32(0), *grouped, pair_weight, NULL, out))
     else:
         m = 1 if xn.shape[0] == 1 else MAXT[-1]  # one token: every slot holds one pick
         kernel("moe.cu", f"expert_gate_up<{s.wtype}, {m}>")(

@@ -1,11 +1,13 @@
-"""Kernel ladders: ``python -m fastpath.ladder [moe_gemv|attention|router|batch_projection|attention_prefill ...]``.
+"""Kernel ladders: ``python -m fastpath.ladder [moe_gemv|attention|router|batch_projection|attention_prefill|
+prefill_projection ...]``.
 
 In the style of llm.c's dev/cuda: for each central kernel of batch-1 decode, a naive first version and then each
 optimisation on its own (``fastpath/cuda/ladder/*.cu``, each with a comment saying what it improves), ending with the
 kernel the backend really runs; for a small batch's projections and for prefill attention, the CUDA-core kernel
-against the tensor-core ones. Every version is checked against a float64 NumPy reference on fresh random inputs
-(its output poisoned with NaN before it runs) and timed with CUDA events (median of many runs, inputs rotated so
-that the weights do not sit in the 50 MB L2 cache), at Qwen3-30B-A3B shapes.
+against the tensor-core ones; for a prefill's projections, small tiles against the production ones. Every version
+is checked against a float64 NumPy reference on fresh random inputs (its output poisoned with NaN before it runs)
+and timed with CUDA events (median of many runs, inputs rotated so that the weights do not sit in the 50 MB L2
+cache), at Qwen3-30B-A3B shapes.
 """
 
 import argparse
@@ -287,11 +289,39 @@ def ladder_batch_projection(T: int = 8) -> list[Row]:
     return rows
 
 
+def ladder_prefill_projection(T: int = 2048) -> list[Row]:
+    """The q/k/v projection of a T-token prefill (5120 x 2048 weights), on the tensor cores: 64 x 64 tiles loaded
+    through registers (v1) against the production tiles (matmul.cu)."""
+    c = CONFIG
+    N, K = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim, c.hidden_size
+    w = random_bf16(N, K)
+    x = cp.random.standard_normal((T, K), dtype=cp.float32)
+    ref = x.get().astype(np.float64) @ widen(w).T  # (T, N)
+    out = cp.empty((T, N), cp.float32)
+    state = cb.State(c, "bf16_t", None, [], None, None, None)
+    versions = {
+        "v1": ("64 x 64 tiles, each 32-wide step loaded through registers, then a barrier (ladder/prefill_tiles.cu)",
+               lambda i: ladder_kernel("prefill_tiles.cu", "prefill_tiles_v1")(
+                   ((N + 63) // 64, (T + 63) // 64), (128,), (x, np.int32(T), np.int32(K), w, np.int32(N), out))),
+        "v2": ("production: 128 x 256 tiles (64 x 64 a warp), a 3-stage cp.async pipeline (matmul.cu)",
+               lambda i: cb.linear(state, x, w, out)),
+    }
+    assert cb.linear_path(state, T, K, N) == "tiles"
+    rows = []
+    for name, (why, run) in versions.items():
+        out.fill(np.nan)
+        run(0)
+        rows.append(Row(name, why, median_us(run, rounds=10), relative_error(out, ref), 2 * T * N * K))
+    return rows
+
+
 LADDERS = {"moe_gemv": ("MoE gate/up GEMV, 8 of 128 experts (50 MB)", ladder_moe_gemv, "GB/s"),
            "attention": ("attention decode, 8192 cached positions (33 MB of K/V)", ladder_attention, "GB/s"),
            "router": ("router: 128 x 2048 GEMV, softmax, top-8 (0.5 MB)", ladder_router, "GB/s"),
            "batch_projection": ("q/k/v projection of 8 tokens: 5120 x 2048 (21 MB)", ladder_batch_projection, "GB/s"),
-           "attention_prefill": ("attention prefill, 1024 tokens (causal)", ladder_attention_prefill, "TFLOP/s")}
+           "attention_prefill": ("attention prefill, 1024 tokens (causal)", ladder_attention_prefill, "TFLOP/s"),
+           "prefill_projection": ("q/k/v projection of 2048 tokens: 5120 x 2048", ladder_prefill_projection,
+                                  "TFLOP/s")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -314,23 +314,26 @@ def test_kernels_write_every_output(cb, tiny_model_dir, T, path, monkeypatch):
     close(logits, ref.final_logits(r, x), "logits")
 
 
-@pytest.mark.parametrize("T, K, N", [(16, 2048, 5120), (9, 800, 200), (2, 96, 130), (8, 4096, 64)])
+@pytest.mark.parametrize("path, T, K, N", [("batch", 16, 2048, 5120), ("batch", 9, 800, 200), ("batch", 2, 96, 130),
+                                           ("batch", 8, 4096, 64), ("tiles", 300, 2048, 5120), ("tiles", 129, 96, 200),
+                                           ("tiles", 65, 32, 520)])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_batch_projection_matches_float64(cb, T, K, N, with_residual):
-    """mma_batch.cu against a float64 product on fresh random bf16 weights: K split over 1-16 blocks (the last
-    split short when K is not a multiple of 256), rows that are not a whole number of blocks, token counts that fill
-    one or two eight-token tiles wholly or partly, the residual added in place. Launched twice: the arrival counters
-    must be back at zero after a launch. The output is poisoned with NaN first. Tolerance: 4e-5 of the products'
-    root sum of squares, the scale of the rounding errors' random walk (hi/lo products accumulated in float32: at
-    K = 2048 errors up to ~5.5e-4 are seen, by mma_few.cu too, against a bound of ~1.8e-3; a lost split or token
-    would be off by ~10)."""
+def test_projection_matches_float64(cb, path, T, K, N, with_residual):
+    """mma_batch.cu and matmul.cu against a float64 product on fresh random bf16 weights. mma_batch.cu: K split over
+    1-16 blocks (the last split short when K is not a multiple of 256), rows that are not a whole number of blocks,
+    token counts that fill one or two eight-token tiles wholly or partly. matmul.cu: K of 1, 3 and 64 pipeline
+    steps (fewer than its stages, and more), tokens and outputs that end inside a tile. The residual added in place.
+    Launched twice: mma_batch.cu's arrival counters must be back at zero after a launch. The output is poisoned with
+    NaN first. Tolerance: 4e-5 of the products' root sum of squares, the scale of the rounding errors' random walk
+    (hi/lo products accumulated in float32: at K = 2048 errors up to ~5.5e-4 are seen, by mma_few.cu too, against a
+    bound of ~1.8e-3; a lost split, step or token would be off by ~10)."""
     import cupy as cp
 
     rng = np.random.default_rng()
     layer = cb.Layer(*(None,) * 8, router=None)
     layer.qkv, layer.o_proj = cp.empty((N, K), cp.uint16), cp.empty((N, K), cp.uint16)
     s = cb.State(None, "bf16_t", None, [layer], None, None, None)
-    assert cb.linear_path(s, T, K, N) == "batch"
+    assert cb.linear_path(s, T, K, N) == path
     bits = rng.standard_normal((N, K), dtype=np.float32).view(np.uint32)
     w = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # bf16, rounded to nearest even
     w64 = (w.astype(np.uint32) << 16).view(np.float32).astype(np.float64)

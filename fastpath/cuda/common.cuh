@@ -66,7 +66,7 @@ __device__ __forceinline__ void prefetch_rows(const W* w, long long K, int begin
 
 // cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers, so a thread can have
 // all of its copies in flight at once and compute while they land. ``valid`` false writes 16 zero bytes instead.
-__device__ __forceinline__ void copy_async16(float* shared_dst, const float* src, bool valid) {
+__device__ __forceinline__ void copy_async16(void* shared_dst, const void* src, bool valid) {
     const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
 }

@@ -1,147 +1,188 @@
 // Tensor-core products for steps with many tokens (prefill, large batches), where the GEMV kernels would re-read
-// every weight once per 8 tokens: here a 64 x 64 tile of outputs reads each weight once per 64 tokens.
+// every weight once per 8 tokens: here a block's tile of outputs reads each weight once per 64 or 128 tokens.
 //
 // bf16 weights and float32 accumulation on the tensor cores (mma.cuh); the float32 activations are split into bf16
-// hi + lo as they are staged, and both halves are multiplied.
-// One block (4 warps) computes a 64 (rows) x 64 (outputs) tile, each warp a 32 x 32 quarter, stepping through K 32 at
-// a time. Three kinds of product share the kernel (MODE):
+// hi + lo as each warp loads its fragments, and both halves are multiplied. Three kinds of product share the kernel:
 //   LINEAR   out[t, n] = residual[t, n] + x[t] . W[n]                     rows: tokens 0..T, tiles in blockIdx.y order
 //   GATE_UP  act[q, n] = silu(xn[tok(q)] . gate_e[n]) * (xn[tok(q)] . up_e[n])      rows: the pairs of one slot
 //   DOWN     out[src(q), n] = weight(q) * act[q] . down_e[n]                          rows: the pairs of one slot
 // For the grouped modes group_by_expert (moe.cu) lists the tiles: tile_slot[i] and tile_row[i], at most 64 pairs of
-// one slot each.                                     grid (ceil(N / 64), tiles), block 128
+// one slot each.
+//
+// What bounds a tile is the traffic that feeds it: per 32-wide step of K it stages rows x 32 float32 activations and
+// cols x 32 bf16 weights from L2 for rows x cols x 32 products (twice that many mma, hi and lo). 64 x 64 tiles moved
+// ~2 GB through L2 for one 2048-token q/k/v projection and ran at a quarter of the tensor pipe. So the tiles are wide:
+// each warp computes 64 rows x 64 columns (GATE_UP: 32 gate and the same 32 up columns), four warps side by side
+// along the outputs, and for LINEAR two such rows of warps (the grouped modes keep 64 rows: an expert has ~128
+// pairs at a 2048-token prefill, and a half-empty 128-row tile would waste the tensor cores' time).
+//   Tile<MODE>::M x N outputs a block                grid (ceil(N / Tile::N), tiles), block Tile::THREADS
+// The K loop is a pipeline of STAGES buffers in shared memory filled by cp.async: while the warps multiply one step,
+// the next STAGES - 1 are in flight; one barrier per step. Dynamic shared memory: Tile<MODE>::SHARED bytes.
 #include "mma.cuh"
 
-constexpr int TM = 64, TN = 64, TK = 32;
-constexpr int LD = TK + 8;   // shared-memory row of a staged tile, in bf16 (padded against bank conflicts)
-constexpr int LDC = TN + 4;  // row of the staged float32 results
+constexpr int TK = 32, STAGES = 3;
+constexpr int LDA = TK + 8;  // a staged activation row, in floats (padded: a half-warp's 8-byte loads hit 32 banks)
+constexpr int LDB = TK + 8;  // a staged weight row, in bf16 (padded against bank conflicts)
 
-// Two adjacent bf16 of a staged tile as one 32-bit register.
+template <int MODE>
+struct Tile {
+    static constexpr int SLOTS = MODE == GATE_UP ? 2 : 1;     // weight matrices multiplied (gate and up)
+    static constexpr int WARPS_M = MODE == LINEAR ? 2 : 1;    // rows of warps, 64 rows each
+    static constexpr int WN = MODE == GATE_UP ? 32 : 64;      // columns of each matrix a warp computes
+    static constexpr int M = 64 * WARPS_M, N = 4 * WN, THREADS = 128 * WARPS_M;
+    static constexpr int A_BYTES = M * LDA * 4, STAGE_BYTES = A_BYTES + SLOTS * N * LDB * 2;
+    static constexpr int SHARED = STAGES * STAGE_BYTES;
+};
+
+// Two adjacent bf16 of a staged weight tile as one 32-bit register.
 __device__ __forceinline__ unsigned pair_at(const bf16_t* tile, int row, int col) {
-    return *reinterpret_cast<const unsigned*>(tile + row * LD + col);
+    return *reinterpret_cast<const unsigned*>(tile + row * LDB + col);
+}
+// Two adjacent activations of a staged tile, split into bf16 hi and lo pairs.
+__device__ __forceinline__ void split_at(const float* tile, int row, int col, unsigned& hi, unsigned& lo) {
+    const float2 x = *reinterpret_cast<const float2*>(tile + row * LDA + col);
+    split2(x.x, x.y, hi, lo);
 }
 
-// 64 rows x 32 columns of weights (rows n0.., columns k0..) into shared memory; rows past N are zeros.
-__device__ __forceinline__ void stage_weights(const bf16_t* w, int K, int N, int n0, int k0, bf16_t* dst) {
-    const int row = threadIdx.x / 2, half = threadIdx.x % 2 * 16;
-    uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
-    if (n0 + row < N) {
-        const uint4* src = reinterpret_cast<const uint4*>(w + static_cast<long long>(n0 + row) * K + k0 + half);
-        lo = __ldg(src), hi = __ldg(src + 1);
-    }
-    uint4* d = reinterpret_cast<uint4*>(dst + row * LD + half);
-    d[0] = lo, d[1] = hi;
+// One 32-wide step of a tile's weights into shared memory: rows n0.. of each matrix, 16-byte chunks taken by
+// consecutive threads along a row. Rows past N become zeros.
+template <int MODE>
+__device__ __forceinline__ void stage_weights(const bf16_t* const (&W)[Tile<MODE>::SLOTS], int K, int N, int n0,
+                                              int k0, bf16_t* dst) {
+    using T = Tile<MODE>;
+#pragma unroll
+    for (int j = 0; j < T::SLOTS; ++j)
+#pragma unroll
+        for (int r = 0; r < T::N * 4 / T::THREADS; ++r) {
+            const int i = threadIdx.x + r * T::THREADS, row = i / 4, col = i % 4 * 8;
+            const bool valid = n0 + row < N;
+            copy_async16(dst + (j * T::N + row) * LDB + col,
+                         W[j] + static_cast<long long>(valid ? n0 + row : 0) * K + k0 + col, valid);
+        }
 }
 
 template <int MODE>
-__global__ void __launch_bounds__(128) mma_tiles(const float* __restrict__ a, int K, const bf16_t* __restrict__ w,
-                                                 const bf16_t* __restrict__ w2, long long expert_stride, int N, int T,
-                                                 const int* __restrict__ tile_slot, const int* __restrict__ tile_row,
-                                                 const int* __restrict__ n_tiles,
-                                                 const int* __restrict__ slot_expert,
-                                                 const int* __restrict__ slot_offset,
-                                                 const int* __restrict__ pair_token, const int* __restrict__ pair_src,
-                                                 const float* __restrict__ pair_weight, const float* residual,
-                                                 float* out) {
-    constexpr int SLOTS = MODE == GATE_UP ? 2 : 1;  // gate/up: two products over the same input
-    constexpr int STAGED = (2 * TM + SLOTS * TN) * LD * 2, RESULTS = SLOTS * TM * LDC * 4;
-    __shared__ __align__(16) unsigned char smem[STAGED > RESULTS ? STAGED : RESULTS];
-    bf16_t* As = reinterpret_cast<bf16_t*>(smem);  // 2 x (TM, LD): hi, lo
-    bf16_t* Bs = As + 2 * TM * LD;                 // SLOTS x (TN, LD)
-    float* Cs = reinterpret_cast<float*>(smem);    // SLOTS x (TM, LDC), after the K loop
-    begin_after_previous();
+__global__ void __launch_bounds__(Tile<MODE>::THREADS) mma_tiles(
+    const float* __restrict__ a, int K, const bf16_t* __restrict__ w, const bf16_t* __restrict__ w2,
+    long long expert_stride, int N, int T, const int* __restrict__ tile_slot, const int* __restrict__ tile_row,
+    const int* __restrict__ n_tiles, const int* __restrict__ slot_expert, const int* __restrict__ slot_offset,
+    const int* __restrict__ pair_token, const int* __restrict__ pair_src, const float* __restrict__ pair_weight,
+    const float* residual, float* out) {
+    using Tl = Tile<MODE>;
+    constexpr int SLOTS = Tl::SLOTS, WN = Tl::WN;
+    extern __shared__ __align__(16) unsigned char smem[];
+    // stage s: activations (M, LDA) float32, then SLOTS x (N, LDB) bf16 weights
+    auto As = [&](int s) { return reinterpret_cast<float*>(smem + s * Tl::STAGE_BYTES); };
+    auto Bs = [&](int s) { return reinterpret_cast<bf16_t*>(smem + s * Tl::STAGE_BYTES + Tl::A_BYTES); };
+    const int n0 = blockIdx.x * Tl::N, steps = K / TK;
 
     int row0, row_end;
     const bf16_t* W[SLOTS];
     if (MODE == LINEAR) {
-        row0 = blockIdx.y * TM, row_end = min(T, row0 + TM);
+        // the weights do not depend on the kernel ahead: the first steps' copies start while it finishes
         W[0] = w;
+        for (int s = 0; s < STAGES - 1 && s < steps; ++s) stage_weights<MODE>(W, K, N, n0, s * TK, Bs(s));
+        begin_after_previous();
+        row0 = blockIdx.y * Tl::M, row_end = min(T, row0 + Tl::M);
     } else {
+        begin_after_previous();
         if (blockIdx.y >= n_tiles[0]) return;
         const int s = tile_slot[blockIdx.y];
-        row0 = tile_row[blockIdx.y], row_end = min(slot_offset[s + 1], row0 + TM);
+        row0 = tile_row[blockIdx.y], row_end = min(slot_offset[s + 1], row0 + Tl::M);
         const long long e = slot_expert[s];
         W[0] = w + e * expert_stride;
         if (MODE == GATE_UP) W[SLOTS - 1] = w2 + e * expert_stride;
     }
-    const int n0 = blockIdx.x * TN, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int wr = warp / 2 * 32, wc = warp % 2 * 32;  // this warp's quarter of the tile
-    const int g = lane / 4, c = lane % 4 * 2;          // its place in the mma fragments
-
-    // the input row this thread stages: row r of the tile, 16 of the 32 columns
-    const int r = threadIdx.x / 2, half = threadIdx.x % 2 * 16, q = row0 + r;
-    const float* a_row = nullptr;
-    if (q < row_end) a_row = a + static_cast<long long>(MODE == GATE_UP ? pair_token[q] : q) * K;
-
-    float acc[SLOTS][2][4][4] = {};  // [product][16-row block][8-column block][fragment]
-    for (int k0 = 0; k0 < K; k0 += TK) {
-        __align__(16) unsigned hi[8], lo[8];  // 16 columns as bf16 pairs
+    // the input row this thread stages: half of row threadIdx.x / 2 (16 floats, 4 copies)
+    const int q = row0 + threadIdx.x / 2, half = threadIdx.x % 2 * 16;
+    const bool has_row = q < row_end;  // otherwise its copies write zeros and read nothing (from row 0's address)
+    const float* a_row = a + (has_row ? static_cast<long long>(MODE == GATE_UP ? pair_token[q] : q) * K : 0) + half;
+    auto stage_activations = [&](int k0, float* dst) {
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-            const float4 x4 = a_row ? *reinterpret_cast<const float4*>(a_row + k0 + half + 4 * v)
-                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            split2(x4.x, x4.y, hi[2 * v], lo[2 * v]);
-            split2(x4.z, x4.w, hi[2 * v + 1], lo[2 * v + 1]);
+        for (int v = 0; v < 4; ++v) copy_async16(dst + threadIdx.x / 2 * LDA + half + 4 * v, a_row + k0 + 4 * v, has_row);
+    };
+    // one commit group per step (empty past the end), so "all but STAGES - 2 groups landed" means "this step landed"
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < steps) {
+            if (MODE != LINEAR) stage_weights<MODE>(W, K, N, n0, s * TK, Bs(s));
+            stage_activations(s * TK, As(s));
         }
-        uint4* dst_hi = reinterpret_cast<uint4*>(As + r * LD + half);
-        uint4* dst_lo = reinterpret_cast<uint4*>(As + TM * LD + r * LD + half);
-        dst_hi[0] = reinterpret_cast<const uint4*>(hi)[0], dst_hi[1] = reinterpret_cast<const uint4*>(hi)[1];
-        dst_lo[0] = reinterpret_cast<const uint4*>(lo)[0], dst_lo[1] = reinterpret_cast<const uint4*>(lo)[1];
-#pragma unroll
-        for (int s = 0; s < SLOTS; ++s) stage_weights(W[s], K, N, n0, k0, Bs + s * TN * LD);
-        __syncthreads();
+        copies_issued();
+    }
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wr = warp / 4 * 64, wc = warp % 4 * WN;  // this warp's 64 rows and WN columns of each matrix
+    const int g = lane / 4, c = lane % 4 * 2;          // its place in the mma fragments
+    float acc[SLOTS][4][WN / 8][4] = {};  // [matrix][16-row block][8-column block][fragment]
+    for (int step = 0, s = 0; step < steps; ++step, s = s + 1 == STAGES ? 0 : s + 1) {
+        copies_landed<STAGES - 2>();
+        __syncthreads();  // this step's copies from every thread are in; the buffer refilled below is free
+        if (step + STAGES - 1 < steps) {
+            const int refill = s == 0 ? STAGES - 1 : s - 1, k0 = (step + STAGES - 1) * TK;
+            stage_weights<MODE>(W, K, N, n0, k0, Bs(refill));
+            stage_activations(k0, As(refill));
+        }
+        copies_issued();
+        const float* A = As(s);
+        const bf16_t* B = Bs(s);
 #pragma unroll
         for (int kk = 0; kk < TK; kk += 16) {
-            unsigned fa[2][2][4];  // [hi/lo][16-row block][register]
+            unsigned fb[SLOTS][WN / 8][2];
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
+            for (int j = 0; j < SLOTS; ++j)
 #pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    const bf16_t* tile = As + h * TM * LD;
-                    const int row = wr + 16 * i + g;
-                    fa[h][i][0] = pair_at(tile, row, kk + c), fa[h][i][1] = pair_at(tile, row + 8, kk + c);
-                    fa[h][i][2] = pair_at(tile, row, kk + c + 8), fa[h][i][3] = pair_at(tile, row + 8, kk + c + 8);
+                for (int n = 0; n < WN / 8; ++n) {
+                    const int row = j * Tl::N + wc + 8 * n + g;
+                    fb[j][n][0] = pair_at(B, row, kk + c), fb[j][n][1] = pair_at(B, row, kk + c + 8);
                 }
 #pragma unroll
-            for (int s = 0; s < SLOTS; ++s)
+            for (int i = 0; i < 4; ++i) {
+                unsigned hi[4], lo[4];
+                const int row = wr + 16 * i + g;
+                split_at(A, row, kk + c, hi[0], lo[0]), split_at(A, row + 8, kk + c, hi[1], lo[1]);
+                split_at(A, row, kk + c + 8, hi[2], lo[2]), split_at(A, row + 8, kk + c + 8, hi[3], lo[3]);
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const bf16_t* tile = Bs + s * TN * LD;
-                    const unsigned fb[2] = {pair_at(tile, wc + 8 * j + g, kk + c),
-                                            pair_at(tile, wc + 8 * j + g, kk + c + 8)};
+                for (int j = 0; j < SLOTS; ++j)
 #pragma unroll
-                    for (int i = 0; i < 2; ++i) {
-                        mma_bf16(acc[s][i][j], fa[1][i], fb);  // the small half first
-                        mma_bf16(acc[s][i][j], fa[0][i], fb);
+                    for (int n = 0; n < WN / 8; ++n) {
+                        mma_bf16(acc[j][i][n], lo, fb[j][n]);  // the small half first
+                        mma_bf16(acc[j][i][n], hi, fb[j][n]);
+                    }
+            }
+        }
+    }
+    copies_landed<0>();  // (only empty groups are left; nothing may be in flight when the block exits)
+
+    // each lane holds rows g and g + 8 x columns c and c + 1 of every 16 x 8 block: written straight from registers
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = row0 + wr + 16 * i + g + 8 * h;
+            if (row >= row_end) continue;
+            float* dst;
+            float scale = 1.0f;
+            if (MODE == DOWN) {
+                const int src = pair_src[row];
+                dst = out + static_cast<long long>(src) * N;
+                if (pair_weight) scale = pair_weight[src];
+            } else {
+                dst = out + static_cast<long long>(row) * N;
+            }
+#pragma unroll
+            for (int n = 0; n < WN / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = n0 + wc + 8 * n + c + e;
+                    if (col >= N) continue;
+                    const float v = acc[0][i][n][2 * h + e];
+                    if (MODE == LINEAR) {
+                        dst[col] = residual ? residual[static_cast<long long>(row) * N + col] + v : v;
+                    } else if (MODE == GATE_UP) {
+                        dst[col] = v / (1.0f + expf(-v)) * acc[SLOTS - 1][i][n][2 * h + e];
+                    } else {
+                        dst[col] = scale * v;
                     }
                 }
         }
-        __syncthreads();
-    }
-#pragma unroll
-    for (int s = 0; s < SLOTS; ++s)
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                float* C = Cs + s * TM * LDC + (wr + 16 * i + g) * LDC + wc + 8 * j + c;
-                C[0] = acc[s][i][j][0], C[1] = acc[s][i][j][1];
-                C[8 * LDC] = acc[s][i][j][2], C[8 * LDC + 1] = acc[s][i][j][3];
-            }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < TM * TN; idx += blockDim.x) {
-        const int i = idx / TN, j = idx % TN, row = row0 + i, n = n0 + j;
-        if (row >= row_end || n >= N) continue;
-        const float v = Cs[i * LDC + j];
-        if (MODE == LINEAR) {
-            const long long at = static_cast<long long>(row) * N + n;
-            out[at] = residual ? residual[at] + v : v;
-        } else if (MODE == GATE_UP) {
-            const float u = Cs[TM * LDC + i * LDC + j];
-            out[static_cast<long long>(row) * N + n] = v / (1.0f + expf(-v)) * u;
-        } else {
-            const int src = pair_src[row];
-            out[static_cast<long long>(src) * N + n] = (pair_weight ? pair_weight[src] : 1.0f) * v;
-        }
-    }
 }
