@@ -486,10 +486,11 @@ def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_cache
     """b.attn = grouped-query attention of the queries b.q over the caches (the key splits, merged by the last)."""
     T, Hq, Hkv, D = b.q.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
     if plan.tensor_cores:
+        heads = 2 if (Hq // Hkv) % 2 == 0 else 1  # query heads of a block, sharing the kv head's staged keys
         kernel("attention_mma.cu", f"attention_mma<{D}>")(
-            (plan.tile_seq.shape[0], Hq), (128,), (b.q, i32(Hq), i32(Hkv), k_caches, v_caches, plan.tile_seq,
-                                                   plan.tile_row, plan.tile_rows, plan.tok_pos,
-                                                   np.float32(D ** -0.5), b.attn))
+            (plan.tile_seq.shape[0], Hq // heads), (128 * heads,),
+            (b.q, i32(Hq), i32(Hkv), k_caches, v_caches, plan.tile_seq, plan.tile_row, plan.tile_rows, plan.tok_pos,
+             np.float32(D ** -0.5), b.attn))
         return
     attention = kernel("attention.cu", f"attention<{1 if D <= 128 else 2}>")
     smem = plan.shared_bytes(D)

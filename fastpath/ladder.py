@@ -241,7 +241,8 @@ def ladder_attention_prefill(T: int = 1024) -> list[Row]:
     addresses = [cp.asarray(np.array([a.data.ptr], np.uint64)) for a in (k, v)]
     flops = 4 * Hq * D * T * (T + 1) / 2  # two products over the visible (query, key) pairs
     versions = {"v1": (False, "the decode kernel's tiles (4 tokens x 8 heads a block), CUDA cores"),
-                "v2": (True, "production: tensor cores, 64 tokens a block, bf16 hi/lo products (attention_mma.cu)")}
+                "v2": (True, "production: tensor cores, 64 tokens x 2 query heads a block sharing their staged keys, "
+                              "bf16 hi/lo products (attention_mma.cu)")}
     rows = []
     for name, (tensor_cores, why) in versions.items():
         plan = cb.AttentionPlan.build(c, [(0, T, 0)], T, tensor_cores=tensor_cores)

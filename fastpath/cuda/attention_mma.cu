@@ -2,9 +2,11 @@
 // values are mma.m16n8k16 products, the softmax is computed online over blocks of 32 keys, and neither the scores nor
 // the probabilities ever go through memory.
 //
-// Block (tile, query head): a tile is up to 64 consecutive query tokens of one sequence, 16 rows per warp. Each
-// iteration stages 32 keys and values of the head's kv head from the float32 cache into shared memory as bf16 hi + lo
-// halves (mma.cuh), then
+// Block (tile, group of query heads): a tile is up to 64 consecutive query tokens of one sequence, 16 rows per warp,
+// four warps per query head; the block's heads (blockDim.x / 128 of them) share one kv head. Each iteration stages
+// 32 keys and values of that kv head from the float32 cache into shared memory as bf16 hi + lo halves (mma.cuh) --
+// once for all the block's heads: loading and splitting them costs about as much as the products of one head --
+// then
 //   S = Q K^T       (16 x 32 per warp)  three products: q_hi k_hi + q_hi k_lo + q_lo k_hi (q_lo k_lo is ~2^-18)
 //   online softmax  running max m and sum l per row, the output rescaled when m grows; keys after a row's
 //                   position are masked (causal)
@@ -13,7 +15,8 @@
 //                   operand is read transposed from its (key, d) rows by ldmatrix.trans.
 // Q's fragments stay in registers for the whole key loop. The three-product split keeps the result within ~1e-5 of
 // the float32 reference (plain bf16 would be ~1e-3). The output is written normalised: no merge step follows.
-// D: head_dim, a multiple of 16 (64 and 128 are compiled).       grid (tiles, Hq), block 128, static smem ~34 KB at 128
+// D: head_dim, a multiple of 16 (64 and 128 are compiled).
+//                              grid (tiles, Hq / heads), block 128 x heads (heads divides Hq / Hkv), static smem 34 KB
 #include "mma.cuh"
 
 constexpr int BN = 32;  // keys per iteration
@@ -48,7 +51,7 @@ __device__ __forceinline__ void mma3(float (&d)[4], const unsigned (&a_hi)[4], c
 }
 
 template <int D>
-__global__ void __launch_bounds__(128) attention_mma(const float* __restrict__ q, int Hq, int Hkv,
+__global__ void __launch_bounds__(256) attention_mma(const float* __restrict__ q, int Hq, int Hkv,
                                                      const float* const* k_caches, const float* const* v_caches,
                                                      const int* __restrict__ tile_seq,
                                                      const int* __restrict__ tile_row,
@@ -58,9 +61,10 @@ __global__ void __launch_bounds__(128) attention_mma(const float* __restrict__ q
     constexpr int KS = D + 8;  // padded rows (bf16): the 8 rows an operand load touches start in distinct banks
     __shared__ __align__(16) bf16_t k_hi[BN * KS], k_lo[BN * KS], v_hi[BN * KS], v_lo[BN * KS];  // (key, d)
     begin_after_previous();
-    const int tile = blockIdx.x, head = blockIdx.y, kv_head = head / (Hq / Hkv);
-    const int row0 = tile_row[tile], ntok = tile_rows[tile];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;  // warp of its head
+    // the tiles in reverse: a prompt's last tiles see the most keys, and started first they leave no long tail
+    const int tile = gridDim.x - 1 - blockIdx.x, head = blockIdx.y * (blockDim.x / 128) + threadIdx.x / 128;
+    const int kv_head = head / (Hq / Hkv), row0 = tile_row[tile], ntok = tile_rows[tile];
     const float* kc = k_caches[tile_seq[tile]];
     const float* vc = v_caches[tile_seq[tile]];
     const int key_end = tok_pos[row0 + ntok - 1] + 1;  // the tile's last token sees the most keys
