@@ -68,8 +68,8 @@ FEW_TOKENS = 64  # projections of up to this many tokens run on mma_few.cu, beyo
 BATCH_MIN_TOKENS, BATCH_MAX_TOKENS = 2, 16  # projections of these many tokens run on mma_batch.cu (= its MAX_TOKENS)
 BATCH_ROWS, BATCH_KSPLIT = 64, 256  # mma_batch.cu: weight rows of a block, k of a split
 FEW_PICKS_PER_EXPERT = 16  # likewise the experts, by the picks per expert on average
-TILE = 64  # pairs of one expert in a tile of the tensor cores' grouped products (group_by_expert, matmul.cu)
-TILE_SHAPES = {"LINEAR": (128, 256), "GATE_UP": (64, 128), "DOWN": (64, 256)}  # matmul.cu Tile<MODE>: rows, outputs
+TILE = 64  # rows (tokens, or pairs of one expert) of a tile of matmul.cu's products
+TILE_OUTPUTS = {"LINEAR": 256, "GATE_UP": 128, "DOWN": 256}  # matmul.cu: outputs of a block's tile (of TILE rows)
 TILE_K, TILE_STAGES = 32, 3  # matmul.cu: the k of a pipeline step, and the steps staged in shared memory at once
 MAX_EXPERTS = 512  # route_topk holds a token's router probabilities in one warp's registers (moe.cu)
 
@@ -202,12 +202,12 @@ def tiles(mode: str, N: int, row_tiles: int, args: tuple) -> None:
     """Launch mma_tiles<mode> (matmul.cu) over ``row_tiles`` tiles of rows, with the shared memory of its pipeline:
     TILE_STAGES steps of float32 activations and bf16 weights (two matrices for GATE_UP), rows padded by 8. Its
     ``Tile<MODE>::SHARED``: more than the 48 KB a launch may take without asking, so the kernel is allowed it once."""
-    rows, cols = TILE_SHAPES[mode]
-    smem = TILE_STAGES * (rows * (TILE_K + 8) * 4 + (2 if mode == "GATE_UP" else 1) * cols * (TILE_K + 8) * 2)
+    cols = TILE_OUTPUTS[mode]
+    smem = TILE_STAGES * (TILE * (TILE_K + 8) * 4 + (2 if mode == "GATE_UP" else 1) * cols * (TILE_K + 8) * 2)
     k = kernel("matmul.cu", f"mma_tiles<{mode}>")
     if smem > k.max_dynamic_shared_size_bytes:
         k.max_dynamic_shared_size_bytes = smem
-    k((math.ceil(N / cols), row_tiles), (2 * rows,), args, shared_mem=smem)
+    k((math.ceil(N / cols), row_tiles), (128,), args, shared_mem=smem)
 
 
 def rms_norm(s: State, x: cp.ndarray, weight: cp.ndarray, out: cp.ndarray) -> None:
@@ -244,7 +244,7 @@ def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.nda
             (math.ceil(T / 8), math.ceil(N / 32)), (128,),
             (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 6, residual, out))
     else:
-        tiles("LINEAR", N, math.ceil(T / TILE_SHAPES["LINEAR"][0]),
+        tiles("LINEAR", N, math.ceil(T / TILE),
               (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 8, residual, out))
 
 
@@ -487,10 +487,13 @@ def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_cache
     T, Hq, Hkv, D = b.q.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
     if plan.tensor_cores:
         heads = 2 if (Hq // Hkv) % 2 == 0 else 1  # query heads of a block, sharing the kv head's staged keys
-        kernel("attention_mma.cu", f"attention_mma<{D}>")(
-            (plan.tile_seq.shape[0], Hq // heads), (128 * heads,),
+        mma = kernel("attention_mma.cu", f"attention_mma<{D}>")
+        smem = 2 * 2 * 32 * D * 4 + 2 * 4 * 32 * (D + 8) * 2  # 2 x 32 keys and values: float32, and bf16 hi/lo
+        if smem > mma.max_dynamic_shared_size_bytes:
+            mma.max_dynamic_shared_size_bytes = smem
+        mma((plan.tile_seq.shape[0], Hq // heads), (128 * heads,),
             (b.q, i32(Hq), i32(Hkv), k_caches, v_caches, plan.tile_seq, plan.tile_row, plan.tile_rows, plan.tok_pos,
-             np.float32(D ** -0.5), b.attn))
+             np.float32(D ** -0.5), b.attn), shared_mem=smem)
         return
     attention = kernel("attention.cu", f"attention<{1 if D <= 128 else 2}>")
     smem = plan.shared_bytes(D)

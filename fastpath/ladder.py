@@ -241,8 +241,8 @@ def ladder_attention_prefill(T: int = 1024) -> list[Row]:
     addresses = [cp.asarray(np.array([a.data.ptr], np.uint64)) for a in (k, v)]
     flops = 4 * Hq * D * T * (T + 1) / 2  # two products over the visible (query, key) pairs
     versions = {"v1": (False, "the decode kernel's tiles (4 tokens x 8 heads a block), CUDA cores"),
-                "v2": (True, "production: tensor cores, 64 tokens x 2 query heads a block sharing their staged keys, "
-                              "bf16 hi/lo products (attention_mma.cu)")}
+                "v2": (True, "production: tensor cores, 64 tokens x 2 query heads a block sharing their keys, copied "
+                              "by cp.async a block of keys ahead, bf16 hi/lo products (attention_mma.cu)")}
     rows = []
     for name, (tensor_cores, why) in versions.items():
         plan = cb.AttentionPlan.build(c, [(0, T, 0)], T, tensor_cores=tensor_cores)
@@ -304,7 +304,7 @@ def ladder_prefill_projection(T: int = 2048) -> list[Row]:
         "v1": ("64 x 64 tiles, each 32-wide step loaded through registers, then a barrier (ladder/prefill_tiles.cu)",
                lambda i: ladder_kernel("prefill_tiles.cu", "prefill_tiles_v1")(
                    ((N + 63) // 64, (T + 63) // 64), (128,), (x, np.int32(T), np.int32(K), w, np.int32(N), out))),
-        "v2": ("production: 128 x 256 tiles (64 x 64 a warp), a 3-stage cp.async pipeline (matmul.cu)",
+        "v2": ("production: 64 x 256 tiles (64 x 64 a warp), a 3-stage cp.async pipeline (matmul.cu)",
                lambda i: cb.linear(state, x, w, out)),
     }
     assert cb.linear_path(state, T, K, N) == "tiles"

@@ -3,10 +3,10 @@
 // the probabilities ever go through memory.
 //
 // Block (tile, group of query heads): a tile is up to 64 consecutive query tokens of one sequence, 16 rows per warp,
-// four warps per query head; the block's heads (blockDim.x / 128 of them) share one kv head. Each iteration stages
-// 32 keys and values of that kv head from the float32 cache into shared memory as bf16 hi + lo halves (mma.cuh) --
-// once for all the block's heads: loading and splitting them costs about as much as the products of one head --
-// then
+// four warps per query head; the block's heads (blockDim.x / 128 of them) share one kv head. Each iteration takes
+// 32 keys and values of that kv head, copied from the float32 cache by cp.async while the previous 32 were being
+// multiplied, and splits them into bf16 hi + lo halves (mma.cuh) -- once for all the block's heads: loading and
+// splitting cost about as much as the products of one head -- then
 //   S = Q K^T       (16 x 32 per warp)  three products: q_hi k_hi + q_hi k_lo + q_lo k_hi (q_lo k_lo is ~2^-18)
 //   online softmax  running max m and sum l per row, the output rescaled when m grows; keys after a row's
 //                   position are masked (causal)
@@ -16,7 +16,8 @@
 // Q's fragments stay in registers for the whole key loop. The three-product split keeps the result within ~1e-5 of
 // the float32 reference (plain bf16 would be ~1e-3). The output is written normalised: no merge step follows.
 // D: head_dim, a multiple of 16 (64 and 128 are compiled).
-//                              grid (tiles, Hq / heads), block 128 x heads (heads divides Hq / Hkv), static smem 34 KB
+// grid (tiles, Hq / heads), block 128 x heads (heads divides Hq / Hkv); dynamic shared memory: two buffers of 32 keys
+// and values as float32 and as bf16 hi/lo, 2 * 2 * 32 * D * 4 + 2 * 4 * 32 * (D + 8) * 2 bytes (132 KB at D = 128)
 #include "mma.cuh"
 
 constexpr int BN = 32;  // keys per iteration
@@ -59,7 +60,10 @@ __global__ void __launch_bounds__(256) attention_mma(const float* __restrict__ q
                                                      const int* __restrict__ tok_pos, float scale,
                                                      float* __restrict__ out) {
     constexpr int KS = D + 8;  // padded rows (bf16): the 8 rows an operand load touches start in distinct banks
-    __shared__ __align__(16) bf16_t k_hi[BN * KS], k_lo[BN * KS], v_hi[BN * KS], v_lo[BN * KS];  // (key, d)
+    extern __shared__ __align__(16) unsigned char smem[];
+    // two buffers of each: the keys and values as copied (float32, (key, d)), and split into hi/lo (bf16, (key, d))
+    auto staged = [&](int b) { return reinterpret_cast<float*>(smem) + b * 2 * BN * D; };  // keys, then values
+    auto split_kv = [&](int b) { return reinterpret_cast<bf16_t*>(smem + 2 * 2 * BN * D * 4) + b * 4 * BN * KS; };
     begin_after_previous();
     const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;  // warp of its head
     // the tiles in reverse: a prompt's last tiles see the most keys, and started first they leave no long tail
@@ -92,21 +96,31 @@ __global__ void __launch_bounds__(256) attention_mma(const float* __restrict__ q
 
     float o[D / 8][4] = {};  // output tile j (columns 8j..8j+7): [0], [1] row r[0]; [2], [3] row r[1]
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-    for (int k0 = 0; k0 < key_end; k0 += BN) {
-        __syncthreads();  // the previous keys are no longer read
+    // each thread copies, and later splits, the same float4 chunks of every block of keys: its own copies are
+    // visible to it once landed, so the staging buffers need no barrier; the split ones need one
+    auto stage = [&](int k0, int b) {
         for (int i = threadIdx.x; i < BN * D / 4; i += blockDim.x) {
             const int key = i / (D / 4), d = i % (D / 4) * 4;
-            float4 kv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv = kv;
-            if (k0 + key < key_end) {
-                const long long at = (static_cast<long long>(k0 + key) * Hkv + kv_head) * D + d;
-                kv = *reinterpret_cast<const float4*>(kc + at);
-                vv = *reinterpret_cast<const float4*>(vc + at);
-            }
-            const int at = key * KS + d;
+            const bool valid = k0 + key < key_end;
+            const long long at = valid ? (static_cast<long long>(k0 + key) * Hkv + kv_head) * D + d : 0;
+            copy_async16(staged(b) + key * D + d, kc + at, valid);
+            copy_async16(staged(b) + BN * D + key * D + d, vc + at, valid);
+        }
+        copies_issued();
+    };
+    stage(0, 0);
+    for (int k0 = 0, b = 0; k0 < key_end; k0 += BN, b ^= 1) {
+        copies_landed<0>();
+        bf16_t* k_hi = split_kv(b), *k_lo = k_hi + BN * KS, *v_hi = k_lo + BN * KS, *v_lo = v_hi + BN * KS;
+        for (int i = threadIdx.x; i < BN * D / 4; i += blockDim.x) {
+            const int key = i / (D / 4), d = i % (D / 4) * 4, at = key * KS + d;
+            const float4 kv = *reinterpret_cast<const float4*>(staged(b) + key * D + d);
+            const float4 vv = *reinterpret_cast<const float4*>(staged(b) + BN * D + key * D + d);
             split4(kv, *reinterpret_cast<uint2*>(k_hi + at), *reinterpret_cast<uint2*>(k_lo + at));
             split4(vv, *reinterpret_cast<uint2*>(v_hi + at), *reinterpret_cast<uint2*>(v_lo + at));
         }
-        __syncthreads();
+        __syncthreads();  // this block of keys is split; the other split buffer is no longer read
+        if (k0 + BN < key_end) stage(k0 + BN, b ^ 1);
 
         float sc[BN / 8][4] = {};  // scores: key tile j (keys 8j..8j+7): [0], [1] row r[0]; [2], [3] row r[1]
 #pragma unroll

@@ -2,7 +2,7 @@
 // activations, N x K bf16 weights) on the tensor cores. Run: python -m fastpath.ladder prefill_projection
 //
 // v1 is what matmul.cu was until it measured what bounds a tile. v2, the production kernel (matmul.cu), differs in
-// two ways: wide tiles (128 x 256 outputs a block, 64 x 64 a warp), so that each staged byte feeds 4x the products,
+// two ways: wide tiles (64 x 256 outputs a block, 64 x 64 a warp), so that each staged byte feeds twice the products,
 // and a 3-stage cp.async pipeline. The pipeline alone, on v1's 64 x 64 tiles, measured no faster: v1 is bound by the
 // L1/shared-memory traffic of its small tiles (Nsight Compute: 94 % of L1 throughput, the tensor pipe 23 % busy).
 #include "../mma.cuh"
