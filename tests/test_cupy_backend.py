@@ -394,7 +394,14 @@ def test_attention_kernel_matches_float64_attention(cb, heads, head_dim, decode)
     addr = lambda arrays: cp.asarray(np.array([a.data.ptr for a in arrays], np.uint64))
     for _ in range(2):  # twice: the arrival counters must be back at zero after a launch
         cb.attend(c, plan, addr([k for k, _ in device]), addr([v for _, v in device]), b)
-    expected = np.empty((row, Hq, D))
+    close(b.attn.reshape(row, Hq, D), float64_attention(q, segments, caches, G), "attention")
+
+
+def float64_attention(q: np.ndarray, segments: list, caches: list, G: int) -> np.ndarray:
+    """Causal grouped-query attention in float64: row t of segment (start, stop, first) sits at position
+    first + t - start of its sequence and sees that sequence's keys up to it; query head h reads kv head h // G."""
+    T, Hq, D = q.shape
+    expected = np.empty((T, Hq, D))
     for (start, stop, first), (k, v) in zip(segments, caches):
         for t in range(start, stop):
             seen = first + t - start + 1
@@ -402,7 +409,38 @@ def test_attention_kernel_matches_float64_attention(cb, heads, head_dim, decode)
                 scores = k[:seen, h // G].astype(np.float64) @ q[t, h].astype(np.float64) / np.sqrt(D)
                 p = np.exp(scores - scores.max())
                 expected[t, h] = p @ v[:seen, h // G] / p.sum()
-    close(b.attn.reshape(row, Hq, D), expected, "attention")
+    return expected
+
+
+@pytest.mark.parametrize("heads, head_dim", [((32, 4), 128), ((6, 2), 64), ((4, 4), 128)])
+def test_prefill_attention_kernel_matches_float64_attention(cb, heads, head_dim):
+    """attention_mma.cu against plain float64 attention on fresh random caches: prompts of several sequences in one
+    step, some starting after keys already cached (a chunked prefill), with 64-token tiles whole and partial; 8 query
+    heads per kv head (two heads a block), 3 and 1 (one a block); head_dim 128 and 64, the two compiled."""
+    import cupy as cp
+    from qwen3moe.config import config_from_dict
+
+    c = config_from_dict(dict(TINY_CONFIG, num_attention_heads=heads[0], num_key_value_heads=heads[1],
+                              head_dim=head_dim))
+    Hq, Hkv, D, G = c.num_attention_heads, c.num_key_value_heads, c.head_dim, heads[0] // heads[1]
+    rng = np.random.default_rng()
+    capacity = 1100
+    segments, row = [], 0
+    for n, first in [(130, 0), (17, 300), (64, 0), (70, 1000)]:
+        segments.append((row, row + n, first))
+        row += n
+    caches = [(rng.standard_normal((capacity, Hkv, D), dtype=np.float32),
+               rng.standard_normal((capacity, Hkv, D), dtype=np.float32)) for _ in segments]
+    q = rng.standard_normal((row, Hq, D), dtype=np.float32)
+    plan = cb.AttentionPlan.build(c, segments, capacity)
+    assert plan.tensor_cores
+    b = cb.AttentionBuffers.empty(row, c, plan.splits)
+    b.attn.fill(np.nan)
+    b.q[...] = cp.asarray(q)
+    addr = lambda arrays: cp.asarray(np.array([a.data.ptr for a in arrays], np.uint64))
+    device = [(cp.asarray(k), cp.asarray(v)) for k, v in caches]
+    cb.attend(c, plan, addr([k for k, _ in device]), addr([v for _, v in device]), b)
+    close(b.attn.reshape(row, Hq, D), float64_attention(q, segments, caches, G), "prefill attention")
 
 
 def test_non_finite_logits_are_refused_in_graph_decoding(cb, tmp_path):
