@@ -22,7 +22,7 @@ Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) ar
                           cores, weights as the 16-row operand and 8 tokens as the columns (mma_few.cu)
     mma_batch             the projections of a small decode batch (2-16 tokens): every token in each block, the
                           activations shared through shared memory, K split over blocks (mma_batch.cu)
-    mma_tiles             larger steps (prefill): 64-token tiles on the tensor cores (matmul.cu)
+    mma_tiles             larger steps (prefill): tiles of 64 tokens x 256 outputs on the tensor cores (matmul.cu)
     argmax_partial + greedy_advance, or sample_rows    a decoded row's next token, chosen on the device
 Kernels captured into a graph are launched with programmatic dependent launch allowed (``cuda_build.Kernel``).
 Kernel ladders that build up to the central ones step by step: ``python -m fastpath.ladder``.

@@ -1,5 +1,5 @@
 // Tensor-core products for steps with many tokens (prefill, large batches), where the GEMV kernels would re-read
-// every weight once per 8 tokens: here a block's tile of outputs reads each weight once per 64 or 128 tokens.
+// every weight once per 8 tokens: here a block's tile of outputs reads each weight once per 64 tokens.
 //
 // bf16 weights and float32 accumulation on the tensor cores (mma.cuh); the float32 activations are split into bf16
 // hi + lo as each warp loads its fragments, and both halves are multiplied. Three kinds of product share the kernel:
@@ -31,8 +31,9 @@ struct Tile {
     static constexpr int WN = MODE == GATE_UP ? 32 : 64;      // columns of each matrix a warp computes
     static constexpr int M = 64, N = 4 * WN, THREADS = 128;
     static constexpr int A_BYTES = M * LDA * 4, STAGE_BYTES = A_BYTES + SLOTS * N * LDB * 2;
-    static constexpr int SHARED = STAGES * STAGE_BYTES;
+    static constexpr int SHARED = STAGES * STAGE_BYTES;  // (cupy_backend.tiles computes the same)
 };
+static_assert(2 * Tile<GATE_UP>::SHARED <= 227 * 1024, "two blocks must fit a multiprocessor's shared memory");
 
 // Two adjacent bf16 of a staged weight tile as one 32-bit register.
 __device__ __forceinline__ unsigned pair_at(const bf16_t* tile, int row, int col) {
@@ -99,7 +100,8 @@ __global__ void __launch_bounds__(Tile<MODE>::THREADS) mma_tiles(
     const float* a_row = a + (has_row ? static_cast<long long>(MODE == GATE_UP ? pair_token[q] : q) * K : 0) + half;
     auto stage_activations = [&](int k0, float* dst) {
 #pragma unroll
-        for (int v = 0; v < 4; ++v) copy_async16(dst + threadIdx.x / 2 * LDA + half + 4 * v, a_row + k0 + 4 * v, has_row);
+        for (int v = 0; v < 4; ++v)
+            copy_async16(dst + threadIdx.x / 2 * LDA + half + 4 * v, a_row + k0 + 4 * v, has_row);
     };
     // one commit group per step (empty past the end), so "all but STAGES - 2 groups landed" means "this step landed"
     for (int s = 0; s < STAGES - 1; ++s) {
