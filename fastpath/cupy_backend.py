@@ -200,8 +200,9 @@ def expert_path(s: State, tokens: int, picks: int, experts: int, H: int, I: int)
 
 def tiles(mode: str, N: int, row_tiles: int, args: tuple) -> None:
     """Launch mma_tiles<mode> (matmul.cu) over ``row_tiles`` tiles of rows, with the shared memory of its pipeline:
-    TILE_STAGES steps of float32 activations and bf16 weights (two matrices for GATE_UP), rows padded by 8. Its
-    ``Tile<MODE>::SHARED``: more than the 48 KB a launch may take without asking, so the kernel is allowed it once."""
+    TILE_STAGES steps of float32 activations and bf16 weights (two matrices for GATE_UP), rows padded by 8 (the
+    kernel's ``Tile<MODE>::SHARED``). That is more than the 48 KB a launch may take without asking, so the kernel is
+    allowed it on its first launch."""
     cols = TILE_OUTPUTS[mode]
     smem = TILE_STAGES * (TILE * (TILE_K + 8) * 4 + (2 if mode == "GATE_UP" else 1) * cols * (TILE_K + 8) * 2)
     k = kernel("matmul.cu", f"mma_tiles<{mode}>")
@@ -488,7 +489,7 @@ def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_cache
     if plan.tensor_cores:
         heads = 2 if (Hq // Hkv) % 2 == 0 else 1  # query heads of a block, sharing the kv head's staged keys
         mma = kernel("attention_mma.cu", f"attention_mma<{D}>")
-        smem = 2 * 2 * 32 * D * 4 + 2 * 4 * 32 * (D + 8) * 2  # 2 x 32 keys and values: float32, and bf16 hi/lo
+        smem = 2 * 2 * 32 * D * 4 + 2 * 4 * 32 * (D + 8) * 2  # 2 buffers of its 32 keys and values: f32, bf16 hi/lo
         if smem > mma.max_dynamic_shared_size_bytes:
             mma.max_dynamic_shared_size_bytes = smem
         mma((plan.tile_seq.shape[0], Hq // heads), (128 * heads,),
