@@ -31,6 +31,7 @@ KERNELS = {
     "attention_mma.cu": ["attention_mma<64>", "attention_mma<128>"],
     "sampling.cu": ["argmax_partial", "greedy_advance", "sample_rows"],
     "matmul.cu": ["mma_tiles<LINEAR>", "mma_tiles<GATE_UP>", "mma_tiles<DOWN>"],
+    "peer_all_reduce.cu": ["peer_all_reduce"],
 }
 OPTIONS = ("-std=c++17", f"-I{SOURCE_DIR}")
 

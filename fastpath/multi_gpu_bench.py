@@ -143,7 +143,8 @@ def measure(model, c, steps: int, batch: int, log, label: str) -> dict:
     out["b1_all_reduce_ms"] = 1e3 * model.time_all_reduces(1, count, 20)
     out[f"b{batch}_all_reduce_ms"] = 1e3 * model.time_all_reduces(batch, count, 5)
     log(f"{label}: batch 1 {out['b1_ms_per_token']:.2f} ms/token ({out['b1_all_reduce_ms']:.2f} ms of it "
-        f"all-reduces), batch {batch} {out[f'b{batch}_tokens_per_s']:.0f} tokens/s (model loop: "
+        f"all-reduces), batch {batch} {out[f'b{batch}_tokens_per_s']:.0f} tokens/s "
+        f"({out[f'b{batch}_all_reduce_ms']:.2f} ms a step in all-reduces; model loop: "
         f"{out[f'b{batch}_loop_tokens_per_s']:.0f})")
     return out
 

@@ -5,6 +5,7 @@ layers of Qwen3-30B-A3B's real shapes; and a rank that dies stops the group with
 Needs a machine with at least 2 NVIDIA GPUs (run on 4 H100s); elsewhere every test is skipped with the reason.
 """
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -158,6 +159,79 @@ def test_batch_graph_decoding_on_a_split_model(ndev, experts):
             assert batch_graph_tokens(m, prompts, 16, sampled) == expected[sampled], f"sampled={sampled}"
     finally:
         m.destroy_model_instance()
+
+
+ALL_REDUCE_ROWS = [1, 64, 128, 129]  # batch 1 and 64 of a 2048-wide hidden state, the peer path's limit, past it
+
+
+def all_reduce_inputs(rank: int, replay: int, rows: int) -> np.ndarray:
+    return np.random.default_rng([rank, replay, rows]).standard_normal((rows, 2048)).astype(np.float32)
+
+
+def all_reduce_rank(rank: int, ndev: int, unique_id: str, mode: str, results) -> None:
+    """One rank of test_all_reduce_sums_over_ranks (its own process): one all-reduce per size, then a captured graph
+    of two all-reduces in a row, replayed 5 times with new inputs."""
+    os.environ["QWEN3MOE_ALL_REDUCE"] = mode
+    import cupy as cp
+    from fastpath import nccl_comm
+
+    nccl_comm.bind_device(rank)
+    comm = nccl_comm.NcclComm(rank, ndev, unique_id, alive=lambda: None)
+    out = {"peer": comm.peer is not None, "odd": comm.all_reduce(cp.full(6, rank + 1.0, cp.float32)).get()}
+    for rows in ALL_REDUCE_ROWS:
+        out[rows] = comm.all_reduce(cp.asarray(all_reduce_inputs(rank, 0, rows))).get()
+    src, x, y = cp.zeros((64, 2048), cp.float32), cp.zeros((64, 2048), cp.float32), cp.zeros((64, 2048), cp.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        x[...] = src
+        comm.all_reduce(x)
+        cp.multiply(x, np.float32(rank + 1), out=y)  # depends on the first sum, differs by rank
+        comm.all_reduce(y)
+        graph = stream.end_capture()
+        for replay in range(5):
+            src.set(all_reduce_inputs(rank, replay + 1, 64))
+            graph.launch(stream)
+            stream.synchronize()
+            out[f"graph{replay}"] = (x.get(), y.get())
+    results.put((rank, out))
+    results.close()
+    results.join_thread()
+    comm._sum_int(1)  # no rank exits while another may still read its buffer
+    os._exit(0)  # at once: tearing CUDA and NCCL down takes up to a minute
+
+
+@pytest.mark.parametrize("ndev", [n for n in (2, 4) if n <= GPUS])
+@pytest.mark.parametrize("mode", ["peer", "nccl"])
+def test_all_reduce_sums_over_ranks(ndev, mode):
+    """Every rank gets the float64 sum of every rank's numbers to float32 rounding, with the same bits on every rank:
+    through the peer-memory kernel for decode-sized messages (its limit included) and NCCL past it and for sizes
+    that are not a whole number of float4s; and inside a captured graph replayed with new inputs, where each replay
+    moves the kernel's epochs on and alternates its slots."""
+    from fastpath import nccl_comm
+
+    spawn = multiprocessing.get_context("spawn")
+    results, unique_id = spawn.Queue(), nccl_comm.new_id()
+    procs = [spawn.Process(target=all_reduce_rank, args=(r, ndev, unique_id, mode, results)) for r in range(ndev)]
+    for p in procs:
+        p.start()
+    outs = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert [outs[r]["peer"] for r in range(ndev)] == [mode == "peer"] * ndev, "peer memory between these GPUs?"
+    close = lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    for r in range(ndev):
+        close(outs[r]["odd"], np.full(6, ndev * (ndev + 1) / 2))
+        for rows in ALL_REDUCE_ROWS:
+            want = sum(all_reduce_inputs(q, 0, rows).astype(np.float64) for q in range(ndev))
+            close(outs[r][rows], want)
+            assert np.array_equal(outs[r][rows], outs[0][rows]), f"rank {r} differs from rank 0 at {rows} rows"
+        for replay in range(5):
+            x, y = outs[r][f"graph{replay}"]
+            want = sum(all_reduce_inputs(q, replay + 1, 64).astype(np.float64) for q in range(ndev))
+            close(x, want)
+            close(y, want * ndev * (ndev + 1) / 2)
+            assert np.array_equal(x, outs[0][f"graph{replay}"][0]) and np.array_equal(y, outs[0][f"graph{replay}"][1])
 
 
 def test_a_rank_that_dies_mid_generation_stops_the_group_with_its_name():
