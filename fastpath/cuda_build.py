@@ -30,7 +30,7 @@ KERNELS = {
     "attention.cu": ["qk_norm_rope_cache", "attention<1>", "attention<2>"],
     "attention_mma.cu": ["attention_mma<64>", "attention_mma<128>"],
     "sampling.cu": ["argmax_partial", "greedy_advance", "sample_rows"],
-    "matmul.cu": ["mma_tiles<LINEAR>", "mma_tiles<GATE_UP>", "mma_tiles<DOWN>"],
+    "matmul.cu": ["mma_tiles<LINEAR>", "mma_tiles<GATE_UP>", "mma_tiles<DOWN>", "add_split_sums"],
     "peer_all_reduce.cu": ["peer_all_reduce"],
 }
 OPTIONS = ("-std=c++17", f"-I{SOURCE_DIR}")

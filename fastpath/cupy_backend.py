@@ -22,7 +22,9 @@ Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) ar
                           cores, weights as the 16-row operand and 8 tokens as the columns (mma_few.cu)
     mma_batch             the projections of a small decode batch (2-16 tokens): every token in each block, the
                           activations shared through shared memory, K split over blocks (mma_batch.cu)
-    mma_tiles             larger steps (prefill): tiles of 64 tokens x 256 outputs on the tensor cores (matmul.cu)
+    mma_tiles             larger steps (prefill, large matrices at batches over 16): tiles of 64 tokens x 256
+                          outputs on the tensor cores (matmul.cu); where the tiles are few, K is split over blocks
+                          and add_split_sums adds the splits up
     argmax_partial + greedy_advance, or sample_rows    a decoded row's next token, chosen on the device
 Kernels captured into a graph are launched with programmatic dependent launch allowed (``cuda_build.Kernel``).
 Kernel ladders that build up to the central ones step by step: ``python -m fastpath.ladder``.
@@ -64,13 +66,16 @@ ATTENTION_MMA_HEAD_DIMS = (64, 128)  # the head_dim values attention_mma.cu is c
 ATTENTION_MMA_MIN_TOKENS = 16  # a step with a segment this long (a prefill) runs attention on the tensor cores
 MMA_ATTENTION_TOKENS = 64  # query tokens per block of attention_mma.cu
 GEMV_MAX_TOKENS = 16  # projections of fewer tokens that mma_batch.cu does not take run on linear.cu's GEMV
-FEW_TOKENS = 64  # projections of up to this many tokens run on mma_few.cu, beyond on matmul.cu's tiles
+FEW_TOKENS = 64  # projections of up to this many tokens (that mma_batch.cu does not take) run on mma_few.cu ...
+FEW_MAX_WEIGHTS = 1 << 23  # ... if the matrix is smaller than this; larger ones on matmul.cu's tiles, K split
 BATCH_MIN_TOKENS, BATCH_MAX_TOKENS = 2, 16  # projections of these many tokens run on mma_batch.cu (= its MAX_TOKENS)
 BATCH_ROWS, BATCH_KSPLIT = 64, 256  # mma_batch.cu: weight rows of a block, k of a split
 FEW_PICKS_PER_EXPERT = 16  # likewise the experts, by the picks per expert on average
 TILE = 64  # rows (tokens, or pairs of one expert) of a tile of matmul.cu's products
 TILE_OUTPUTS = {"LINEAR": 256, "GATE_UP": 128, "DOWN": 256}  # matmul.cu: outputs of a block's tile (of TILE rows)
 TILE_K, TILE_STAGES = 32, 3  # matmul.cu: the k of a pipeline step, and the steps staged in shared memory at once
+TILE_MIN_SPLIT_STEPS = 4  # matmul.cu: the fewest k-steps a split of a LINEAR product's K runs
+TILE_SPLIT_BLOCKS = 264  # matmul.cu: K is split until a LINEAR product has this many blocks
 MAX_EXPERTS = 512  # route_topk holds a token's router probabilities in one warp's registers (moe.cu)
 
 
@@ -101,17 +106,20 @@ class State:
     expert_lo: int = 0  # the experts held are [expert_lo, expert_hi): a block of them under expert parallelism
     expert_hi: int = MAX_EXPERTS
     first_vocab_row: int = 0  # the token id of lm_head's first row
-    # mma_batch.cu's workspace: each split's partial sums, and per row block the splits done
+    # the workspace of products that split K (mma_batch.cu, matmul.cu's LINEAR): each split's partial sums, and per
+    # block of outputs the splits done
     split_partial: cp.ndarray = field(init=False)
     split_arrivals: cp.ndarray = field(init=False)
 
     def __post_init__(self):
-        """Allocate the workspace once, for the largest layer projection of BATCH_MAX_TOKENS tokens: a captured
-        graph keeps its address, so it never grows (a product it does not fit takes another kernel)."""
+        """Allocate the workspace once, for the largest layer projection of BATCH_MAX_TOKENS tokens (mma_batch.cu)
+        or of TILE tokens (matmul.cu): a captured graph keeps its address, so it never grows (a product it
+        does not fit takes another kernel, or fewer splits)."""
         shapes = [w.shape for l in self.layers for w in (l.qkv, l.o_proj, l.router) if w is not None]
-        self.split_partial = cp.empty(max([batch_splits(K) * BATCH_MAX_TOKENS * N for N, K in shapes], default=0),
-                                      cp.float32)
-        self.split_arrivals = cp.zeros(max([math.ceil(N / BATCH_ROWS) for N, _ in shapes], default=0), cp.uint32)
+        sizes = [(batch_splits(K) * BATCH_MAX_TOKENS * N, math.ceil(N / BATCH_ROWS)) for N, K in shapes]
+        sizes += [(tile_splits(K, N, TILE) * TILE * N, 0) for N, K in shapes]
+        self.split_partial = cp.empty(max([p for p, _ in sizes], default=0), cp.float32)
+        self.split_arrivals = cp.zeros(max([a for _, a in sizes], default=0), cp.uint32)
 
 
 def upload(w: np.ndarray) -> cp.ndarray:
@@ -168,19 +176,34 @@ def batch_splits(K: int) -> int:
     return math.ceil(K / BATCH_KSPLIT)
 
 
+def tile_splits(K: int, N: int, T: int, room: int | None = None) -> int:
+    """Blocks matmul.cu splits a LINEAR product's K over: enough for TILE_SPLIT_BLOCKS blocks where its tiles are
+    fewer (batched decoding), each at least TILE_MIN_SPLIT_STEPS k-steps, and (``room``: the workspace's floats) all
+    of their partial sums in the workspace. Rounded so that no split is left without steps."""
+    steps, tiles_ = K // TILE_K, math.ceil(N / TILE_OUTPUTS["LINEAR"]) * math.ceil(T / TILE)
+    if (T * N) % 4:  # add_split_sums takes float4s
+        return 1
+    splits = max(1, min(TILE_SPLIT_BLOCKS // tiles_, steps // TILE_MIN_SPLIT_STEPS,
+                        room // (T * N) if room is not None else steps))
+    return math.ceil(steps / math.ceil(steps / splits))
+
+
 def linear_path(s: State, tokens: int, K: int, N: int) -> str:
     """Which kernel computes a projection of ``tokens`` rows: "batch" (mma_batch.cu) from BATCH_MIN_TOKENS to
     BATCH_MAX_TOKENS where its workspace holds the product's partial sums (not the lm_head); otherwise "gemv"
     (linear.cu, CUDA cores, the RMSNorm fused) below GEMV_MAX_TOKENS (measured faster there than mma_few.cu: a
     32-row block per 8 tokens leaves small matrices too few blocks), for float32 weights, or for a K that is not
-    whole 32-column steps; "few" (mma_few.cu) up to FEW_TOKENS; "tiles" (matmul.cu, 64-token tiles) beyond."""
+    whole 32-column steps; "few" (mma_few.cu) up to FEW_TOKENS for matrices under FEW_MAX_WEIGHTS; "tiles"
+    (matmul.cu, 64-token tiles, K split where the tiles are few) beyond. Measured on H200s at batch 64 (graphs): the
+    large matrices of Qwen3-30B-A3B's shapes on the tiles, 2838 -> 2921 tokens/s (the lm_head 716 -> 400 us); the
+    halves of q/k/v and o_proj that each of two ranks holds on the tiles, 4621 -> 4457 tokens/s."""
     if s.wtype != "bf16_t" or K % 32:
         return "gemv"
     if tokens >= BATCH_MIN_TOKENS and batch_fits(s, tokens, K, N):
         return "batch"
     if tokens < GEMV_MAX_TOKENS:
         return "gemv"
-    return "few" if tokens <= FEW_TOKENS else "tiles"
+    return "few" if tokens <= FEW_TOKENS and N * K < FEW_MAX_WEIGHTS else "tiles"
 
 
 def batch_fits(s: State, tokens: int, K: int, N: int) -> bool:
@@ -198,17 +221,17 @@ def expert_path(s: State, tokens: int, picks: int, experts: int, H: int, I: int)
     return "few" if picks <= FEW_PICKS_PER_EXPERT * experts else "tiles"
 
 
-def tiles(mode: str, N: int, row_tiles: int, args: tuple) -> None:
-    """Launch mma_tiles<mode> (matmul.cu) over ``row_tiles`` tiles of rows, with the shared memory of its pipeline:
-    TILE_STAGES steps of float32 activations and bf16 weights (two matrices for GATE_UP), rows padded by 8 (the
-    kernel's ``Tile<MODE>::SHARED``). That is more than the 48 KB a launch may take without asking, so the kernel is
-    allowed it on its first launch."""
+def tiles(mode: str, N: int, row_tiles: int, args: tuple, splits: int = 1) -> None:
+    """Launch mma_tiles<mode> (matmul.cu) over ``row_tiles`` tiles of rows and ``splits`` splits of K, with the
+    shared memory of its pipeline: TILE_STAGES steps of float32 activations and bf16 weights (two matrices for
+    GATE_UP), rows padded by 8 (the kernel's ``Tile<MODE>::SHARED``). That is more than the 48 KB a launch may take
+    without asking, so the kernel is allowed it on its first launch."""
     cols = TILE_OUTPUTS[mode]
     smem = TILE_STAGES * (TILE * (TILE_K + 8) * 4 + (2 if mode == "GATE_UP" else 1) * cols * (TILE_K + 8) * 2)
     k = kernel("matmul.cu", f"mma_tiles<{mode}>")
     if smem > k.max_dynamic_shared_size_bytes:
         k.max_dynamic_shared_size_bytes = smem
-    k((math.ceil(N / cols), row_tiles), (128,), args, shared_mem=smem)
+    k((math.ceil(N / cols), row_tiles, splits), (128,), args, shared_mem=smem)
 
 
 def rms_norm(s: State, x: cp.ndarray, weight: cp.ndarray, out: cp.ndarray) -> None:
@@ -245,8 +268,14 @@ def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.nda
             (math.ceil(T / 8), math.ceil(N / 32)), (128,),
             (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 6, residual, out))
     else:
+        splits = tile_splits(K, N, T, s.split_partial.size)
         tiles("LINEAR", N, math.ceil(T / TILE),
-              (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 8, residual, out))
+              (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 8, residual, out, s.split_partial),
+              splits)
+        if splits > 1:
+            n4 = T * N // 4
+            kernel("matmul.cu", "add_split_sums")((math.ceil(n4 / BLOCK),), (BLOCK,),
+                                                  (s.split_partial, i32(splits), i32(n4), residual, out))
 
 
 @dataclass
@@ -322,9 +351,10 @@ def swiglu_experts_into(s: State, layer: Layer, x: cp.ndarray, xn: cp.ndarray, g
         n_tiles, grouped = g.tile_slot.shape[0], (g.tile_slot, g.tile_row, g.n_tiles, g.slot_expert, g.slot_offset,
                                                   g.pair_token, g.pair_src)
         tiles("GATE_UP", I, n_tiles,
-              (xn, i32(H), layer.gate_up, up, np.int64(two_i * H), i32(I), i32(0), *grouped, NULL, NULL, act))
+              (xn, i32(H), layer.gate_up, up, np.int64(two_i * H), i32(I), i32(0), *grouped, NULL, NULL, act, NULL))
         tiles("DOWN", H, n_tiles,
-              (act, i32(I), layer.down, NULL, np.int64(H * I), i32(H), i32(0), *grouped, pair_weight, NULL, out))
+              (act, i32(I), layer.down, NULL, np.int64(H * I), i32(H), i32(0), *grouped, pair_weight, NULL, out,
+               NULL))
     else:
         m = 1 if xn.shape[0] == 1 else MAXT[-1]  # one token: every slot holds one pick
         kernel("moe.cu", f"expert_gate_up<{s.wtype}, {m}>")(

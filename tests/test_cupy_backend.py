@@ -316,15 +316,18 @@ def test_kernels_write_every_output(cb, tiny_model_dir, T, path, monkeypatch):
 
 @pytest.mark.parametrize("path, T, K, N", [("batch", 16, 2048, 5120), ("batch", 9, 800, 200), ("batch", 2, 96, 130),
                                            ("batch", 8, 4096, 64), ("tiles", 300, 2048, 5120), ("tiles", 129, 96, 200),
-                                           ("tiles", 65, 32, 520)])
+                                           ("tiles", 65, 32, 520), ("tiles", 40, 2048, 5120),
+                                           ("tiles", 100, 4096, 600)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_projection_matches_float64(cb, path, T, K, N, with_residual):
     """mma_batch.cu and matmul.cu against a float64 product on fresh random bf16 weights. mma_batch.cu: K split over
     1-16 blocks (the last split short when K is not a multiple of 256), rows that are not a whole number of blocks,
     token counts that fill one or two eight-token tiles wholly or partly. matmul.cu: K of 1, 3 and 64 pipeline
-    steps (fewer than its stages, and more), tokens and outputs that end inside a tile. The residual added in place.
-    Launched twice: mma_batch.cu's arrival counters must be back at zero after a launch. The output is poisoned with
-    NaN first. Tolerance: 4e-5 of the products' root sum of squares, the scale of the rounding errors' random walk
+    steps (fewer than its stages, and more), tokens and outputs that end inside a tile, and K split where the tiles
+    are few (13 splits of 5 steps, the last 4; 19 of 7, the last 2, as many as the workspace holds). The residual
+    added in place. Launched twice: mma_batch.cu's arrival counters must be back at zero after a launch. The output
+    is poisoned with NaN first. Tolerance: 4e-5 of the products' root sum of squares, the scale of the rounding
+    errors' random walk
     (hi/lo products accumulated in float32: at K = 2048 errors up to ~5.5e-4 are seen, by mma_few.cu too, against a
     bound of ~1.8e-3; a lost split, step or token would be off by ~10)."""
     import cupy as cp

@@ -16,7 +16,11 @@
 // columns). Measured on an H200 against 128-row tiles (two rows of warps): as fast for the grouped modes, whose
 // experts have ~128 pairs at a 2048-token prefill, and 16 % faster for q/k/v, since two blocks fit a multiprocessor
 // and one's barrier leaves the other running.
-//   64 x Tile<MODE>::N outputs a block               grid (ceil(N / Tile::N), tiles), block 128
+//   64 x Tile<MODE>::N outputs a block               grid (ceil(N / Tile::N), tiles, splits), block 128
+// LINEAR may split K over ``splits`` blocks (blockIdx.z) where there are too few tiles to fill the GPU, as in batched
+// decoding: 64 tokens of a 5120 x 2048 q/k/v projection are 20 tiles for 132 multiprocessors. Each split then writes
+// its partial sums to partial[split], and add_split_sums adds them up in split order (a kernel of its own: the last
+// split of each tile adding them alone was 5x slower than not splitting at all).
 // The K loop is a pipeline of STAGES buffers in shared memory filled by cp.async: while the warps multiply one step,
 // the next STAGES - 1 are in flight; one barrier per step. Dynamic shared memory: Tile<MODE>::SHARED bytes.
 #include "mma.cuh"
@@ -68,21 +72,23 @@ __global__ void __launch_bounds__(Tile<MODE>::THREADS) mma_tiles(
     long long expert_stride, int N, int T, const int* __restrict__ tile_slot, const int* __restrict__ tile_row,
     const int* __restrict__ n_tiles, const int* __restrict__ slot_expert, const int* __restrict__ slot_offset,
     const int* __restrict__ pair_token, const int* __restrict__ pair_src, const float* __restrict__ pair_weight,
-    const float* residual, float* out) {
+    const float* residual, float* out, float* __restrict__ partial) {
     using Tl = Tile<MODE>;
     constexpr int SLOTS = Tl::SLOTS, WN = Tl::WN;
     extern __shared__ __align__(16) unsigned char smem[];
     // stage s: activations (M, LDA) float32, then SLOTS x (N, LDB) bf16 weights
     auto As = [&](int s) { return reinterpret_cast<float*>(smem + s * Tl::STAGE_BYTES); };
     auto Bs = [&](int s) { return reinterpret_cast<bf16_t*>(smem + s * Tl::STAGE_BYTES + Tl::A_BYTES); };
-    const int n0 = blockIdx.x * Tl::N, steps = K / TK;
+    // this block's k-steps: [first, first + steps) of K / TK, its split's share
+    const int n0 = blockIdx.x * Tl::N, per_split = (K / TK + gridDim.z - 1) / gridDim.z;
+    const int first = blockIdx.z * per_split, steps = min(K / TK - first, per_split);
 
     int row0, row_end;
     const bf16_t* W[SLOTS];
     if (MODE == LINEAR) {
         // the weights do not depend on the kernel ahead: the first steps' copies start while it finishes
         W[0] = w;
-        for (int s = 0; s < STAGES - 1 && s < steps; ++s) stage_weights<MODE>(W, K, N, n0, s * TK, Bs(s));
+        for (int s = 0; s < STAGES - 1 && s < steps; ++s) stage_weights<MODE>(W, K, N, n0, (first + s) * TK, Bs(s));
         begin_after_previous();
         row0 = blockIdx.y * Tl::M, row_end = min(T, row0 + Tl::M);
     } else {
@@ -106,8 +112,8 @@ __global__ void __launch_bounds__(Tile<MODE>::THREADS) mma_tiles(
     // one commit group per step (empty past the end), so "all but STAGES - 2 groups landed" means "this step landed"
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < steps) {
-            if (MODE != LINEAR) stage_weights<MODE>(W, K, N, n0, s * TK, Bs(s));
-            stage_activations(s * TK, As(s));
+            if (MODE != LINEAR) stage_weights<MODE>(W, K, N, n0, (first + s) * TK, Bs(s));
+            stage_activations((first + s) * TK, As(s));
         }
         copies_issued();
     }
@@ -120,7 +126,7 @@ __global__ void __launch_bounds__(Tile<MODE>::THREADS) mma_tiles(
         copies_landed<STAGES - 2>();
         __syncthreads();  // this step's copies from every thread are in; the buffer refilled below is free
         if (step + STAGES - 1 < steps) {
-            const int refill = s == 0 ? STAGES - 1 : s - 1, k0 = (step + STAGES - 1) * TK;
+            const int refill = s == 0 ? STAGES - 1 : s - 1, k0 = (first + step + STAGES - 1) * TK;
             stage_weights<MODE>(W, K, N, n0, k0, Bs(refill));
             stage_activations(k0, As(refill));
         }
@@ -154,6 +160,10 @@ __global__ void __launch_bounds__(Tile<MODE>::THREADS) mma_tiles(
         }
     }
     copies_landed<0>();  // (only empty groups are left; nothing may be in flight when the block exits)
+    if (MODE == LINEAR && gridDim.z > 1) {  // this split's sums, for add_split_sums
+        out = partial + static_cast<long long>(blockIdx.z) * T * N;
+        residual = nullptr;
+    }
 
     // each lane holds rows g and g + 8 x columns c and c + 1 of every 16 x 8 block: written straight from registers
 #pragma unroll
@@ -187,4 +197,19 @@ __global__ void __launch_bounds__(Tile<MODE>::THREADS) mma_tiles(
                     }
                 }
         }
+}
+
+// out[i] = residual[i] + the sum over splits of partial[split][i], in split order, for the T x N outputs of a LINEAR
+// product whose K was split.                                        grid (ceil(T * N / (4 * 256))), block 256
+__global__ void __launch_bounds__(256) add_split_sums(const float4* __restrict__ partial, int splits, int n4,
+                                                       const float4* residual, float4* out) {
+    begin_after_previous();
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n4) return;
+    float4 v = residual ? residual[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int z = 0; z < splits; ++z) {
+        const float4 p = __ldcg(partial + static_cast<long long>(z) * n4 + i);
+        v.x += p.x, v.y += p.y, v.z += p.z, v.w += p.w;
+    }
+    out[i] = v;
 }
