@@ -106,8 +106,8 @@ class State:
     expert_lo: int = 0  # the experts held are [expert_lo, expert_hi): a block of them under expert parallelism
     expert_hi: int = MAX_EXPERTS
     first_vocab_row: int = 0  # the token id of lm_head's first row
-    # the workspace of products that split K (mma_batch.cu, matmul.cu's LINEAR): each split's partial sums, and per
-    # block of outputs the splits done
+    # the workspace of products that split K (mma_batch.cu, matmul.cu's LINEAR): each split's partial sums, and
+    # mma_batch.cu's count of the splits done per row block
     split_partial: cp.ndarray = field(init=False)
     split_arrivals: cp.ndarray = field(init=False)
 
