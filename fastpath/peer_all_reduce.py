@@ -21,7 +21,6 @@ from . import cuda_build
 
 MAX_BYTES = 1 << 20  # the largest message, in bytes: batch 128 of a 2048-wide float32 hidden state
 SLOTS_OFFSET, MAX_RANKS, MAX_BLOCKS, THREADS = 4096, 8, 32, 512  # as in cuda/peer_all_reduce.cu
-HANDLE_INTS = 16  # a cudaIpcMemHandle_t is 64 bytes
 
 
 def machine_key() -> list[int]:
@@ -78,7 +77,7 @@ def connect(rank: int, ndev: int, all_gather, all_sum) -> PeerAllReduce | None:
     rt.deviceSynchronize()  # the flags are zero before any rank can see the buffer
     handle = np.frombuffer(rt.ipcGetMemHandle(base), np.int32)
     mine = np.array([*machine_key(), int(wanted), *handle], np.int32)
-    everyone = all_gather(mine)  # (ndev, 3 + HANDLE_INTS)
+    everyone = all_gather(mine)  # (ndev, 3 + 16): a cudaIpcMemHandle_t is 64 bytes
     opened, ok = [], bool(wanted and (everyone[:, :3] == mine[:3]).all() and everyone[:, 2].all())
     peers = [base] * ndev
     for r in range(ndev):
