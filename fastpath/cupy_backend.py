@@ -26,6 +26,8 @@ Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) ar
                           outputs on the tensor cores (matmul.cu); where the tiles are few, K is split over blocks
                           and add_split_sums adds the splits up
     argmax_partial + greedy_advance, or sample_rows    a decoded row's next token, chosen on the device
+    peer_all_reduce       on a rank of a split model, in its decode graph: the sum over the ranks of one machine,
+                          moe_combine's sum before it and the next block's RMSNorm after (peer_all_reduce.cu)
 Kernels captured into a graph are launched with programmatic dependent launch allowed (``cuda_build.Kernel``).
 Kernel ladders that build up to the central ones step by step: ``python -m fastpath.ladder``.
 """
@@ -329,10 +331,10 @@ class MoeBuffers:
                           f(P, c.moe_intermediate_size), f(P, c.hidden_size), Grouping.empty(P, c.num_experts))
 
 
-def swiglu_experts_into(s: State, layer: Layer, x: cp.ndarray, xn: cp.ndarray, g: Grouping, act: cp.ndarray,
-                        out: cp.ndarray, max_slots: int, top_k: int) -> None:
-    """x += sum over each token's picks of weight * down_e(SiLU(gate_e xn) * up_e xn), each expert's rows read once;
-    out[pair] holds each pick's weighted output on the way."""
+def swiglu_experts_into(s: State, layer: Layer, xn: cp.ndarray, g: Grouping, act: cp.ndarray, out: cp.ndarray,
+                        max_slots: int, top_k: int) -> None:
+    """out[pair] = weight * down_e(SiLU(gate_e xn) * up_e xn) for each pick of the experts held, each expert's rows
+    read once (``combine`` then adds a token's picks)."""
     E, two_i, H = layer.gate_up.shape
     I = two_i // 2
     up = np.uint64(layer.gate_up.data.ptr + I * H * layer.gate_up.itemsize)  # expert 0's up rows
@@ -365,46 +367,79 @@ def swiglu_experts_into(s: State, layer: Layer, x: cp.ndarray, xn: cp.ndarray, g
             (math.ceil(H / 8), max_slots), (BLOCK,),
             (act, i32(I), layer.down, np.int64(H * I), i32(H), i32(8), g.slot_expert, g.slot_offset, g.pair_src,
              pair_weight, g.n_slots, out))
-    combine(x, out, top_k, s.residual)
 
 
 def moe_into(s: State, layer: Layer, x: cp.ndarray, top_k: int, disabled: cp.ndarray | None, b: MoeBuffers,
-             stats: tuple | None = None) -> None:
-    """x += MoE(post_attention_layernorm(x)), in place; the routing lands in b.probs, b.topk_ids, b.grouping."""
+             stats: tuple | None = None, normed: bool = False, sum_picks: bool = True) -> None:
+    """x += MoE(post_attention_layernorm(x)), in place; the routing lands in b.probs, b.topk_ids, b.grouping.
+    ``normed``: b.xn holds post_attention_layernorm(x) already. ``sum_picks`` False: the picks' weighted outputs are
+    left in b.out, for the all-reduce of a split model to add (``reduce_over_ranks``), and x is unchanged."""
     c, T = s.config, x.shape[0]
     E, g = c.num_experts, b.grouping
-    route(s, layer.router, layer.post_norm, x, top_k, disabled, b, stats)
+    route(s, layer.router, layer.post_norm, x, top_k, disabled, b, stats, normed)
     P = T * top_k
     if T > 1:  # a single token's picks are grouped already (route_topk wrote them as slots)
         kernel("moe.cu", "group_by_expert")(
             (1,), (1024,), (b.topk_ids, i32(P), i32(top_k), i32(E), g.slot_expert, g.slot_offset, g.pair_src,
                             g.pair_token, g.n_slots, i32(TILE), g.tile_slot, g.tile_row, g.n_tiles,
                             i32(s.expert_lo), i32(min(s.expert_hi, E))), shared_mem=8 * E)
-    if (s.expert_lo, min(s.expert_hi, E)) != (0, E):  # picks of other ranks' experts add nothing here
-        b.out.fill(0)
-    swiglu_experts_into(s, layer, x, b.xn, g, b.act, b.out, min(P, E), top_k)
+    swiglu_experts_into(s, layer, b.xn, g, b.act, b.out, min(P, E), top_k)
+    if sum_picks:
+        combine(s, x, b.out, b.topk_ids)
 
 
 def route(s: State, gate: cp.ndarray, norm: cp.ndarray, x: cp.ndarray, top_k: int, disabled: cp.ndarray | None,
-          b: MoeBuffers, stats: tuple | None = None) -> None:
+          b: MoeBuffers, stats: tuple | None = None, normed: bool = False) -> None:
     """The router: logits = gate @ RMSNorm(x), then softmax, top-k and weights (route_topk) into b; b.xn gets the
-    experts' normalised input. ``stats``: device accumulators (counts, prob_sum, entropy) or None."""
+    experts' normalised input (``normed``: it holds it already). ``stats``: device accumulators (counts, prob_sum,
+    entropy) or None."""
     c, T = s.config, x.shape[0]
     H, E, g = c.hidden_size, c.num_experts, b.grouping
-    linear(s, x, gate, b.logits, norm=norm, scratch=b.xn)  # route_topk writes b.xn again
+    if normed:
+        linear(s, b.xn, gate, b.logits)
+    else:
+        linear(s, x, gate, b.logits, norm=norm, scratch=b.xn)  # route_topk writes b.xn again
     slots = (g.slot_expert, g.slot_offset, g.pair_src, g.pair_token, g.n_slots) if T == 1 else (NULL,) * 5
     chunks = next(n for n in (4, 8, 16) if 32 * n >= E)  # a lane's experts (MAX_EXPERTS = 32 x 16)
     kernel("moe.cu", f"route_topk<{chunks}>")(
         (T,), (BLOCK,),
-        (b.logits, x, i32(H), norm, np.float32(c.rms_norm_eps), i32(E), i32(top_k), i32(c.norm_topk_prob),
-         NULL if disabled is None else disabled, b.xn, b.probs, b.topk_ids, g.pair_weight,
+        (b.logits, x, i32(H), NULL if normed else norm, np.float32(c.rms_norm_eps), i32(E), i32(top_k),
+         i32(c.norm_topk_prob), NULL if disabled is None else disabled, b.xn, b.probs, b.topk_ids, g.pair_weight,
          *(stats or (NULL, NULL, NULL)), *slots, i32(s.expert_lo), i32(min(s.expert_hi, E))), shared_mem=4 * top_k)
 
 
-def combine(x: cp.ndarray, out: cp.ndarray, k: int, residual: bool) -> None:
+def combine(s: State, x: cp.ndarray, out: cp.ndarray, topk_ids: cp.ndarray | None) -> None:
+    """x += the sum of each token's picks' weighted outputs ``out`` (T*K, H), of the experts this state holds
+    (``topk_ids`` (T, K); None: every pick, a dense MLP's one); x = that sum alone on ranks without the residual."""
     T, H = x.shape
-    kernel("moe.cu", "moe_combine")((math.ceil(T * H / BLOCK),), (BLOCK,),
-                                    (x, out, i32(T), i32(H), i32(k), i32(residual)))
+    kernel("moe.cu", "moe_combine")(
+        (math.ceil(T * H / BLOCK),), (BLOCK,), (x, out, i32(T), i32(H), i32(out.shape[0] // T), i32(s.residual),
+                                                ids_to_check(s, topk_ids), i32(s.expert_lo), i32(s.expert_hi)))
+
+
+def ids_to_check(s: State, topk_ids: cp.ndarray | None):
+    """The picks' expert ids where some picks may be another rank's (expert parallelism), else NULL: a state that
+    holds every expert wrote every pick, and the kernels then read no ids."""
+    if topk_ids is None or (s.expert_lo == 0 and s.expert_hi >= s.config.num_experts):
+        return NULL
+    return topk_ids
+
+
+def reduce_over_ranks(s: State, comm, x: cp.ndarray, norm: tuple, picks=None) -> bool:
+    """x = the sum over the ranks of a split model of their parts, in place (``comm``: fastpath/nccl_comm.py). A
+    rank's part is x after attention, and after an MLP or MoE block that left its picks unsummed (``picks``: its
+    buffers, ``sum_picks=False``) the sum of its picks (rank 0's after x). On one machine the peer kernel does all of
+    it and also writes the next block's normalised input, ``norm`` = (weight, xn): returns True. Elsewhere (NCCL)
+    moe_combine sums the picks ahead of the all-reduce, and False says that the next block normalises x itself."""
+    if comm.peer is not None and comm.peer.fits(x):
+        parts = None if picks is None else (picks.out, ids_to_check(s, picks.topk_ids), s.expert_lo, s.expert_hi,
+                                            int(s.residual))
+        comm.peer(x, parts, (norm[0], s.config.rms_norm_eps, norm[1]))
+        return True
+    if picks is not None:
+        combine(s, x, picks.out, picks.topk_ids)
+    comm.all_reduce(x)
+    return False
 
 
 @dataclass
@@ -413,6 +448,7 @@ class DenseBuffers:
     act: cp.ndarray  # (T, I)
     out: cp.ndarray  # (T, H)
     grouping: Grouping  # every token to the one "expert"
+    topk_ids = None  # (for combine) every token's one pick counts
 
     @staticmethod
     def empty(T: int, c: Qwen3MoeConfig) -> "DenseBuffers":
@@ -420,10 +456,15 @@ class DenseBuffers:
                             cp.empty((T, c.hidden_size), cp.float32), Grouping.dense(T))
 
 
-def dense_mlp_into(s: State, layer: Layer, x: cp.ndarray, b: DenseBuffers) -> None:
-    """x += MLP(post_attention_layernorm(x)), in place, through the expert kernels with one expert."""
-    rms_norm(s, x, layer.post_norm, b.xn)
-    swiglu_experts_into(s, layer, x, b.xn, b.grouping, b.act, b.out, 1, 1)
+def dense_mlp_into(s: State, layer: Layer, x: cp.ndarray, b: DenseBuffers, normed: bool = False,
+                   sum_picks: bool = True) -> None:
+    """x += MLP(post_attention_layernorm(x)), in place, through the expert kernels with one expert. ``normed`` and
+    ``sum_picks`` as for ``moe_into``."""
+    if not normed:
+        rms_norm(s, x, layer.post_norm, b.xn)
+    swiglu_experts_into(s, layer, b.xn, b.grouping, b.act, b.out, 1, 1)
+    if sum_picks:
+        combine(s, x, b.out, None)
 
 
 @dataclass
@@ -498,12 +539,16 @@ class AttentionBuffers:
 
 
 def attention_into(s: State, layer: Layer, x: cp.ndarray, plan: AttentionPlan, k_caches: cp.ndarray,
-                   v_caches: cp.ndarray, b: AttentionBuffers) -> None:
+                   v_caches: cp.ndarray, b: AttentionBuffers, normed: bool = False) -> None:
     """x += o_proj(attention(input_layernorm(x))), in place; writes the step's keys and values into the caches.
-    ``k_caches``/``v_caches``: (sequences,) uint64 addresses of each sequence's cache for this layer."""
+    ``k_caches``/``v_caches``: (sequences,) uint64 addresses of each sequence's cache for this layer. ``normed``:
+    b.xn holds input_layernorm(x) already."""
     c, T = s.config, x.shape[0]
     Hq, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    linear(s, x, layer.qkv, b.qkv, norm=layer.input_norm, scratch=b.xn)
+    if normed:
+        linear(s, b.xn, layer.qkv, b.qkv)
+    else:
+        linear(s, x, layer.qkv, b.qkv, norm=layer.input_norm, scratch=b.xn)
     kernel("attention.cu", "qk_norm_rope_cache")(
         (T, math.ceil((Hq + 2 * Hkv) / 8)), (BLOCK,), (b.qkv, i32(Hq), i32(Hkv), i32(D), layer.q_norm, layer.k_norm,
                          np.float32(c.rms_norm_eps), s.inv_freq, plan.tok_pos, plan.tok_seq, k_caches, v_caches, b.q),
@@ -609,10 +654,11 @@ class BatchDecoder:
     does, so a seeded task draws the same tokens as through the model loop.
 
     On one rank of a split model (``comm``: its NCCL communicator, fastpath/nccl_comm.py) the graph holds the
-    collectives too: an all-reduce of the hidden state after attention and after the MLP/MoE block of every layer,
-    and, to choose the tokens, an all-gather of every rank's best candidates from its rows of the vocabulary (greedy)
-    or of its logits (sampling; rank 0's uniform numbers are broadcast, the other ranks pass ``rng`` None). Every
-    rank replays its graph in lockstep and picks the same tokens.
+    collectives too: an all-reduce of the hidden state after attention and after the MLP/MoE block of every layer
+    (``reduce_over_ranks``: on one machine a kernel that also sums the MoE block's picks and normalises the result
+    for the block after), and, to choose the tokens, an all-gather of every rank's best candidates from its rows of
+    the vocabulary (greedy) or of its logits (sampling; rank 0's uniform numbers are broadcast, the other ranks pass
+    ``rng`` None). Every rank replays its graph in lockstep and picks the same tokens.
     """
 
     SHARDS = True  # takes ``comm``: runs one rank of a split model
@@ -681,19 +727,26 @@ class BatchDecoder:
                 a.fill(0)
 
     def _step(self) -> None:
-        s, c = self.s, self.s.config
+        s, c, comm = self.s, self.s.config, self.comm
         embed_into(s, self.ids, self.x)
+        normed = False  # whether the all-reduce ahead wrote the next block's normalised input
         for i, layer in enumerate(s.layers):
-            attention_into(s, layer, self.x, self.plan, self.k_caches[i], self.v_caches[i], self.attn)
-            if self.comm:
-                self.comm.all_reduce(self.x)
+            attention_into(s, layer, self.x, self.plan, self.k_caches[i], self.v_caches[i], self.attn, normed)
+            mlp = self.moe if c.is_moe_layer(i) else self.dense
+            if comm:
+                normed = reduce_over_ranks(s, comm, self.x, (layer.post_norm, mlp.xn))
             if c.is_moe_layer(i):
-                moe_into(s, layer, self.x, c.num_experts_per_tok, None, self.moe, self.stats[i])
+                moe_into(s, layer, self.x, c.num_experts_per_tok, None, self.moe, self.stats[i], normed, not comm)
             else:
-                dense_mlp_into(s, layer, self.x, self.dense)
-            if self.comm:
-                self.comm.all_reduce(self.x)
-        linear(s, self.x, s.lm_head, self.logits, norm=s.norm, rows_per_block=64, scratch=self.xn)
+                dense_mlp_into(s, layer, self.x, self.dense, normed, not comm)
+            if comm:
+                last = i + 1 == len(s.layers)
+                after = (s.norm, self.xn) if last else (s.layers[i + 1].input_norm, self.attn.xn)
+                normed = reduce_over_ranks(s, comm, self.x, after, picks=mlp)
+        if normed:
+            linear(s, self.xn, s.lm_head, self.logits, rows_per_block=64)
+        else:
+            linear(s, self.x, s.lm_head, self.logits, norm=s.norm, rows_per_block=64, scratch=self.xn)
         if self.sampling is None:
             self._choose_greedy()
         else:

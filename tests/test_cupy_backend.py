@@ -15,6 +15,7 @@ from qwen3moe.config import load_config
 from qwen3moe.layers import AttentionSegment, RoutingOverride, rope_cos_sin
 from qwen3moe.model import KVCache, Request
 from qwen3moe.router_stats import RouterStats
+from qwen3moe.sharding import plan_sharding, rank_config, shard_weights
 from qwen3moe.synthetic import TINY_CONFIG, random_weights, write_checkpoint
 from qwen3moe.weights import load_weights
 
@@ -312,6 +313,31 @@ def test_kernels_write_every_output(cb, tiny_model_dir, T, path, monkeypatch):
     logits = cp.full((T, config.vocab_size), np.nan, cp.float32)
     cb.linear(s, cp.asarray(x), s.lm_head, logits, norm=s.norm, rows_per_block=64)
     close(logits, ref.final_logits(r, x), "logits")
+
+
+@pytest.mark.parametrize("T", [1, 7])
+def test_a_rank_adds_only_the_picks_of_its_own_experts(cb, tiny_model_dir, T):
+    """Expert parallelism: each rank's MoE block adds only the picks of its block of experts (the others' rows of the
+    picks buffer are never written; poisoned with NaN here, they must not leak in) and only rank 0 the residual, so
+    the ranks' parts add up to the whole block. At one token route_topk lists the rank's picks itself; at 7 the
+    grouping kernel does."""
+    import cupy as cp
+
+    config = load_config(tiny_model_dir)
+    weights = load_weights(tiny_model_dir, config)
+    plan = plan_sharding(config, 2, "ep")
+    i = config.moe_layers[0]
+    x = np.random.default_rng().standard_normal((T, config.hidden_size), dtype=np.float32)
+    expected, _ = ref.feed_forward_block(ref.prepare(weights, config), i, x.copy(), config.num_experts_per_tok, None)
+    total = np.zeros_like(x)
+    for r in range(plan.ndev):
+        s = cb.prepare(shard_weights(weights, plan, r), rank_config(plan, r), plan.ranks[r])
+        b = cb.MoeBuffers.empty(T, s.config, config.num_experts_per_tok)
+        b.out.fill(np.nan)
+        y = cp.asarray(x)
+        cb.moe_into(s, s.layers[i], y, config.num_experts_per_tok, None, b)
+        total += y.get()
+    close(total, expected, "the ranks' MoE blocks added up")
 
 
 @pytest.mark.parametrize("path, T, K, N", [("batch", 16, 2048, 5120), ("batch", 9, 800, 200), ("batch", 2, 96, 130),

@@ -168,6 +168,38 @@ def all_reduce_inputs(rank: int, replay: int, rows: int) -> np.ndarray:
     return np.random.default_rng([rank, replay, rows]).standard_normal((rows, 2048)).astype(np.float32)
 
 
+FUSED_CASES = {"moe": (40, 3), "dense": (3, 1)}  # (rows, picks a row) of the block whose picks the all-reduce sums
+FUSED_EXPERTS = 8
+
+
+def fused_inputs(rank: int, ndev: int, case: str) -> dict:
+    """One rank's inputs to ``reduce_over_ranks`` after an MLP/MoE block: the hidden state and norm weight (the same
+    on every rank), the routing, and the rank's weighted outputs of its picks -- of its own block of experts under
+    expert parallelism, NaN where the pick is another rank's (rows a rank never writes)."""
+    T, K = FUSED_CASES[case]
+    shared = np.random.default_rng([17, T])
+    x = shared.standard_normal((T, 2048)).astype(np.float32)
+    weight = shared.uniform(0.5, 1.5, 2048).astype(np.float32)
+    ids = shared.integers(0, FUSED_EXPERTS, (T, K)).astype(np.int32) if case == "moe" else None
+    lo, hi = (rank * FUSED_EXPERTS // ndev, (rank + 1) * FUSED_EXPERTS // ndev) if case == "moe" else (0, 1)
+    out = np.random.default_rng([rank, T]).standard_normal((T * K, 2048)).astype(np.float32)
+    if ids is not None:
+        out[~((ids >= lo) & (ids < hi)).reshape(-1)] = np.nan
+    return dict(x=x, weight=weight, ids=ids, lo=lo, hi=hi, out=out)
+
+
+def fused_expected(ndev: int, case: str) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 sum over ranks (rank 0's x plus every rank's own picks) and its RMSNorm."""
+    parts = [fused_inputs(r, ndev, case) for r in range(ndev)]
+    total = parts[0]["x"].astype(np.float64)
+    for p in parts:
+        T, K = FUSED_CASES[case]
+        picks = np.nan_to_num(p["out"].astype(np.float64), nan=0.0).reshape(T, K, -1)
+        total = total + picks.sum(axis=1)
+    xn = parts[0]["weight"] * total / np.sqrt(np.mean(total ** 2, axis=-1, keepdims=True) + 1e-6)
+    return total, xn
+
+
 def all_reduce_rank(rank: int, ndev: int, unique_id: str, mode: str, results) -> None:
     """One rank of test_all_reduce_sums_over_ranks (its own process): one all-reduce per size, then a captured graph
     of two all-reduces in a row, replayed 5 times with new inputs."""
@@ -194,6 +226,17 @@ def all_reduce_rank(rank: int, ndev: int, unique_id: str, mode: str, results) ->
             graph.launch(stream)
             stream.synchronize()
             out[f"graph{replay}"] = (x.get(), y.get())
+    from types import SimpleNamespace
+    from fastpath import cupy_backend
+
+    for case in FUSED_CASES:  # the MoE block's sum of picks and the next block's norm, around the all-reduce
+        a = fused_inputs(rank, ndev, case)
+        s = SimpleNamespace(expert_lo=a["lo"], expert_hi=a["hi"], residual=rank == 0,
+                            config=SimpleNamespace(rms_norm_eps=1e-6, num_experts=FUSED_EXPERTS))
+        picks = SimpleNamespace(out=cp.asarray(a["out"]), topk_ids=None if a["ids"] is None else cp.asarray(a["ids"]))
+        x, xn = cp.asarray(a["x"]), cp.full(a["x"].shape, np.nan, cp.float32)
+        normed = cupy_backend.reduce_over_ranks(s, comm, x, (cp.asarray(a["weight"]), xn), picks)
+        out[case] = (normed, x.get(), xn.get())
     results.put((rank, out))
     results.close()
     results.join_thread()
@@ -207,7 +250,9 @@ def test_all_reduce_sums_over_ranks(ndev, mode):
     """Every rank gets the float64 sum of every rank's numbers to float32 rounding, with the same bits on every rank:
     through the peer-memory kernel for decode-sized messages (its limit included) and NCCL past it and for sizes
     that are not a whole number of float4s; and inside a captured graph replayed with new inputs, where each replay
-    moves the kernel's epochs on and alternates its slots."""
+    moves the kernel's epochs on and alternates its slots. After an MLP/MoE block (``reduce_over_ranks``) each rank
+    adds only its own picks (the others' rows are NaN) and only rank 0 the residual; the peer kernel also writes the
+    RMSNorm of the sum, and NCCL leaves it to the next block."""
     from fastpath import nccl_comm
 
     spawn = multiprocessing.get_context("spawn")
@@ -232,6 +277,14 @@ def test_all_reduce_sums_over_ranks(ndev, mode):
             close(x, want)
             close(y, want * ndev * (ndev + 1) / 2)
             assert np.array_equal(x, outs[0][f"graph{replay}"][0]) and np.array_equal(y, outs[0][f"graph{replay}"][1])
+        for case in FUSED_CASES:
+            normed, x, xn = outs[r][case]
+            want, want_xn = fused_expected(ndev, case)
+            close(x, want)
+            assert np.array_equal(x, outs[0][case][1]), f"rank {r} differs from rank 0 ({case})"
+            assert normed == (mode == "peer")
+            if normed:  # float32 sums of squares and a float32 root: a few ulps more than the sum itself
+                np.testing.assert_allclose(xn, want_xn, rtol=1e-5, atol=1e-5 * np.abs(want_xn).max())
 
 
 def test_a_rank_that_dies_mid_generation_stops_the_group_with_its_name():

@@ -10,7 +10,8 @@ constexpr int WARPS = 8;  // every block is 256 threads
 
 // Per token (one block each), after the router logits (T, E) were computed by the projection kernel (linear.cu, with
 // the RMSNorm fused): mask ``disabled`` experts; softmax over all experts in float32; the top_k experts, ties to the
-// lower id; their weights, renormalised if norm_topk_prob. Also writes xn = RMSNorm(x), the experts' input.
+// lower id; their weights, renormalised if norm_topk_prob. Also writes xn = RMSNorm(x), the experts' input (unless
+// ``norm_weight`` is null: then xn holds it already).
 // ``stat_*`` (may be null) accumulate router statistics on the device: picks and the sum of probabilities per
 // expert, and the entropy sum, so that a captured decode step never needs the host to count.
 // With one token (``slots`` non-null) the K picks are already grouped -- each is its own slot -- and written as such,
@@ -37,6 +38,7 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
     if (warp != 0) {  // warps 1, 2, ...: xn = RMSNorm(x), synchronised among themselves only (barrier 1)
+        if (!norm_weight) return;  // xn was written already (by the all-reduce ahead)
         const int threads = blockDim.x - 32;
         float ss = 0.0f;
         for (int k = threadIdx.x - 32; k < H; k += threads) ss += x[t * H + k] * x[t * H + k];
@@ -247,13 +249,19 @@ __global__ void __launch_bounds__(256) expert_down(const float* __restrict__ act
 
 // x[t, :] += sum_k out[t*K + k, :], the K picks added in slot order: the weighted sum and the residual add, in a fixed
 // order so that results do not depend on scheduling. ``residual`` 0: x = the sum alone (every rank of a split model
-// but the first: the all-reduce that follows adds the residual once).  grid (ceil(T * H / 256)), block 256
-__global__ void moe_combine(float* __restrict__ x, const float* __restrict__ out, int T, int H, int K, int residual) {
+// but the first: the all-reduce that follows adds the residual once). On a rank that holds experts [expert_lo,
+// expert_hi) only the picks of those count (``topk_ids`` (T, K)); the others' rows of ``out`` were never written.
+// ``topk_ids`` null: every pick counts (a dense MLP's one "expert", or a state that holds every expert).
+//                                                                        grid (ceil(T * H / 256)), block 256
+__global__ void moe_combine(float* __restrict__ x, const float* __restrict__ out, int T, int H, int K, int residual,
+                            const int* __restrict__ topk_ids, int expert_lo, int expert_hi) {
     begin_after_previous();
     const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= static_cast<long long>(T) * H) return;
     const long long t = i / H, h = i % H;
     float sum = 0.0f;
-    for (int k = 0; k < K; ++k) sum += out[(t * K + k) * H + h];
+    for (int k = 0; k < K; ++k)
+        if (!topk_ids || (topk_ids[t * K + k] >= expert_lo && topk_ids[t * K + k] < expert_hi))
+            sum += out[(t * K + k) * H + h];
     x[i] = residual ? x[i] + sum : sum;
 }
