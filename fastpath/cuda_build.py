@@ -20,6 +20,7 @@ from qwen3moe.errors import DeviceError
 SOURCE_DIR = Path(__file__).with_name("cuda")
 WEIGHT_TYPES = ("bf16_t", "float")
 MAXT = (1, 8)  # tokens per pass of the GEMV kernels: 1 for batch-1 decode, 8 otherwise
+WG_TILE = 2  # warpgroups (64 rows each) of a wgmma_tiles.cu block
 
 KERNELS = {
     "linear.cu": ["embed<{W}>", "rms_norm", *(f"linear<{{W}}, {m}>" for m in MAXT)],
@@ -32,8 +33,11 @@ KERNELS = {
     "sampling.cu": ["argmax_partial", "greedy_advance", "sample_rows"],
     "matmul.cu": ["mma_tiles<LINEAR>", "mma_tiles<GATE_UP>", "mma_tiles<DOWN>", "add_split_sums"],
     "peer_all_reduce.cu": ["peer_all_reduce"],
+    "wgmma_tiles.cu": [f"wgmma_tiles<{m}, {WG_TILE}>" for m in ("LINEAR", "GATE_UP", "DOWN")],
 }
 OPTIONS = ("-std=c++17", f"-I{SOURCE_DIR}")
+# Files written for one architecture only, compiled for it: wgmma exists on Hopper (sm_90a), not on later GPUs.
+ARCHITECTURE = {"wgmma_tiles.cu": "sm_90a"}
 
 # The kernel ladders (fastpath/ladder.py): the steps towards the production kernels, for learners.
 LADDER_DIR = SOURCE_DIR / "ladder"
@@ -56,8 +60,54 @@ def module(file: str):
     """The compiled module of one .cu file (compiled once per process; CuPy also caches the binary on disk)."""
     import cupy
 
+    if file in ARCHITECTURE:
+        return ArchitectureModule(file)
     return cupy.RawModule(code=(SOURCE_DIR / file).read_text(), options=OPTIONS,
                           name_expressions=name_expressions(file))
+
+
+class ArchitectureModule:
+    """A .cu file compiled by NVRTC for ``ARCHITECTURE[file]``, with ``get_function`` as CuPy's RawModule. CuPy
+    compiles for the card's generic architecture (sm_90 on an H100) and refuses a second ``-arch``, so these files
+    go to NVRTC directly; the binary is cached on disk beside CuPy's (``CUPY_CACHE_DIR``), keyed by the sources,
+    the options and NVRTC's version, so a second process does not compile again."""
+
+    def __init__(self, file: str):
+        import hashlib
+        import cupy
+        from cupy_backends.cuda.libs import nvrtc  # (what cupy.cuda.compiler drives NVRTC with)
+
+        source = (SOURCE_DIR / file).read_text()
+        options = (*OPTIONS, "-ftz=true", f"-arch={ARCHITECTURE[file]}")  # -ftz as CuPy compiles the other files
+        names = name_expressions(file)
+        headers = "".join(p.read_text() for p in sorted(SOURCE_DIR.glob("*.cuh")))
+        key = hashlib.sha256(repr((source, headers, options, names, nvrtc.getVersion())).encode()).hexdigest()[:24]
+        folder = Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
+        cubin, lowered = folder / f"qwen3moe_{key}.cubin", folder / f"qwen3moe_{key}.names"
+        if not (cubin.exists() and lowered.exists()):
+            program = nvrtc.createProgram(source, file, (), ())
+            try:
+                for name in names:
+                    nvrtc.addNameExpression(program, name)
+                try:
+                    nvrtc.compileProgram(program, options)
+                except nvrtc.NVRTCError:
+                    raise DeviceError(f"compiling fastpath/cuda/{file} for {ARCHITECTURE[file]} failed:\n"
+                                      f"{nvrtc.getProgramLog(program)}") from None
+                binary = nvrtc.getCUBIN(program)
+                symbols = "\n".join(nvrtc.getLoweredName(program, name) for name in names)
+            finally:
+                nvrtc.destroyProgram(program)
+            folder.mkdir(parents=True, exist_ok=True)
+            for path, data in ((cubin, binary), (lowered, symbols.encode())):  # written whole, then renamed
+                temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                temporary.write_bytes(data)
+                temporary.replace(path)
+        self.symbols = dict(zip(names, lowered.read_text().split("\n")))
+        self.raw = cupy.RawModule(path=str(cubin))
+
+    def get_function(self, name: str):
+        return self.raw.get_function(self.symbols[name])
 
 
 @functools.cache

@@ -25,6 +25,8 @@ Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) ar
     mma_tiles             larger steps (prefill, large matrices at batches over 16): tiles of 64 tokens x 256
                           outputs on the tensor cores (matmul.cu); where the tiles are few, K is split over blocks
                           and add_split_sums adds the splits up
+    wgmma_tiles           the same products on Hopper's warpgroup instruction, tiles of 128 tokens, for steps of
+                          more than 64 tokens on an H100 / H200 (wgmma_tiles.cu, see tile_rows)
     argmax_partial + greedy_advance, or sample_rows    a decoded row's next token, chosen on the device
     peer_all_reduce       on a rank of a split model, in its decode graph: the sum over the ranks of one machine,
                           moe_combine's sum before it and the next block's RMSNorm after (peer_all_reduce.cu)
@@ -32,7 +34,9 @@ Kernels captured into a graph are launched with programmatic dependent launch al
 Kernel ladders that build up to the central ones step by step: ``python -m fastpath.ladder``.
 """
 
+import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,7 +59,7 @@ from qwen3moe.sampling import is_greedy
 from qwen3moe.sharding import RankShard
 from qwen3moe.weights import Qwen3MoeWeights, SparseMoeBlock
 
-from .cuda_build import MAXT, kernel
+from .cuda_build import MAXT, WG_TILE, kernel
 
 xp = cp  # the array module of this backend's KV caches
 BLOCK = 256  # threads per block of every kernel
@@ -74,8 +78,10 @@ BATCH_MIN_TOKENS, BATCH_MAX_TOKENS = 2, 16  # projections of these many tokens r
 BATCH_ROWS, BATCH_KSPLIT = 64, 256  # mma_batch.cu: weight rows of a block, k of a split
 FEW_PICKS_PER_EXPERT = 16  # likewise the experts, by the picks per expert on average
 TILE = 64  # rows (tokens, or pairs of one expert) of a tile of matmul.cu's products
-TILE_OUTPUTS = {"LINEAR": 256, "GATE_UP": 128, "DOWN": 256}  # matmul.cu: outputs of a block's tile (of TILE rows)
+TILE_OUTPUTS = {"LINEAR": 256, "GATE_UP": 128, "DOWN": 256}  # outputs of a block's tile, both tile kernels
 TILE_K, TILE_STAGES = 32, 3  # matmul.cu: the k of a pipeline step, and the steps staged in shared memory at once
+WGMMA_TILE, WGMMA_STAGES = 64 * WG_TILE, 4  # wgmma_tiles.cu: rows of a tile (warpgroups of 64 rows), pipeline buffers
+WGMMA_CHUNK = 256 * 16 + 32  # wgmma_tiles.cu: bytes of one 8-wide k-chunk of the 256 staged weight rows
 TILE_MIN_SPLIT_STEPS = 4  # matmul.cu: the fewest k-steps a split of a LINEAR product's K runs
 TILE_SPLIT_BLOCKS = 264  # matmul.cu: K is split until a LINEAR product has this many blocks
 MAX_EXPERTS = 512  # route_topk holds a token's router probabilities in one warp's registers (moe.cu)
@@ -119,7 +125,7 @@ class State:
         does not fit takes another kernel, or fewer splits)."""
         shapes = [w.shape for l in self.layers for w in (l.qkv, l.o_proj, l.router) if w is not None]
         sizes = [(batch_splits(K) * BATCH_MAX_TOKENS * N, math.ceil(N / BATCH_ROWS)) for N, K in shapes]
-        sizes += [(tile_splits(K, N, TILE) * TILE * N, 0) for N, K in shapes]
+        sizes += [(tile_splits(K, N, TILE) * TILE * N, 0) for N, K in shapes]  # (longer steps split within it)
         self.split_partial = cp.empty(max([p for p, _ in sizes], default=0), cp.float32)
         self.split_arrivals = cp.zeros(max([a for _, a in sizes], default=0), cp.uint32)
 
@@ -178,11 +184,11 @@ def batch_splits(K: int) -> int:
     return math.ceil(K / BATCH_KSPLIT)
 
 
-def tile_splits(K: int, N: int, T: int, room: int | None = None) -> int:
-    """Blocks matmul.cu splits a LINEAR product's K over: enough for TILE_SPLIT_BLOCKS blocks where its tiles are
-    fewer (batched decoding), each at least TILE_MIN_SPLIT_STEPS k-steps, and (``room``: the workspace's floats) all
-    of their partial sums in the workspace. Rounded so that no split is left without steps."""
-    steps, tiles_ = K // TILE_K, math.ceil(N / TILE_OUTPUTS["LINEAR"]) * math.ceil(T / TILE)
+def tile_splits(K: int, N: int, T: int, rows: int = TILE, room: int | None = None) -> int:
+    """Blocks the tiles (of ``rows`` rows) split a LINEAR product's K over: enough for TILE_SPLIT_BLOCKS blocks
+    where its tiles are fewer (batched decoding), each at least TILE_MIN_SPLIT_STEPS k-steps, and (``room``: the
+    workspace's floats) all of their partial sums in the workspace. Rounded so that no split is left without steps."""
+    steps, tiles_ = K // TILE_K, math.ceil(N / TILE_OUTPUTS["LINEAR"]) * math.ceil(T / rows)
     if (T * N) % 4:  # add_split_sums takes float4s
         return 1
     splits = max(1, min(TILE_SPLIT_BLOCKS // tiles_, steps // TILE_MIN_SPLIT_STEPS,
@@ -223,17 +229,41 @@ def expert_path(s: State, tokens: int, picks: int, experts: int, H: int, I: int)
     return "few" if picks <= FEW_PICKS_PER_EXPERT * experts else "tiles"
 
 
-def tiles(mode: str, N: int, row_tiles: int, args: tuple, splits: int = 1) -> None:
-    """Launch mma_tiles<mode> (matmul.cu) over ``row_tiles`` tiles of rows and ``splits`` splits of K, with the
-    shared memory of its pipeline: TILE_STAGES steps of float32 activations and bf16 weights (two matrices for
-    GATE_UP), rows padded by 8 (the kernel's ``Tile<MODE>::SHARED``). That is more than the 48 KB a launch may take
-    without asking, so the kernel is allowed it on its first launch."""
+@functools.cache
+def hopper() -> bool:
+    """Whether this GPU runs wgmma_tiles.cu: compute capability 9.0 (H100, H200; wgmma is Hopper's alone) with an
+    NVRTC that compiles for sm_90a (CUDA 12 or later), unless ``QWEN3MOE_WGMMA=0`` asks for matmul.cu's tiles
+    everywhere (to compare, or to rule the kernel out)."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    return (cp.cuda.Device().compute_capability == "90" and nvrtc.getVersion() >= (12, 0)
+            and os.environ.get("QWEN3MOE_WGMMA", "1") != "0")
+
+
+def tile_rows(tokens: int) -> int:
+    """Rows of the tiles that a step of ``tokens`` rows runs its tile products on: wgmma_tiles.cu's (128) on Hopper
+    beyond FEW_TOKENS; matmul.cu's (64) otherwise. Measured on an H200 (Qwen3-30B-A3B shapes): the 2048-token
+    prefill 134.4 -> 122.2 ms on wgmma_tiles.cu; the K-split projections of 64 tokens slower there (q/k/v 33 -> 38
+    us, lm_head 396 -> 480 us), so batched decoding keeps matmul.cu."""
+    return WGMMA_TILE if tokens > FEW_TOKENS and hopper() else TILE
+
+
+def tiles(mode: str, N: int, rows: int, row_tiles: int, args: tuple, splits: int = 1) -> None:
+    """Launch the tile product ``mode`` over ``row_tiles`` tiles of ``rows`` rows and ``splits`` splits of K:
+    wgmma_tiles.cu for 128-row tiles, matmul.cu's mma_tiles for 64-row ones, with the shared memory of their
+    pipelines (each kernel's ``SHARED``): float32 activations and bf16 weights (two matrices for GATE_UP) of every
+    stage, rows padded. That is more than the 48 KB a launch may take without asking, so the kernel is allowed it
+    on its first launch."""
     cols = TILE_OUTPUTS[mode]
-    smem = TILE_STAGES * (TILE * (TILE_K + 8) * 4 + (2 if mode == "GATE_UP" else 1) * cols * (TILE_K + 8) * 2)
-    k = kernel("matmul.cu", f"mma_tiles<{mode}>")
+    if rows == WGMMA_TILE:
+        smem = WGMMA_STAGES * (rows * (TILE_K + 8) * 4 + TILE_K // 8 * WGMMA_CHUNK)
+        k, threads = kernel("wgmma_tiles.cu", f"wgmma_tiles<{mode}, {WG_TILE}>"), 128 * WG_TILE
+    else:
+        smem = TILE_STAGES * (rows * (TILE_K + 8) * 4 + (2 if mode == "GATE_UP" else 1) * cols * (TILE_K + 8) * 2)
+        k, threads = kernel("matmul.cu", f"mma_tiles<{mode}>"), 128
     if smem > k.max_dynamic_shared_size_bytes:
         k.max_dynamic_shared_size_bytes = smem
-    k((math.ceil(N / cols), row_tiles, splits), (128,), args, shared_mem=smem)
+    k((math.ceil(N / cols), row_tiles, splits), (threads,), args, shared_mem=smem)
 
 
 def rms_norm(s: State, x: cp.ndarray, weight: cp.ndarray, out: cp.ndarray) -> None:
@@ -270,8 +300,9 @@ def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.nda
             (math.ceil(T / 8), math.ceil(N / 32)), (128,),
             (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 6, residual, out))
     else:
-        splits = tile_splits(K, N, T, s.split_partial.size)
-        tiles("LINEAR", N, math.ceil(T / TILE),
+        rows = tile_rows(T)
+        splits = tile_splits(K, N, T, rows, s.split_partial.size)
+        tiles("LINEAR", N, rows, math.ceil(T / rows),
               (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 8, residual, out, s.split_partial),
               splits)
         if splits > 1:
@@ -290,7 +321,7 @@ class Grouping:
     pair_token: cp.ndarray  # (P,) int32
     n_slots: cp.ndarray  # (1,) int32
     pair_weight: cp.ndarray | None  # (P,) f32 routing weights by pair number, None for a dense MLP
-    tile_slot: cp.ndarray  # (max_tiles,) int32: tiles of at most TILE pairs of one slot, for the tensor cores
+    tile_slot: cp.ndarray  # (max_tiles,) int32: tiles of at most tile_rows(T) pairs of one slot, for the tensor cores
     tile_row: cp.ndarray  # (max_tiles,) int32: the tile's first pair
     n_tiles: cp.ndarray  # (1,) int32
 
@@ -304,9 +335,10 @@ class Grouping:
     @staticmethod
     def dense(T: int) -> "Grouping":
         """Every token to the one 'expert' of a dense MLP."""
-        ids, tiles = cp.arange(T, dtype=cp.int32), math.ceil(T / TILE)
+        rows = tile_rows(T)
+        ids, tiles = cp.arange(T, dtype=cp.int32), math.ceil(T / rows)
         return Grouping(cp.zeros(1, cp.int32), cp.asarray([0, T], cp.int32), ids, ids, cp.ones(1, cp.int32), None,
-                        cp.zeros(tiles, cp.int32), cp.arange(0, T, TILE, dtype=cp.int32),
+                        cp.zeros(tiles, cp.int32), cp.arange(0, T, rows, dtype=cp.int32),
                         cp.asarray([tiles], cp.int32))
 
 
@@ -349,12 +381,13 @@ def swiglu_experts_into(s: State, layer: Layer, xn: cp.ndarray, g: Grouping, act
             (math.ceil(H / 32), max_slots), (128,),
             (act, i32(I), layer.down, NULL, np.int64(H * I), i32(H), i32(0), *slots, pair_weight, g.n_slots, NULL,
              out))
-    elif path == "tiles":
+    elif path == "tiles":  # (group_by_expert listed tiles of tile_rows(T) pairs)
         n_tiles, grouped = g.tile_slot.shape[0], (g.tile_slot, g.tile_row, g.n_tiles, g.slot_expert, g.slot_offset,
                                                   g.pair_token, g.pair_src)
-        tiles("GATE_UP", I, n_tiles,
+        rows = tile_rows(xn.shape[0])
+        tiles("GATE_UP", I, rows, n_tiles,
               (xn, i32(H), layer.gate_up, up, np.int64(two_i * H), i32(I), i32(0), *grouped, NULL, NULL, act, NULL))
-        tiles("DOWN", H, n_tiles,
+        tiles("DOWN", H, rows, n_tiles,
               (act, i32(I), layer.down, NULL, np.int64(H * I), i32(H), i32(0), *grouped, pair_weight, NULL, out,
                NULL))
     else:
@@ -381,7 +414,7 @@ def moe_into(s: State, layer: Layer, x: cp.ndarray, top_k: int, disabled: cp.nda
     if T > 1:  # a single token's picks are grouped already (route_topk wrote them as slots)
         kernel("moe.cu", "group_by_expert")(
             (1,), (1024,), (b.topk_ids, i32(P), i32(top_k), i32(E), g.slot_expert, g.slot_offset, g.pair_src,
-                            g.pair_token, g.n_slots, i32(TILE), g.tile_slot, g.tile_row, g.n_tiles,
+                            g.pair_token, g.n_slots, i32(tile_rows(T)), g.tile_slot, g.tile_row, g.n_tiles,
                             i32(s.expert_lo), i32(min(s.expert_hi, E))), shared_mem=8 * E)
     swiglu_experts_into(s, layer, b.xn, g, b.act, b.out, min(P, E), top_k)
     if sum_picks:

@@ -246,7 +246,7 @@ def profile(run, stream=None, hold: bool = True) -> dict:
             start.record()
             k(*args, **kwargs)
             end.record()
-            events.append((name if name.startswith("mma") else name.split("<")[0], start, end))
+            events.append((name if name.startswith(("mma", "wgmma")) else name.split("<")[0], start, end))
 
         launch.max_dynamic_shared_size_bytes = k.max_dynamic_shared_size_bytes
         return launch

@@ -292,22 +292,26 @@ def ladder_batch_projection(T: int = 8) -> list[Row]:
 
 def ladder_prefill_projection(T: int = 2048) -> list[Row]:
     """The q/k/v projection of a T-token prefill (5120 x 2048 weights), on the tensor cores: 64 x 64 tiles loaded
-    through registers (v1) against the production tiles (matmul.cu)."""
+    through registers (v1), the wide mma.sync tiles (matmul.cu, v2) and, on Hopper, the warpgroup tiles
+    (wgmma_tiles.cu, v3): the production kernels off and on an H100 / H200."""
     c = CONFIG
     N, K = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim, c.hidden_size
     w = random_bf16(N, K)
     x = cp.random.standard_normal((T, K), dtype=cp.float32)
     ref = x.get().astype(np.float64) @ widen(w).T  # (T, N)
     out = cp.empty((T, N), cp.float32)
-    state = cb.State(c, "bf16_t", None, [], None, None, None)
+    tiles = lambda rows: lambda i: cb.tiles("LINEAR", N, rows, (T + rows - 1) // rows, (
+        x, np.int32(K), w, cb.NULL, np.int64(0), np.int32(N), np.int32(T), *(cb.NULL,) * 8, cb.NULL, out, cb.NULL))
     versions = {
         "v1": ("64 x 64 tiles, each 32-wide step loaded through registers, then a barrier (ladder/prefill_tiles.cu)",
                lambda i: ladder_kernel("prefill_tiles.cu", "prefill_tiles_v1")(
                    ((N + 63) // 64, (T + 63) // 64), (128,), (x, np.int32(T), np.int32(K), w, np.int32(N), out))),
-        "v2": ("production: 64 x 256 tiles (64 x 64 a warp), a 3-stage cp.async pipeline (matmul.cu)",
-               lambda i: cb.linear(state, x, w, out)),
+        "v2": ("64 x 256 tiles (64 x 64 a warp, mma.sync), a 3-stage cp.async pipeline (matmul.cu)",
+               tiles(cb.TILE)),
     }
-    assert cb.linear_path(state, T, K, N) == "tiles"
+    if cb.hopper():
+        versions["v3"] = ("wgmma: 128 x 256 tiles, weights read by the tensor cores from shared memory, each step "
+                          "issued before the last one's products finish (wgmma_tiles.cu)", tiles(cb.WGMMA_TILE))
     rows = []
     for name, (why, run) in versions.items():
         out.fill(np.nan)

@@ -1,4 +1,4 @@
-"""Every CUDA kernel compiles for the H100 (sm_90) with nvcc, on any machine that has nvcc -- no GPU needed.
+"""Every CUDA kernel compiles for the H100 (sm_90, or sm_90a for the files ``ARCHITECTURE`` names) with nvcc, on any machine that has nvcc -- no GPU needed.
 
 The GPU tests (test_cupy_backend.py) only run where a GPU is; this check runs in CI, so a kernel that does not compile
 never lands. Each .cu file is compiled with every instantiation the backend launches (``cuda_build.KERNELS``):
@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import pytest
 
-from fastpath.cuda_build import (KERNELS, LADDER_DIR, LADDER_KERNELS, OPTIONS, PROGRAMMATIC_STREAM_SERIALIZATION,
+from fastpath.cuda_build import (ARCHITECTURE, KERNELS, LADDER_DIR, LADDER_KERNELS, OPTIONS, PROGRAMMATIC_STREAM_SERIALIZATION,
                                  SOURCE_DIR, LaunchAttribute, LaunchConfig, name_expressions)
 
 NVCC = shutil.which("nvcc")
@@ -26,7 +26,8 @@ def test_kernels_compile_for_sm90(path, names, tmp_path):
     unit = tmp_path / f"all_{path.name}"
     addresses = ", ".join(f"(const void*)&{name}" for name in names)
     unit.write_text(f'#include "{path}"\nconst void* qwen3moe_kernels[] = {{{addresses}}};\n')
-    result = subprocess.run([NVCC, "-arch=sm_90", *OPTIONS, "--Werror", "all-warnings", "-c", str(unit), "-o",
+    arch = ARCHITECTURE.get(path.name, "sm_90").removeprefix("sm_")
+    result = subprocess.run([NVCC, f"-gencode=arch=compute_{arch},code=sm_{arch}", *OPTIONS, "--Werror", "all-warnings", "-c", str(unit), "-o",
                              str(tmp_path / "out.o")], capture_output=True, text=True)
     assert result.returncode == 0, f"nvcc failed on {path.name}:\n{result.stderr}"
 

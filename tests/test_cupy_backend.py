@@ -263,13 +263,14 @@ def test_sampled_generate_decodes_through_the_graph(monkeypatch):
     assert graph_text == loop_text
 
 
-@pytest.mark.parametrize("T", [7, 40])
+@pytest.mark.parametrize("T", [7, 40, 100])
 @pytest.mark.parametrize("path", ["gemv", "few", "tiles", "batch"])
 def test_kernels_write_every_output(cb, tiny_model_dir, T, path, monkeypatch):
     """Buffers poisoned with NaN before the kernels run: every element must be overwritten with the right value.
     Each kernel path computes the projections and the experts (at 40 tokens x top-2 over 8 experts the experts
     serve more than 8 picks each: several passes of mma_few.cu); "batch" is mma_batch.cu for every projection its
-    workspace holds, with the experts on mma_few.cu."""
+    workspace holds, with the experts on mma_few.cu; "tiles" at 100 tokens runs on wgmma_tiles.cu on Hopper (one
+    partly filled 128-row tile of tokens; experts' tiles of 128 pairs)."""
     import cupy as cp
 
     batch = lambda s, tokens, K, N: "batch" if cb.batch_fits(s, tokens, K, N) else "few"
@@ -310,6 +311,15 @@ def test_kernels_write_every_output(cb, tiny_model_dir, T, path, monkeypatch):
     close(b.probs, routing.probs, "router probabilities")
     assert b.topk_ids.get().tolist() == routing.experts.tolist()
 
+    assert not config.is_moe_layer(0)  # the dense MLP: the expert kernels with one expert
+    expected, _ = ref.feed_forward_block(r, 0, x, config.num_experts_per_tok, None)
+    d = cb.DenseBuffers.empty(T, config)
+    for a in (d.xn, d.act, d.out):
+        a.fill(np.nan)
+    y = cp.asarray(x)
+    cb.dense_mlp_into(s, s.layers[0], y, d)
+    close(y, expected, "dense MLP block")
+
     logits = cp.full((T, config.vocab_size), np.nan, cp.float32)
     cb.linear(s, cp.asarray(x), s.lm_head, logits, norm=s.norm, rows_per_block=64)
     close(logits, ref.final_logits(r, x), "logits")
@@ -345,12 +355,14 @@ def test_a_rank_adds_only_the_picks_of_its_own_experts(cb, tiny_model_dir, T):
                                            ("tiles", 65, 32, 520), ("tiles", 40, 2048, 5120),
                                            ("tiles", 100, 4096, 600)])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_projection_matches_float64(cb, path, T, K, N, with_residual):
+@pytest.mark.parametrize("wgmma", [False, True], ids=["", "wgmma"])
+def test_projection_matches_float64(cb, path, T, K, N, with_residual, wgmma, monkeypatch):
     """mma_batch.cu and matmul.cu against a float64 product on fresh random bf16 weights. mma_batch.cu: K split over
     1-16 blocks (the last split short when K is not a multiple of 256), rows that are not a whole number of blocks,
     token counts that fill one or two eight-token tiles wholly or partly. matmul.cu: K of 1, 3 and 64 pipeline
     steps (fewer than its stages, and more), tokens and outputs that end inside a tile, and K split where the tiles
-    are few (13 splits of 5 steps, the last 4; 19 of 7, the last 2, as many as the workspace holds). The residual
+    are few (13 splits of 5 steps, the last 4; 19 of 7, the last 2, as many as the workspace holds); on Hopper the
+    same products of more than 64 tokens again on wgmma_tiles.cu's 128-row tiles (``wgmma``). The residual
     added in place. Launched twice: mma_batch.cu's arrival counters must be back at zero after a launch. The output
     is poisoned with NaN first. Tolerance: 4e-5 of the products' root sum of squares, the scale of the rounding
     errors' random walk
@@ -358,6 +370,13 @@ def test_projection_matches_float64(cb, path, T, K, N, with_residual):
     bound of ~1.8e-3; a lost split, step or token would be off by ~10)."""
     import cupy as cp
 
+    if wgmma and (path != "tiles" or T <= cb.FEW_TOKENS):
+        pytest.skip("wgmma_tiles.cu takes tile products of more than 64 tokens")
+    if wgmma and not cb.hopper():
+        pytest.skip("wgmma_tiles.cu runs on compute capability 9.0 (H100, H200) only")
+    if not wgmma:
+        monkeypatch.setattr(cb, "hopper", lambda: False)  # matmul.cu's tiles, whatever the GPU
+    assert cb.tile_rows(T) == (cb.WGMMA_TILE if wgmma else cb.TILE)
     rng = np.random.default_rng()
     layer = cb.Layer(*(None,) * 8, router=None)
     layer.qkv, layer.o_proj = cp.empty((N, K), cp.uint16), cp.empty((N, K), cp.uint16)

@@ -172,29 +172,13 @@ __global__ void __launch_bounds__(Tile<MODE>::THREADS) mma_tiles(
         for (int h = 0; h < 2; ++h) {
             const int row = row0 + 16 * i + g + 8 * h;
             if (row >= row_end) continue;
-            float* dst;
-            float scale = 1.0f;
-            if (MODE == DOWN) {
-                const int src = pair_src[row];
-                dst = out + static_cast<long long>(src) * N;
-                if (pair_weight) scale = pair_weight[src];
-            } else {
-                dst = out + static_cast<long long>(row) * N;
-            }
+            const OutputRow<MODE> o(row, N, out, residual, pair_src, pair_weight);
 #pragma unroll
             for (int n = 0; n < WN / 8; ++n)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int col = n0 + wc + 8 * n + c + e;
-                    if (col >= N) continue;
-                    const float v = acc[0][i][n][2 * h + e];
-                    if (MODE == LINEAR) {
-                        dst[col] = residual ? residual[static_cast<long long>(row) * N + col] + v : v;
-                    } else if (MODE == GATE_UP) {
-                        dst[col] = v / (1.0f + expf(-v)) * acc[SLOTS - 1][i][n][2 * h + e];
-                    } else {
-                        dst[col] = scale * v;
-                    }
+                    if (col < N) o.write(col, acc[0][i][n][2 * h + e], acc[SLOTS - 1][i][n][2 * h + e]);
                 }
         }
 }

@@ -12,6 +12,35 @@
 // The products a tensor-core kernel computes (see matmul.cu for what each one writes).
 enum Mode { LINEAR = 0, GATE_UP = 1, DOWN = 2 };
 
+// One output row of a tile product (matmul.cu, wgmma_tiles.cu): where row ``row`` of a tile goes -- out's row, or for
+// DOWN its pair's row scaled by the routing weight -- and each of its values written as the mode asks.
+template <int MODE>
+struct OutputRow {
+    float* dst;
+    const float* residual_row = nullptr;  // LINEAR with a residual
+    float scale = 1.0f;                   // DOWN with routing weights
+    __device__ __forceinline__ OutputRow(int row, int N, float* out, const float* residual,
+                                         const int* __restrict__ pair_src, const float* __restrict__ pair_weight) {
+        long long r = row;
+        if (MODE == DOWN) {
+            r = pair_src[row];
+            if (pair_weight) scale = pair_weight[r];
+        }
+        dst = out + r * N;
+        if (MODE == LINEAR && residual) residual_row = residual + static_cast<long long>(row) * N;
+    }
+    // column col: v the product (GATE_UP: the gate's), up the up product (GATE_UP only)
+    __device__ __forceinline__ void write(int col, float v, float up) const {
+        if (MODE == LINEAR) {
+            dst[col] = residual_row ? residual_row[col] + v : v;
+        } else if (MODE == GATE_UP) {
+            dst[col] = v / (1.0f + expf(-v)) * up;
+        } else {
+            dst[col] = scale * v;
+        }
+    }
+};
+
 // (x0, x1) as pairs of bf16 in one 32-bit word each (x0 in the lower half): hi = (x0, x1) rounded to nearest even,
 // lo = the rounding errors rounded. The hardware converts two floats in one instruction (cvt.rn.bf16x2.f32), which
 // matters: a decode-sized product splits every activation again in each block that reads it.
