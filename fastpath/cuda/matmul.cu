@@ -100,20 +100,12 @@ __global__ void __launch_bounds__(Tile<MODE>::THREADS) mma_tiles(
         W[0] = w + e * expert_stride;
         if (MODE == GATE_UP) W[SLOTS - 1] = w2 + e * expert_stride;
     }
-    // the input row this thread stages: half of row threadIdx.x / 2 (16 floats, 4 copies)
-    const int q = row0 + threadIdx.x / 2, half = threadIdx.x % 2 * 16;
-    const bool has_row = q < row_end;  // otherwise its copies write zeros and read nothing (from row 0's address)
-    const float* a_row = a + (has_row ? static_cast<long long>(MODE == GATE_UP ? pair_token[q] : q) * K : 0) + half;
-    auto stage_activations = [&](int k0, float* dst) {
-#pragma unroll
-        for (int v = 0; v < 4; ++v)
-            copy_async16(dst + threadIdx.x / 2 * LDA + half + 4 * v, a_row + k0 + 4 * v, has_row);
-    };
+    const ActivationRow<MODE, TK, LDA> activations(a, K, row0, row_end, pair_token);
     // one commit group per step (empty past the end), so "all but STAGES - 2 groups landed" means "this step landed"
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < steps) {
             if (MODE != LINEAR) stage_weights<MODE>(W, K, N, n0, (first + s) * TK, Bs(s));
-            stage_activations((first + s) * TK, As(s));
+            activations.stage((first + s) * TK, As(s));
         }
         copies_issued();
     }
@@ -128,7 +120,7 @@ __global__ void __launch_bounds__(Tile<MODE>::THREADS) mma_tiles(
         if (step + STAGES - 1 < steps) {
             const int refill = s == 0 ? STAGES - 1 : s - 1, k0 = (first + step + STAGES - 1) * TK;
             stage_weights<MODE>(W, K, N, n0, k0, Bs(refill));
-            stage_activations(k0, As(refill));
+            activations.stage(k0, As(refill));
         }
         copies_issued();
         const float* A = As(s);

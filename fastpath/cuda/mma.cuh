@@ -12,6 +12,29 @@
 // The products a tensor-core kernel computes (see matmul.cu for what each one writes).
 enum Mode { LINEAR = 0, GATE_UP = 1, DOWN = 2 };
 
+// The activations one thread of a tile product stages (matmul.cu, wgmma_tiles.cu): half of the tile's row
+// threadIdx.x / 2 -- tokens in order for LINEAR and DOWN (the pairs' own rows), the pairs' tokens for GATE_UP --,
+// TK / 2 floats a step in TK / 8 copies, into rows of LDA floats. A row past the tile's end gets zeros (its copies
+// read nothing, from row 0's address).
+template <int MODE, int TK, int LDA>
+struct ActivationRow {
+    const float* src;
+    int half;
+    bool has_row;
+    __device__ __forceinline__ ActivationRow(const float* a, int K, int row0, int row_end,
+                                             const int* __restrict__ pair_token) {
+        const int q = row0 + threadIdx.x / 2;
+        half = threadIdx.x % 2 * (TK / 2);
+        has_row = q < row_end;
+        src = a + (has_row ? static_cast<long long>(MODE == GATE_UP ? pair_token[q] : q) * K : 0) + half;
+    }
+    __device__ __forceinline__ void stage(int k0, float* dst) const {
+#pragma unroll
+        for (int v = 0; v < TK / 8; ++v)
+            copy_async16(dst + threadIdx.x / 2 * LDA + half + 4 * v, src + k0 + 4 * v, has_row);
+    }
+};
+
 // One output row of a tile product (matmul.cu, wgmma_tiles.cu): where row ``row`` of a tile goes -- out's row, or for
 // DOWN its pair's row scaled by the routing weight -- and each of its values written as the mode asks.
 template <int MODE>

@@ -136,19 +136,11 @@ __global__ void __launch_bounds__(128 * WG) wgmma_tiles(
         W[0] = w + e * expert_stride;
         if (MODE == GATE_UP) W[SLOTS - 1] = w2 + e * expert_stride;
     }
-    // the input row this thread stages: half of row threadIdx.x / 2 (TK / 2 floats, TK / 8 copies)
-    const int q = row0 + threadIdx.x / 2, half = threadIdx.x % 2 * (TK / 2);
-    const bool has_row = q < row_end;
-    const float* a_row = a + (has_row ? static_cast<long long>(MODE == GATE_UP ? pair_token[q] : q) * K : 0) + half;
-    auto stage_activations = [&](int k0, float* dst) {
-#pragma unroll
-        for (int v = 0; v < TK / 8; ++v)
-            copy_async16(dst + threadIdx.x / 2 * wg::LDA + half + 4 * v, a_row + k0 + 4 * v, has_row);
-    };
+    const ActivationRow<MODE, TK, wg::LDA> activations(a, K, row0, row_end, pair_token);
     for (int s = 0; s < AHEAD; ++s) {
         if (s < steps) {
             if (MODE != LINEAR) stage_weights<MODE, WG>(W, K, N, n0, (first + s) * TK, Bs(s));
-            stage_activations((first + s) * TK, As(s));
+            activations.stage((first + s) * TK, As(s));
         }
         copies_issued();
     }
@@ -169,7 +161,7 @@ __global__ void __launch_bounds__(128 * WG) wgmma_tiles(
         if (step + AHEAD < steps) {  // so step - 2's buffer takes step + AHEAD
             const int k0 = (first + step + AHEAD) * TK, refill = (step + AHEAD) % STAGES;
             stage_weights<MODE, WG>(W, K, N, n0, k0, Bs(refill));
-            stage_activations(k0, As(refill));
+            activations.stage(k0, As(refill));
         }
         copies_issued();
         if (!group_has_rows) return;
