@@ -76,7 +76,7 @@ def test_generate_streams_what_the_model_predicts(tiny_model_dir, tmp_path, comp
     assert status == 0, err
     generated, finish, prompt_len = stats_line(err)
     assert prompt_len == 3 and 1 <= generated <= 5
-    assert (finish == "length") == (generated == 5)
+    assert finish == "stop" or (finish == "length" and generated == 5)  # an end token may be the 5th: "stop", 5
 
     tok = Qwen3Tokenizer(tiny_model_dir)
     ids, new, gaps = list(b"abc"), [], []

@@ -102,13 +102,6 @@ __device__ __forceinline__ float block_sum(float v) {
     return block_reduce(v, [](float a, float b) { return a + b; }, 0.0f);
 }
 
-// 1 / rms(x) = 1 / sqrt(mean(x^2) + eps) of one row, computed by one warp.
-__device__ __forceinline__ float warp_inv_rms(const float* x, int n, float eps) {
-    float ss = 0.0f;
-    for (int k = threadIdx.x % 32; k < n; k += 32) ss += x[k] * x[k];
-    return 1.0f / sqrtf(warp_sum(ss) / n + eps);
-}
-
 // 1 / rms(x) = 1 / sqrt(mean(x^2) + eps) of one row, computed by the whole block.
 __device__ __forceinline__ float block_inv_rms(const float* x, int n, float eps) {
     float ss = 0.0f;
@@ -117,20 +110,24 @@ __device__ __forceinline__ float block_inv_rms(const float* x, int n, float eps)
 }
 
 // acc[r][t] += sum_k w[r][k] * scale[k] * x[t][k] for t < nt, for ROWS weight rows at once (an expert's gate and up
-// rows share their input): the inner loop of every projection.
+// rows share their input): the inner loop of every projection. With SQUARES, also squares[t] += x[t][k]^2 over the
+// lane's share of k: the RMSNorm of x (warp_sum over the lanes), from the activations already loaded for the products.
+// With HEAD (ROWS 1), ``head`` holds the lane's first UNROLL packs p = lane + 32 u, loaded by the caller ahead of time
+// (before the wait for the kernel ahead, which weights never depend on).
 //
 // The 32 lanes of a warp split a weight row in 16-byte packs; each lane keeps UNROLL packs of every row in flight
 // before using them, so that enough bytes are on their way to hide memory latency. ``scale`` (a norm's weight) may be
 // null. Rows whose length is not a whole number of packs (only in tiny test models) take the scalar loop.
 // UNROLL x ROWS = 8 packs per lane at batch-1 decode (a whole 4 KB bf16 row of hidden 2048, or half of two), 4 when
 // registers also hold MAXT accumulators per token.
-template <typename W, int MAXT, int ROWS>
+template <typename W, int MAXT, int ROWS, bool SQUARES = false, bool HEAD = false>
 __device__ __forceinline__ void warp_dot_rows_n(const W* const (&w)[ROWS], int K, const float* const (&x)[MAXT],
-                                                int nt, const float* __restrict__ scale, float (&acc)[ROWS][MAXT]) {
+                                                int nt, const float* __restrict__ scale, float (&acc)[ROWS][MAXT],
+                                                float* squares = nullptr, const Pack<W>* head = nullptr) {
     constexpr int N = Pack<W>::N, UNROLL = MAXT == 1 ? 8 / ROWS : 4;
     const int lane = threadIdx.x % 32;
     const int packs = K % N == 0 ? K / N : 0;
-    auto use = [&](const Pack<W>& wp, int p, float (&a)[MAXT]) {
+    auto use = [&](const Pack<W>& wp, int p, float (&a)[MAXT], bool square) {
         float wk[N];
 #pragma unroll
         for (int i = 0; i < N; ++i) wk[i] = wp[i];
@@ -149,6 +146,7 @@ __device__ __forceinline__ void warp_dot_rows_n(const W* const (&w)[ROWS], int K
             for (int q = 0; q < N / 4; ++q) {
                 const float4 v = xp[q];
                 a[t] += wk[4 * q] * v.x + wk[4 * q + 1] * v.y + wk[4 * q + 2] * v.z + wk[4 * q + 3] * v.w;
+                if (square) squares[t] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
             }
         }
     };
@@ -158,18 +156,25 @@ __device__ __forceinline__ void warp_dot_rows_n(const W* const (&w)[ROWS], int K
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r) wp[u][r].load(w[r] + static_cast<long long>(p + 32 * u) * N);
+            for (int r = 0; r < ROWS; ++r) {
+                if (HEAD && p == lane) wp[u][r] = head[u];
+                else wp[u][r].load(w[r] + static_cast<long long>(p + 32 * u) * N);
+            }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r) use(wp[u][r], p + 32 * u, acc[r]);
+            for (int r = 0; r < ROWS; ++r) use(wp[u][r], p + 32 * u, acc[r], SQUARES && r == 0);
     }
-    for (; p < packs; p += 32) {
+    const bool first = p == lane;  // the loop above never ran: the head holds these packs
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {  // fewer than UNROLL packs are left (unrolled: head[u] stays a register)
+        if (p + 32 * u >= packs) break;
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             Pack<W> wp;
-            wp.load(w[r] + static_cast<long long>(p) * N);
-            use(wp, p, acc[r]);
+            if (HEAD && first) wp = head[u];
+            else wp.load(w[r] + static_cast<long long>(p + 32 * u) * N);
+            use(wp, p + 32 * u, acc[r], SQUARES && r == 0);
         }
     }
     for (int k = packs * N + lane; k < K; k += 32) {  // scalar tail
@@ -179,14 +184,20 @@ __device__ __forceinline__ void warp_dot_rows_n(const W* const (&w)[ROWS], int K
 #pragma unroll
             for (int t = 0; t < MAXT; ++t)
                 if (t < nt) acc[r][t] += wk * x[t][k];
+            if (SQUARES && r == 0)
+#pragma unroll
+                for (int t = 0; t < MAXT; ++t)
+                    if (t < nt) squares[t] += x[t][k] * x[t][k];
         }
     }
 }
 
-// One weight row: acc[t] += sum_k w[k] * scale[k] * x[t][k].
-template <typename W, int MAXT>
+// One weight row: acc[t] += sum_k w[k] * scale[k] * x[t][k] (and the squares of x, as above).
+template <typename W, int MAXT, bool SQUARES = false, bool HEAD = false>
 __device__ __forceinline__ void warp_dot_rows(const W* w, int K, const float* const (&x)[MAXT], int nt,
-                                              const float* __restrict__ scale, float (&acc)[MAXT]) {
+                                              const float* __restrict__ scale, float (&acc)[MAXT],
+                                              float* squares = nullptr, const Pack<W>* head = nullptr) {
     const W* rows[1] = {w};
-    warp_dot_rows_n<W, MAXT, 1>(rows, K, x, nt, scale, reinterpret_cast<float (&)[1][MAXT]>(acc));
+    warp_dot_rows_n<W, MAXT, 1, SQUARES, HEAD>(rows, K, x, nt, scale, reinterpret_cast<float (&)[1][MAXT]>(acc),
+                                               squares, head);
 }

@@ -23,8 +23,9 @@ constexpr int WARPS = 8;  // every GEMV block is 256 threads
 
 // y[t, n] = residual[t, n] + sum_k W[n, k] * xin[t, k]     for t < T, n < N
 // with xin = x * norm_weight / rms(x) when ``norm_weight`` is given (the RMSNorm before a projection, fused: each warp
-// computes the norm factor of its tokens itself, after its first row's weights are on their way, so the normalised
-// activations never go through memory and no barrier holds the weight loads back) and x otherwise; ``residual`` may be null (then y = the projection) and may equal y (in-place residual add).
+// sums the squares of its tokens' activations while it multiplies its first row, so the normalised activations never
+// go through memory, no barrier holds the weight loads back and x is read once) and x otherwise; ``residual`` may be
+// null (then y = the projection) and may equal y (in-place residual add).
 //
 // One warp per weight row, ``rows_per_block`` rows per block; blockIdx.y takes MAXT tokens at a time, so at
 // decode (T <= MAXT) every weight byte is read once.                 grid (ceil(N / rows_per_block), ceil(T / MAXT))
@@ -35,22 +36,42 @@ __global__ void __launch_bounds__(256) linear(const float* __restrict__ x, int T
                                               const float* residual, float* y) {
     if (blockIdx.y == 0)  // the weights do not depend on the kernel ahead: ask for them while it runs
         prefetch_rows(w, K, blockIdx.x * rows_per_block, min(N, (blockIdx.x + 1) * rows_per_block));
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row_end = min(N, (blockIdx.x + 1) * rows_per_block);
+    // At batch-1 decode a lane's first HEAD packs of its warp's first row (a whole 4 KB row of hidden 2048) are even
+    // loaded into registers before the wait, so they are at hand, not just in L2, when the kernel ahead finishes.
+    constexpr int HEAD = 8, PACK = Pack<W>::N;  // HEAD: warp_dot_rows' packs in flight at MAXT 1
+    Pack<W> head[HEAD];
+    const int first = blockIdx.x * rows_per_block + warp;
+    const bool preload = MAXT == 1 && first < row_end && K % PACK == 0 && K / PACK >= 32 * HEAD;
+    if (preload)
+#pragma unroll
+        for (int u = 0; u < HEAD; ++u) head[u].load(w + static_cast<long long>(first) * K + (lane + 32 * u) * PACK);
     begin_after_previous();
     const int t0 = blockIdx.y * MAXT, nt = min(MAXT, T - t0);
     const float* xt[MAXT];
 #pragma unroll
     for (int t = 0; t < MAXT; ++t) xt[t] = x + static_cast<long long>(t0 + min(t, nt - 1)) * K;
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int row_end = min(N, (blockIdx.x + 1) * rows_per_block);
     float inv_rms[MAXT];
     bool have_inv_rms = false;
     for (int n = blockIdx.x * rows_per_block + warp; n < row_end; n += WARPS) {
-        float acc[MAXT] = {};
-        warp_dot_rows<W, MAXT>(w + static_cast<long long>(n) * K, K, xt, nt, norm_weight, acc);
+        float acc[MAXT] = {}, squares[MAXT] = {};
+        if (preload && n == first) {
+            if (norm_weight)
+                warp_dot_rows<W, MAXT, true, true>(w + static_cast<long long>(n) * K, K, xt, nt, norm_weight, acc,
+                                                   squares, head);
+            else
+                warp_dot_rows<W, MAXT, false, true>(w + static_cast<long long>(n) * K, K, xt, nt, norm_weight, acc,
+                                                    squares, head);
+        } else if (norm_weight && !have_inv_rms)
+            warp_dot_rows<W, MAXT, true>(w + static_cast<long long>(n) * K, K, xt, nt, norm_weight, acc, squares);
+        else
+            warp_dot_rows<W, MAXT>(w + static_cast<long long>(n) * K, K, xt, nt, norm_weight, acc);
         if (!have_inv_rms) {
 #pragma unroll
-            for (int t = 0; t < MAXT; ++t) inv_rms[t] = norm_weight && t < nt ? warp_inv_rms(xt[t], K, eps) : 1.0f;
+            for (int t = 0; t < MAXT; ++t)
+                inv_rms[t] = norm_weight && t < nt ? 1.0f / sqrtf(warp_sum(squares[t]) / K + eps) : 1.0f;
             have_inv_rms = true;
         }
 #pragma unroll
