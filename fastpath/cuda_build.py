@@ -55,14 +55,23 @@ def name_expressions(file: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def headers() -> str:
+    """The shared headers (``cuda/*.cuh``) as text: part of every cached binary's key, since the compilers' caches key
+    on a file's own text and options, not on what it includes."""
+    return "".join(p.read_text() for p in sorted(SOURCE_DIR.glob("*.cuh")))
+
+
 @functools.cache
 def module(file: str):
-    """The compiled module of one .cu file (compiled once per process; CuPy also caches the binary on disk)."""
+    """The compiled module of one .cu file (compiled once per process; CuPy also caches the binary on disk, keyed by
+    the source, to which a comment with the headers' hash is added so that editing a header compiles again)."""
+    import hashlib
     import cupy
 
     if file in ARCHITECTURE:
         return ArchitectureModule(file)
-    return cupy.RawModule(code=(SOURCE_DIR / file).read_text(), options=OPTIONS,
+    stamp = hashlib.sha256(headers().encode()).hexdigest()[:16]
+    return cupy.RawModule(code=(SOURCE_DIR / file).read_text() + f"\n// headers {stamp}\n", options=OPTIONS,
                           name_expressions=name_expressions(file))
 
 
@@ -80,8 +89,7 @@ class ArchitectureModule:
         source = (SOURCE_DIR / file).read_text()
         options = (*OPTIONS, "-ftz=true", f"-arch={ARCHITECTURE[file]}")  # -ftz as CuPy compiles the other files
         names = name_expressions(file)
-        headers = "".join(p.read_text() for p in sorted(SOURCE_DIR.glob("*.cuh")))
-        key = hashlib.sha256(repr((source, headers, options, names, nvrtc.getVersion())).encode()).hexdigest()[:24]
+        key = hashlib.sha256(repr((source, headers(), options, names, nvrtc.getVersion())).encode()).hexdigest()[:24]
         folder = Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
         cubin, lowered = folder / f"qwen3moe_{key}.cubin", folder / f"qwen3moe_{key}.names"
         if not (cubin.exists() and lowered.exists()):

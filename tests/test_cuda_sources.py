@@ -32,6 +32,26 @@ def test_kernels_compile_for_sm90(path, names, tmp_path):
     assert result.returncode == 0, f"nvcc failed on {path.name}:\n{result.stderr}"
 
 
+def test_editing_a_header_changes_the_key_of_the_cached_binaries(tmp_path, monkeypatch):
+    """CuPy keys its on-disk binaries by a file's own text, not by the headers it includes: the source handed to it
+    carries the headers' hash, so an edited header (or an upgrade that changes one) compiles every file again."""
+    import sys
+    import types
+    import fastpath.cuda_build as build
+
+    sources = tmp_path / "cuda"
+    shutil.copytree(SOURCE_DIR, sources)
+    monkeypatch.setattr(build, "SOURCE_DIR", sources)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(RawModule=lambda code, **kwargs: code))
+    compiled = lambda: (build.module.cache_clear(), build.module("linear.cu"))[1]
+    before = compiled()
+    assert before.startswith((sources / "linear.cu").read_text())
+    assert compiled() == before  # nothing edited: the same key
+    (sources / "common.cuh").write_text((sources / "common.cuh").read_text() + "// edited\n")
+    assert compiled() != before
+    build.module.cache_clear()
+
+
 def test_every_source_file_is_listed():
     assert sorted(p.name for p in SOURCE_DIR.glob("*.cu")) == sorted(KERNELS)
     assert sorted(p.name for p in LADDER_DIR.glob("*.cu")) == sorted(LADDER_KERNELS)
