@@ -73,8 +73,14 @@ def single(request, model_30b):
     return result
 
 
+@pytest.mark.parametrize("all_reduce", ["peer", "nccl"])
 @pytest.mark.parametrize("ndev, experts", SPLITS)
-def test_split_model_matches_one_gpu(single, ndev, experts):
+def test_split_model_matches_one_gpu(single, ndev, experts, all_reduce, monkeypatch):
+    """The logits of a prompt and 64 greedy tokens (the prefill, then every rank's captured decode graph) of one GPU.
+    "nccl": every all-reduce on NCCL (``QWEN3MOE_ALL_REDUCE``, which every rank inherits), the path of ranks on
+    several machines, where the peer kernel cannot reach (moe_combine then adds a rank's picks before the all-reduce
+    and the next block normalises after it)."""
+    monkeypatch.setenv("QWEN3MOE_ALL_REDUCE", all_reduce)
     m = Qwen3MoeForCausalLM(single["folder"], device="nvidia", ndev=ndev, experts=experts)
     try:
         logits = all_logits(m, single["prompt"])
