@@ -165,14 +165,14 @@ __device__ __forceinline__ void warp_dot_rows_n(const W* const (&w)[ROWS], int K
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) use(wp[u][r], p + 32 * u, acc[r], SQUARES && r == 0);
     }
-    const bool first = p == lane;  // the loop above never ran: the head holds these packs
+    const bool from_head = HEAD && p == lane;  // the loop above never ran: the head holds these packs
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {  // fewer than UNROLL packs are left (unrolled: head[u] stays a register)
         if (p + 32 * u >= packs) break;
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             Pack<W> wp;
-            if (HEAD && first) wp = head[u];
+            if (from_head) wp = head[u];
             else wp.load(w[r] + static_cast<long long>(p + 32 * u) * N);
             use(wp, p + 32 * u, acc[r], SQUARES && r == 0);
         }

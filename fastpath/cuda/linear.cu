@@ -57,6 +57,8 @@ __global__ void __launch_bounds__(256) linear(const float* __restrict__ x, int T
     bool have_inv_rms = false;
     for (int n = blockIdx.x * rows_per_block + warp; n < row_end; n += WARPS) {
         float acc[MAXT] = {}, squares[MAXT] = {};
+        // Which products also sum squares or take the head is decided by template flags: with a head pointer chosen
+        // at run time, nvcc kept the head in local memory instead of registers.
         if (preload && n == first) {
             if (norm_weight)
                 warp_dot_rows<W, MAXT, true, true>(w + static_cast<long long>(n) * K, K, xt, nt, norm_weight, acc,
