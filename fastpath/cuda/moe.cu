@@ -85,17 +85,21 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
 
     float total = 0.0f;
     int held = 0;  // slots written: the picks of this rank's experts
-    for (int j = 0; j < top_k; ++j) {  // j-th best: the largest probability not yet taken, lowest id on ties
-        float best = -1.0f;
-        int best_e = E;
+    // The j-th best: the largest probability not yet taken, lowest id on ties. A probability's bits read as an
+    // unsigned integer keep its order (it is not negative), so the warp's largest is one integer max over the lanes
+    // (redux.sync, sm_80 and later) and its lowest id one integer min: two instructions where a float max with ties
+    // took 10 dependent shuffles. Key 0: taken, disabled or no such expert (p < 0), never chosen.
+    for (int j = 0; j < top_k; ++j) {
+        unsigned key = 0;
+        int lane_e = E;
 #pragma unroll
-        for (int i = 0; i < CHUNKS; ++i)  // increasing ids: ">" keeps the lowest of equals
-            if (p[i] > best) best = p[i], best_e = lane + 32 * i;
-        for (int offset = 16; offset > 0; offset >>= 1) {
-            const float other = __shfl_xor_sync(0xffffffffu, best, offset);
-            const int other_e = __shfl_xor_sync(0xffffffffu, best_e, offset);
-            if (other > best || (other == best && other_e < best_e)) best = other, best_e = other_e;
+        for (int i = 0; i < CHUNKS; ++i) {  // increasing ids: ">" keeps the lowest of equals
+            const unsigned k = p[i] >= 0.0f ? __float_as_uint(p[i]) + 1u : 0u;
+            if (k > key) key = k, lane_e = lane + 32 * i;
         }
+        const unsigned top = __reduce_max_sync(0xffffffffu, key);
+        const int best_e = __reduce_min_sync(0xffffffffu, key == top ? lane_e : E);
+        const float best = top ? __uint_as_float(top - 1u) : -1.0f;
 #pragma unroll
         for (int i = 0; i < CHUNKS; ++i)
             if (lane + 32 * i == best_e) p[i] = -1.0f;  // taken
