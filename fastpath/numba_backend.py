@@ -22,13 +22,16 @@ Batch-1 greedy decoding (``GreedyDecoder``, which ``generate`` uses after the pr
 lm_head and argmax included, is one compiled call.
 """
 
+import functools
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 from numba.typed import List
+from threadpoolctl import ThreadpoolController
 
 from qwen3moe.checkpoint import populate
 from qwen3moe.config import Qwen3MoeConfig
@@ -122,10 +125,25 @@ def joined(xe: np.ndarray, xo: np.ndarray) -> np.ndarray:
 def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x @ W.T for many tokens: W (N, K/2 words) widened BLOCK_ROWS rows at a time, each block used once by BLAS."""
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    for start in range(0, w.shape[0], BLOCK_ROWS):
-        block = w[start:start + BLOCK_ROWS]
-        out[:, start:start + BLOCK_ROWS] = x @ (K.widen(block) if block.dtype == np.uint32 else block).T
+    with blas_threads(w.nbytes):
+        for start in range(0, w.shape[0], BLOCK_ROWS):
+            block = w[start:start + BLOCK_ROWS]
+            out[:, start:start + BLOCK_ROWS] = x @ (K.widen(block) if block.dtype == np.uint32 else block).T
     return out
+
+
+def blas_threads(nbytes: int):
+    """Where BLAS multiplies (the prefill's matrices and attention): on one thread for work under PARALLEL_MIN_BYTES,
+    as the kernels here run small calls. More threads gain little there, and OpenBLAS's workers keep spinning for
+    tens of milliseconds after a call, which stalls the threaded decode steps after a prefill (bundled model: see
+    docs/benchmarks.md)."""
+    return blas_controller().limit(limits=1, user_api="blas") if nbytes < PARALLEL_MIN_BYTES else nullcontext()
+
+
+@functools.cache
+def blas_controller() -> ThreadpoolController:
+    """The BLAS that NumPy multiplies with (found once: it reads the loaded libraries)."""
+    return ThreadpoolController()
 
 
 def normed(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -161,7 +179,9 @@ def attention_block(s: State, i: int, x: np.ndarray, cos: np.ndarray, sin: np.nd
             rows = slice(g.start, g.stop)
             q = K.qk_norm_rope_cache(qkv[rows], layer.q_norm, layer.k_norm, cos[rows], sin[rows], c.rms_norm_eps,
                                      c.num_attention_heads, c.num_key_value_heads, g.k_cache, g.v_cache, g.pos)
-            attn[rows] = attend(q, g.k_cache[:g.pos + n], g.v_cache[:g.pos + n], g.pos).reshape(n, -1)
+            keys = 2 * g.k_cache.strides[0] * (g.pos + n)  # the bytes of keys and values attention reads
+            with blas_threads(keys + 4 * c.num_attention_heads * n * (g.pos + n)):  # and of its scores
+                attn[rows] = attend(q, g.k_cache[:g.pos + n], g.v_cache[:g.pos + n], g.pos).reshape(n, -1)
     if T < MANY_TOKENS:  # o_proj adds into the residual
         return run(K.project_residual, layer.o_proj.nbytes * T, attn, layer.o_proj, x)
     return x + matmul(attn, layer.o_proj)

@@ -266,6 +266,26 @@ def test_numba_decoder_with_mixed_dtypes_steps_through_the_blocks(fast, fast_nam
     test_greedy_decoder_counts_router_statistics(fast, fast_name, folder)
 
 
+def test_numba_keeps_small_blas_work_on_one_thread():
+    """The numba backend's BLAS work (prefill matrices, prefill attention) under PARALLEL_MIN_BYTES runs on one BLAS
+    thread -- OpenBLAS's workers would spin on afterwards and stall the threaded decode steps after a prefill --
+    larger work on all of them, and the setting is restored after."""
+    reason = backends.unavailable_reason("numba")
+    if reason:
+        pytest.skip(f"backend numba is not available here: {reason}")
+    from threadpoolctl import threadpool_info
+
+    nb = backends.load("numba")
+    blas = lambda: [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    before = blas()
+    assert before, "NumPy's BLAS was not found"
+    with nb.blas_threads(nb.PARALLEL_MIN_BYTES - 1):
+        assert blas() == [1] * len(before)
+    assert blas() == before
+    with nb.blas_threads(nb.PARALLEL_MIN_BYTES):
+        assert blas() == before
+
+
 def test_greedy_decoder_refuses_a_full_cache(decoding, fast_name, tiny_model_dir):
     model = Qwen3MoeForCausalLM(tiny_model_dir, backend=fast_name)
     decoder, _, _ = prefill_and_decoder(decoding, model, [1, 2, 3], 5)
