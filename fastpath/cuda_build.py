@@ -37,7 +37,7 @@ KERNELS = {
 }
 OPTIONS = ("-std=c++17", f"-I{SOURCE_DIR}")
 # Files written for one architecture only, compiled for it: wgmma exists on Hopper (sm_90a), not on later GPUs.
-ARCHITECTURE = {"wgmma_tiles.cu": "sm_90a"}
+ARCHITECTURE = {"wgmma_tiles.cu": "sm_90a", "prefill_wgmma.cu": "sm_90a"}
 
 # The kernel ladders (fastpath/ladder.py): the steps towards the production kernels, for learners.
 LADDER_DIR = SOURCE_DIR / "ladder"
@@ -46,6 +46,7 @@ LADDER_KERNELS = {
     "attention_decode.cu": ["attention_v1", "attention_v2", "attention_v3_combine"],
     "router.cu": ["router_v1", "router_v2"],
     "prefill_tiles.cu": ["prefill_tiles_v1"],
+    "prefill_wgmma.cu": ["prefill_wgmma_v3"],
 }
 
 
@@ -69,26 +70,26 @@ def module(file: str):
     import cupy
 
     if file in ARCHITECTURE:
-        return ArchitectureModule(file)
+        return ArchitectureModule(SOURCE_DIR / file, name_expressions(file))
     stamp = hashlib.sha256(headers().encode()).hexdigest()[:16]
     return cupy.RawModule(code=(SOURCE_DIR / file).read_text() + f"\n// headers {stamp}\n", options=OPTIONS,
                           name_expressions=name_expressions(file))
 
 
 class ArchitectureModule:
-    """A .cu file compiled by NVRTC for ``ARCHITECTURE[file]``, with ``get_function`` as CuPy's RawModule. CuPy
+    """A .cu file (``path``, its kernels' name expressions ``names``) compiled by NVRTC for ``ARCHITECTURE``'s entry, with ``get_function`` as CuPy's RawModule. CuPy
     compiles for the card's generic architecture (sm_90 on an H100) and refuses a second ``-arch``, so these files
     go to NVRTC directly; the binary is cached on disk beside CuPy's (``CUPY_CACHE_DIR``), keyed by the sources,
     the options and NVRTC's version, so a second process does not compile again."""
 
-    def __init__(self, file: str):
+    def __init__(self, path: Path, names: list[str]):
         import hashlib
         import cupy
         from cupy_backends.cuda.libs import nvrtc  # (what cupy.cuda.compiler drives NVRTC with)
 
-        source = (SOURCE_DIR / file).read_text()
-        options = (*OPTIONS, "-ftz=true", f"-arch={ARCHITECTURE[file]}")  # -ftz as CuPy compiles the other files
-        names = name_expressions(file)
+        file, source = path.name, path.read_text()
+        # -ftz as CuPy compiles the other files; the ladder's sources also see their own folder
+        options = (*OPTIONS, f"-I{path.parent}", "-ftz=true", f"-arch={ARCHITECTURE[file]}")
         key = hashlib.sha256(repr((source, headers(), options, names, nvrtc.getVersion())).encode()).hexdigest()[:24]
         folder = Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
         cubin, lowered = folder / f"qwen3moe_{key}.cubin", folder / f"qwen3moe_{key}.names"
@@ -100,7 +101,7 @@ class ArchitectureModule:
                 try:
                     nvrtc.compileProgram(program, options)
                 except nvrtc.NVRTCError:
-                    raise DeviceError(f"compiling fastpath/cuda/{file} for {ARCHITECTURE[file]} failed:\n"
+                    raise DeviceError(f"compiling {path} for {ARCHITECTURE[file]} failed:\n"
                                       f"{nvrtc.getProgramLog(program)}") from None
                 binary = nvrtc.getCUBIN(program)
                 symbols = "\n".join(nvrtc.getLoweredName(program, name) for name in names)
@@ -152,7 +153,30 @@ def driver():
     lib = ctypes.CDLL("libcuda.so.1")
     lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    lib.cuTensorMapEncodeTiled.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
+                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                           ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return lib
+
+
+# ---- tensor maps: how the copy engine (TMA) of a Hopper GPU reads a weight matrix ------------------------------------
+
+TENSOR_MAP_BF16, SWIZZLE_64B, L2_PROMOTION_128B = 9, 2, 2  # CUtensorMapDataType, CUtensorMapSwizzle, ...L2promotion
+TensorMap = ctypes.c_uint64 * 16  # CUtensorMap: 128 opaque bytes
+
+
+def tensor_map(address: int, rows: int, K: int, box_rows: int) -> TensorMap:
+    """The CUtensorMap (128 bytes, passed to the kernel by value) of a row-major (rows, K) bf16 matrix at
+    ``address``, whose copies take 32 k x ``box_rows`` rows at a time, in the 64-byte swizzled layout that wgmma reads
+    without bank conflicts; rows past the end read as zeros. Made on the host, in a microsecond or so."""
+    encoded = TensorMap()
+    status = driver().cuTensorMapEncodeTiled(
+        encoded, TENSOR_MAP_BF16, 2, ctypes.c_void_p(address), (ctypes.c_uint64 * 2)(K, rows),
+        (ctypes.c_uint64 * 1)(2 * K), (ctypes.c_uint32 * 2)(32, box_rows), (ctypes.c_uint32 * 2)(1, 1), 0,
+        SWIZZLE_64B, L2_PROMOTION_128B, 0)
+    if status:
+        raise DeviceError(f"making the tensor map of a {rows} x {K} bf16 matrix failed (CUresult {status})")
+    return encoded
 
 
 class Kernel:
@@ -164,8 +188,9 @@ class Kernel:
     (``begin_after_previous`` in cuda/common.cuh), so the two overlap only in launch latency and weight prefetches:
     batch-1 decoding 8 % faster on an H200. Launched eagerly (step by step from Python) it goes through CuPy, whose
     compiled argument packing costs a few microseconds where ctypes costs ~4x more, and where programmatic launch
-    measured no gain: those steps are paced by the host. Arguments: CuPy arrays (passed as their device pointers)
-    and NumPy int32, int64, uint64 and float32 scalars."""
+    measured no gain: those steps are paced by the host. Arguments: CuPy arrays (passed as their device pointers),
+    NumPy int32, int64, uint64 and float32 scalars, and tensor maps (``TensorMap``, passed by value, which CuPy
+    cannot do: a launch with one always goes through ``cuLaunchKernelEx``)."""
 
     def __init__(self, raw, name: str):
         self.raw, self.name = raw, name  # raw: cupy.RawKernel, whose function attributes apply to our launches too
@@ -184,14 +209,17 @@ class Kernel:
         import cupy
 
         stream = cupy.cuda.get_current_stream()
-        if not (PDL and stream.is_capturing()):  # see the class docstring
+        programmatic = PDL and stream.is_capturing()
+        by_value = any(isinstance(a, ctypes.Array) for a in args)  # a tensor map: CuPy cannot pass it
+        if not (programmatic or by_value):  # see the class docstring
             self.raw(grid, block, args, shared_mem=shared_mem)
             return
-        values = [ctypes.c_uint64(a.data.ptr) if isinstance(a, cupy.ndarray) else ARGUMENT_TYPES[a.dtype.name](a)
-                  for a in args]
+        values = [a if isinstance(a, ctypes.Array) else ctypes.c_uint64(a.data.ptr) if isinstance(a, cupy.ndarray)
+                  else ARGUMENT_TYPES[a.dtype.name](a) for a in args]
         pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
         pad = lambda dims: (ctypes.c_uint * 3)(*dims, *(1,) * (3 - len(dims)))
-        config = LaunchConfig(pad(grid), pad(block), shared_mem, stream.ptr, ctypes.pointer(self.attribute), 1)
+        config = LaunchConfig(pad(grid), pad(block), shared_mem, stream.ptr, ctypes.pointer(self.attribute),
+                              int(programmatic))
         status = driver().cuLaunchKernelEx(ctypes.byref(config), self.raw.kernel.ptr, pointers, None)
         if status:
             message = ctypes.c_char_p()

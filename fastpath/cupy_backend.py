@@ -25,8 +25,9 @@ Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) ar
     mma_tiles             larger steps (prefill, large matrices at batches over 16): tiles of 64 tokens x 256
                           outputs on the tensor cores (matmul.cu); where the tiles are few, K is split over blocks
                           and add_split_sums adds the splits up
-    wgmma_tiles           the same products on Hopper's warpgroup instruction, tiles of 128 tokens, for steps of
-                          more than 64 tokens on an H100 / H200 (wgmma_tiles.cu, see tile_rows)
+    wgmma_tiles           the same products on Hopper's warpgroup instruction, tiles of 128 tokens fed by a
+                          producer warpgroup and the copy engine, for steps of more than 64 tokens on an H100 / H200
+                          (wgmma_tiles.cu, see tile_rows)
     argmax_partial + greedy_advance, or sample_rows    a decoded row's next token, chosen on the device
     peer_all_reduce       on a rank of a split model, in its decode graph: the sum over the ranks of one machine,
                           moe_combine's sum before it and the next block's RMSNorm after (peer_all_reduce.cu)
@@ -59,7 +60,7 @@ from qwen3moe.sampling import is_greedy
 from qwen3moe.sharding import RankShard
 from qwen3moe.weights import Qwen3MoeWeights, SparseMoeBlock
 
-from .cuda_build import MAXT, WG_TILE, kernel
+from .cuda_build import MAXT, WG_TILE, kernel, tensor_map
 
 xp = cp  # the array module of this backend's KV caches
 BLOCK = 256  # threads per block of every kernel
@@ -80,8 +81,7 @@ FEW_PICKS_PER_EXPERT = 16  # likewise the experts, by the picks per expert on av
 TILE = 64  # rows (tokens, or pairs of one expert) of a tile of matmul.cu's products
 TILE_OUTPUTS = {"LINEAR": 256, "GATE_UP": 128, "DOWN": 256}  # outputs of a block's tile, both tile kernels
 TILE_K, TILE_STAGES = 32, 3  # matmul.cu: the k of a pipeline step, and the steps staged in shared memory at once
-WGMMA_TILE, WGMMA_STAGES = 64 * WG_TILE, 4  # wgmma_tiles.cu: rows of a tile (warpgroups of 64 rows), pipeline buffers
-WGMMA_CHUNK = 256 * 16 + 32  # wgmma_tiles.cu: bytes of one 8-wide k-chunk of the 256 staged weight rows
+WGMMA_TILE, WGMMA_STAGES = 64 * WG_TILE, 6  # wgmma_tiles.cu: rows of a tile (warpgroups of 64 rows), pipeline buffers
 TILE_MIN_SPLIT_STEPS = 4  # matmul.cu: the fewest k-steps a split of a LINEAR product's K runs
 TILE_SPLIT_BLOCKS = 264  # matmul.cu: K is split until a LINEAR product has this many blocks
 MAX_EXPERTS = 512  # route_topk holds a token's router probabilities in one warp's registers (moe.cu)
@@ -243,8 +243,9 @@ def hopper() -> bool:
 def tile_rows(tokens: int) -> int:
     """Rows of the tiles that a step of ``tokens`` rows runs its tile products on: wgmma_tiles.cu's (128) on Hopper
     beyond FEW_TOKENS; matmul.cu's (64) otherwise. Measured on an H200 (Qwen3-30B-A3B shapes): the 2048-token
-    prefill 134.4 -> 122.2 ms on wgmma_tiles.cu; the K-split projections of 64 tokens slower there (q/k/v 33 -> 38
-    us, lm_head 396 -> 480 us), so batched decoding keeps matmul.cu."""
+    prefill 134.4 -> 122.2 ms on the first wgmma_tiles.cu, 92.6 ms with its producer warpgroup; the K-split
+    projections of 64 tokens were slower on the first (q/k/v 33 -> 38 us, lm_head 396 -> 480 us), so batched
+    decoding keeps matmul.cu."""
     return WGMMA_TILE if tokens > FEW_TOKENS and hopper() else TILE
 
 
@@ -252,12 +253,17 @@ def tiles(mode: str, N: int, rows: int, row_tiles: int, args: tuple, splits: int
     """Launch the tile product ``mode`` over ``row_tiles`` tiles of ``rows`` rows and ``splits`` splits of K:
     wgmma_tiles.cu for 128-row tiles, matmul.cu's mma_tiles for 64-row ones, with the shared memory of their
     pipelines (each kernel's ``SHARED``): float32 activations and bf16 weights (two matrices for GATE_UP) of every
-    stage, rows padded. That is more than the 48 KB a launch may take without asking, so the kernel is allowed it
-    on its first launch."""
+    stage, rows padded (wgmma_tiles.cu: swizzled instead, plus alignment, its mbarriers and the tile's row list).
+    That is more than the 48 KB a launch may take without asking, so the kernel is allowed it on its first launch.
+    wgmma_tiles.cu reads the weights through a tensor map (cuda_build.tensor_map) instead of the weight pointers and
+    expert stride: over all rows of ``w`` (every expert's, one after the other), with the rows of one expert."""
     cols = TILE_OUTPUTS[mode]
     if rows == WGMMA_TILE:
-        smem = WGMMA_STAGES * (rows * (TILE_K + 8) * 4 + TILE_K // 8 * WGMMA_CHUNK)
-        k, threads = kernel("wgmma_tiles.cu", f"wgmma_tiles<{mode}, {WG_TILE}>"), 128 * WG_TILE
+        a, K, w, _, expert_stride, *rest = args
+        w_map = tensor_map(w.data.ptr, w.size // int(K), int(K), 128 if mode == "GATE_UP" else 256)
+        args = (w_map, a, K, i32(int(expert_stride) // int(K)), *rest)
+        smem = WGMMA_STAGES * (256 * TILE_K * 2 + rows * TILE_K * 4) + 1024 + 2 * WGMMA_STAGES * 8 + rows * 4
+        k, threads = kernel("wgmma_tiles.cu", f"wgmma_tiles<{mode}, {WG_TILE}>"), 128 * (WG_TILE + 1)
     else:
         smem = TILE_STAGES * (rows * (TILE_K + 8) * 4 + (2 if mode == "GATE_UP" else 1) * cols * (TILE_K + 8) * 2)
         k, threads = kernel("matmul.cu", f"mma_tiles<{mode}>"), 128

@@ -22,13 +22,16 @@ from qwen3moe.bench import QWEN3_30B_A3B
 from qwen3moe.config import config_from_dict
 
 from . import cupy_backend as cb
-from .cuda_build import LADDER_DIR, LADDER_KERNELS, OPTIONS, kernel
+from .cuda_build import ARCHITECTURE, LADDER_DIR, LADDER_KERNELS, OPTIONS, ArchitectureModule, kernel
 
 CONFIG = config_from_dict(dict(QWEN3_30B_A3B, num_hidden_layers=1))
 
 
 @cache
+@cache
 def ladder_kernel(file: str, name: str):
+    if file in ARCHITECTURE:  # written for one architecture (wgmma: sm_90a)
+        return ArchitectureModule(LADDER_DIR / file, LADDER_KERNELS[file]).get_function(name)
     return cp.RawModule(code=(LADDER_DIR / file).read_text(), options=(*OPTIONS, f"-I{LADDER_DIR}"),
                         name_expressions=LADDER_KERNELS[file]).get_function(name)
 
@@ -290,10 +293,13 @@ def ladder_batch_projection(T: int = 8) -> list[Row]:
     return rows
 
 
+V3_SHARED = 4 * (128 * 40 * 4 + 4 * (256 * 16 + 32))  # ladder/prefill_wgmma.cu: its 4 stages (v3::SHARED)
+
+
 def ladder_prefill_projection(T: int = 2048) -> list[Row]:
     """The q/k/v projection of a T-token prefill (5120 x 2048 weights), on the tensor cores: 64 x 64 tiles loaded
-    through registers (v1), the wide mma.sync tiles (matmul.cu, v2) and, on Hopper, the warpgroup tiles
-    (wgmma_tiles.cu, v3): the production kernels off and on an H100 / H200."""
+    through registers (v1), the wide mma.sync tiles (matmul.cu, v2) and, on Hopper, the warpgroup tiles fed by every
+    thread (v3) and by a producer warpgroup (wgmma_tiles.cu, v4): the production kernels off and on an H100 / H200."""
     c = CONFIG
     N, K = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim, c.hidden_size
     w = random_bf16(N, K)
@@ -310,8 +316,15 @@ def ladder_prefill_projection(T: int = 2048) -> list[Row]:
                tiles(cb.TILE)),
     }
     if cb.hopper():
+        v3 = ladder_kernel("prefill_wgmma.cu", "prefill_wgmma_v3")
+        v3.max_dynamic_shared_size_bytes = V3_SHARED
         versions["v3"] = ("wgmma: 128 x 256 tiles, weights read by the tensor cores from shared memory, each step "
-                          "issued before the last one's products finish (wgmma_tiles.cu)", tiles(cb.WGMMA_TILE))
+                          "issued before the last one's products finish (ladder/prefill_wgmma.cu)",
+                          lambda i: v3((N // 256, T // 128), (256,), (x, np.int32(K), w, out, np.int32(N)),
+                                       shared_mem=V3_SHARED))
+        versions["v4"] = ("a producer warpgroup: weights by the copy engine (TMA, swizzled), activations by cp.async, "
+                          "stages handed over by mbarriers, no block-wide barrier (wgmma_tiles.cu)",
+                          tiles(cb.WGMMA_TILE))
     rows = []
     for name, (why, run) in versions.items():
         out.fill(np.nan)

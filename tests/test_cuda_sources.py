@@ -10,8 +10,9 @@ import shutil
 import subprocess
 import pytest
 
-from fastpath.cuda_build import (ARCHITECTURE, KERNELS, LADDER_DIR, LADDER_KERNELS, OPTIONS, PROGRAMMATIC_STREAM_SERIALIZATION,
-                                 SOURCE_DIR, LaunchAttribute, LaunchConfig, name_expressions)
+from fastpath.cuda_build import (ARCHITECTURE, KERNELS, L2_PROMOTION_128B, LADDER_DIR, LADDER_KERNELS, OPTIONS,
+                                 PROGRAMMATIC_STREAM_SERIALIZATION, SOURCE_DIR, SWIZZLE_64B, TENSOR_MAP_BF16,
+                                 LaunchAttribute, TensorMap, LaunchConfig, name_expressions)
 
 NVCC = shutil.which("nvcc")
 
@@ -61,7 +62,7 @@ def test_every_source_file_is_listed():
 def test_launch_structures_match_cuda_h(tmp_path):
     """The kernels captured into a graph are launched through ctypes (fastpath/cuda_build.py: Kernel), which hands the
     driver a CUlaunchConfig and a CUlaunchAttribute of its own making: their sizes, field offsets and the attribute's
-    id must be the ones cuda.h declares."""
+    id must be the ones cuda.h declares; and so must the size of a CUtensorMap and the enum values tensor_map passes."""
     program = tmp_path / "layout.c"
     program.write_text("""#include <cuda.h>
 #include <stddef.h>
@@ -71,6 +72,8 @@ int main(void) {
            offsetof(CUlaunchConfig, sharedMemBytes), offsetof(CUlaunchConfig, hStream), offsetof(CUlaunchConfig, attrs),
            offsetof(CUlaunchConfig, numAttrs), sizeof(CUlaunchAttribute));
     printf("%zu %d\\n", offsetof(CUlaunchAttribute, value), (int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION);
+    printf("%zu %d %d %d\\n", sizeof(CUtensorMap), (int)CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, (int)CU_TENSOR_MAP_SWIZZLE_64B,
+           (int)CU_TENSOR_MAP_L2_PROMOTION_L2_128B);
     return 0;
 }
 """)
@@ -78,5 +81,6 @@ int main(void) {
     printed = subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True, check=True).stdout.split()
     ours = [ctypes.sizeof(LaunchConfig), LaunchConfig.block.offset, LaunchConfig.shared_mem.offset,
             LaunchConfig.stream.offset, LaunchConfig.attrs.offset, LaunchConfig.num_attrs.offset,
-            ctypes.sizeof(LaunchAttribute), LaunchAttribute.value.offset, PROGRAMMATIC_STREAM_SERIALIZATION]
+            ctypes.sizeof(LaunchAttribute), LaunchAttribute.value.offset, PROGRAMMATIC_STREAM_SERIALIZATION,
+            ctypes.sizeof(TensorMap), TENSOR_MAP_BF16, SWIZZLE_64B, L2_PROMOTION_128B]
     assert [int(v) for v in printed] == ours

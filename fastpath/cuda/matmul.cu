@@ -167,11 +167,8 @@ __global__ void __launch_bounds__(Tile<MODE>::THREADS) mma_tiles(
             const OutputRow<MODE> o(row, N, out, residual, pair_src, pair_weight);
 #pragma unroll
             for (int n = 0; n < WN / 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int col = n0 + wc + 8 * n + c + e;
-                    if (col < N) o.write(col, acc[0][i][n][2 * h + e], acc[SLOTS - 1][i][n][2 * h + e]);
-                }
+                o.write2(n0 + wc + 8 * n + c, N, acc[0][i][n][2 * h], acc[0][i][n][2 * h + 1],
+                         acc[SLOTS - 1][i][n][2 * h], acc[SLOTS - 1][i][n][2 * h + 1]);
         }
 }
 

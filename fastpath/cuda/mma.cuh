@@ -52,14 +52,20 @@ struct OutputRow {
         dst = out + r * N;
         if (MODE == LINEAR && residual) residual_row = residual + static_cast<long long>(row) * N;
     }
-    // column col: v the product (GATE_UP: the gate's), up the up product (GATE_UP only)
-    __device__ __forceinline__ void write(int col, float v, float up) const {
-        if (MODE == LINEAR) {
-            dst[col] = residual_row ? residual_row[col] + v : v;
-        } else if (MODE == GATE_UP) {
-            dst[col] = v / (1.0f + expf(-v)) * up;
+    // column col's value: v the product (GATE_UP: the gate's), up the up product (GATE_UP only)
+    __device__ __forceinline__ float value(int col, float v, float up) const {
+        if (MODE == LINEAR) return residual_row ? residual_row[col] + v : v;
+        if (MODE == GATE_UP) return v / (1.0f + expf(-v)) * up;
+        return scale * v;
+    }
+    // columns col and col + 1 (col even) of a row of N: one 8-byte store where both exist and N is even (the row then
+    // starts 8-byte aligned), so that a warp's stores fill whole 32-byte sectors; else each column that exists.
+    __device__ __forceinline__ void write2(int col, int N, float v0, float v1, float up0, float up1) const {
+        if (N % 2 == 0 && col + 1 < N) {
+            *reinterpret_cast<float2*>(dst + col) = make_float2(value(col, v0, up0), value(col + 1, v1, up1));
         } else {
-            dst[col] = scale * v;
+            if (col < N) dst[col] = value(col, v0, up0);
+            if (col + 1 < N) dst[col + 1] = value(col + 1, v1, up1);
         }
     }
 };

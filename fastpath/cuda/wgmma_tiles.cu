@@ -1,190 +1,221 @@
-// matmul.cu's tiles on Hopper's warpgroup instruction (wgmma.mma_async, sm_90a only): the same three products,
-// arguments and outputs, for prefill-sized steps on H100 / H200.
+// matmul.cu's tiles on Hopper's warpgroup instruction (wgmma.mma_async, sm_90a only), fed by a producer warpgroup
+// and the copy engine (TMA): the same three products, arguments and outputs, for prefill-sized steps on H100 / H200.
 //
-// Why: matmul.cu's mma.sync tiles issue one 16 x 8 x 16 product per warp instruction and wait for every operand in
-// registers; at 2048 tokens they keep the tensor pipe ~40 % busy. One wgmma is a 64 x 256 x 16 product by the four
-// warps of a warpgroup, issued asynchronously, its weights (the B operand) read by the tensor cores straight from
-// shared memory through a descriptor. The activations (A) still come from registers, split into bf16 hi + lo as in
-// every kernel here (mma.cuh), so the results keep float32-like accuracy: two wgmma per 16-wide step of K.
+// Why wgmma: matmul.cu's mma.sync tiles issue one 16 x 8 x 16 product per warp instruction and wait for every operand
+// in registers. One wgmma is a 64 x 256 x 16 product by the four warps of a warpgroup, issued asynchronously, its
+// weights (the B operand) read by the tensor cores straight from shared memory through a descriptor. The activations
+// (A) still come from registers, split into bf16 hi + lo as in every kernel here (mma.cuh), so the results keep
+// float32-like accuracy: two wgmma per 16-wide step of K.
 //
-// A block holds WG warpgroups (64 rows each) x 256 weight rows: LINEAR and DOWN 256 output columns, GATE_UP 128
-// gate and the same 128 up rows (the product's columns 0-127 and 128-255, paired in the epilogue).
-//   grid (ceil(N / Tile::N), tiles, splits), block 128 WG, dynamic shared memory Tile::SHARED
-// A pipeline of STAGES buffers filled by cp.async as in matmul.cu, except that a step's products are issued before
-// the previous step's have finished (wgmma.wait_group 1): the tensor cores always have the next step queued, and a
-// buffer is refilled two steps after its products were issued. Measured on an H200 (2048-token prefill shapes):
-// waiting for each step's products instead, q/k/v took 400 us against 338, and 357-370 on matmul.cu; one warpgroup
-// a block (64 rows, two blocks a multiprocessor) 449. Weights are staged in wgmma's no-swizzle
-// K-major layout: "core matrices" of 8 rows x 8 k (16 bytes a row, 128 contiguous bytes), a k-chunk of 8 holding
-// the 32 core matrices of the 256 rows one after the other (stride 128 bytes: the descriptor's SBO) and the chunks
-// CHUNK bytes apart (its LBO). CHUNK is 32 bytes more than the 4 KB of a chunk so that the 8 threads of one
-// cp.async phase (2 rows x 4 chunks, TK = 32) write 8 different 16-byte bank groups.
-#include "mma.cuh"
+// Why a producer: when every thread copied its share with cp.async and the block met at a barrier each step, the
+// tensor pipe was busy 28 % of the time (Nsight Compute, q/k/v of a 2048-token prefill on an H200): the warps stalled
+// on their own copies (long scoreboard, LG throttle). Here one warpgroup copies and the others only multiply:
+//   - the weights of a step, a 32-wide k range of 256 rows, are one TMA copy (cp.async.bulk.tensor) by one thread,
+//     through a tensor map made on the host (cuda_build.tensor_map), which writes them in the 64-byte swizzled
+//     layout that wgmma reads without bank conflicts;
+//   - the activations of a step (128 rows x 32 floats) are cp.async copies by the producer's 128 threads, 8 threads
+//     a row: the rows of GATE_UP are the picks' tokens, scattered, which a tensor map cannot gather (and one bulk
+//     copy per row measured 2.4x slower than this whole kernel: the copy engine is slow at 128-byte copies). They
+//     are written in the 128-byte swizzle (16-byte chunk j of row r at chunk j ^ r % 8), so that the fragment loads
+//     of 8 rows hit 8 different banks;
+//   - both complete on the stage's "full" mbarrier (the TMA bytes, and one arrival per producer thread when its
+//     copies have landed); the math warps wait on it, multiply, and arrive on the stage's "empty" mbarrier once
+//     their products have read it, which lets the producer refill it.
+// No block-wide barrier in the loop: a warpgroup waits only for its data.
+//
+// A block is WG math warpgroups (64 rows each) and the producer warpgroup: WG x 64 rows x 256 weight rows. LINEAR and
+// DOWN: 256 output columns; GATE_UP: 128 gate and the same 128 up rows (the product's columns 0-127 and 128-255,
+// paired in the epilogue). The producer gives registers to the math warpgroups (setmaxnreg): their 128 accumulators
+// and two steps of fragments need ~230 registers a thread.
+//   grid (ceil(N / Tile::N), tiles, splits), block 128 (WG + 1), dynamic shared memory Tile::SHARED
+#include "wgmma.cuh"
 
 namespace wg {
-constexpr int TK = 32, STAGES = 4;
-constexpr int LDA = TK + 8;             // a staged activation row, in floats (as matmul.cu)
-constexpr int ROWS = 256;               // weight rows staged a step
-constexpr int CHUNK = ROWS * 16 + 32;   // bytes between two 8-wide k-chunks of the staged weights
+constexpr int TK = 32, STAGES = 6;
+constexpr int ROWS = 256;                    // weight rows staged a step
+constexpr int ROW_BYTES = TK * 2;            // a staged weight row: 64 bytes, the span of the 64-byte swizzle
+constexpr int SWIZZLE_ATOM = 8 * ROW_BYTES;  // 8 rows: the distance between two 8-row groups (the descriptor's SBO)
+constexpr int A_ROW_BYTES = TK * 4;          // a staged activation row: 128 bytes, 8 chunks of 16
 }  // namespace wg
+
+// The CUtensorMap of the weights, passed by value (cuda_build.tensor_map): 128 opaque bytes.
+struct alignas(64) TensorMap {
+    unsigned long long opaque[16];
+};
 
 template <int MODE, int WG>
 struct WgTile {
-    static constexpr int M = 64 * WG, THREADS = 128 * WG;
+    static constexpr int M = 64 * WG, THREADS = 128 * (WG + 1);
     static constexpr int N = MODE == GATE_UP ? wg::ROWS / 2 : wg::ROWS;  // output columns of a block
-    static constexpr int A_BYTES = M * wg::LDA * 4, STAGE_BYTES = A_BYTES + wg::TK / 8 * wg::CHUNK;
-    static constexpr int SHARED = wg::STAGES * STAGE_BYTES;  // (cupy_backend.tiles computes the same)
+    static constexpr int B_BYTES = wg::ROWS * wg::ROW_BYTES, A_BYTES = M * wg::A_ROW_BYTES;
+    static constexpr int STAGE_BYTES = B_BYTES + A_BYTES;  // a multiple of 1024: every stage stays aligned
+    // the stages, 1024 bytes to align them (both swizzles follow address bits 4-9), 2 mbarriers a stage and the
+    // tile's rows (their tokens, for GATE_UP)
+    static constexpr int SHARED = wg::STAGES * STAGE_BYTES + 1024 + 2 * wg::STAGES * 8 + M * 4;  // (= cupy_backend)
 };
+static_assert(WgTile<GATE_UP, 2>::STAGE_BYTES % 1024 == 0, "stages must stay 1024-byte aligned");
 static_assert(WgTile<GATE_UP, 2>::SHARED <= 227 * 1024, "a block must fit a multiprocessor's shared memory");
 
-// The descriptor of a staged weight tile's 256 rows x 16 k starting at ``tile`` (PTX ISA, "Matrix Descriptor"):
-// start address, LBO (next 8 k) and SBO (next 8 rows), all in 16-byte units; swizzle bits 0 (none).
+// The descriptor of a staged weight tile's 256 rows x 16 k starting at ``tile`` (PTX ISA, "Matrix Descriptor"): start
+// address and SBO (next 8 rows) in 16-byte units, layout 64-byte swizzle (2 in bits 62-63). K-major with the 16 k
+// inside one swizzled 64-byte row, the LBO is unused; the second 16 k of a row start 32 bytes further.
 __device__ __forceinline__ unsigned long long weights_descriptor(const unsigned char* tile) {
     const unsigned long long address = static_cast<unsigned>(__cvta_generic_to_shared(tile));
-    return ((address & 0x3FFFF) >> 4) | (static_cast<unsigned long long>(wg::CHUNK >> 4) << 16) |
-           (static_cast<unsigned long long>(128 >> 4) << 32);
+    return ((address & 0x3FFFF) >> 4) | (1ull << 16) | (static_cast<unsigned long long>(wg::SWIZZLE_ATOM >> 4) << 32) |
+           (2ull << 62);
 }
 
-// d (64 x 256, f32) += a (64 x 16 bf16, from registers: each warp its 16 rows in mma.m16n8k16's A layout) x the
-// 16 x 256 bf16 weights the descriptor points to. Asynchronous: the caller fences, commits and waits.
-// d's layout per warp: d[4j .. 4j+3] = rows g, g, g+8, g+8 x columns 8j + c, 8j + c + 1 (as mma.m16n8k16).
-#define WG_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
-                 "+f"(d[i + 6]), "+f"(d[i + 7])
-__device__ __forceinline__ void wgmma_256(float (&d)[128], const unsigned (&a)[4], unsigned long long b) {
+// ---- mbarriers and the copy engine (PTX ISA: "mbarrier", "cp.async.bulk", "cp.async.bulk.tensor") ----------------
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void barrier_init(unsigned long long* bar, int arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(arrivals) : "memory");
+}
+// One arrival that also announces ``bytes`` of copies that will complete on the barrier.
+__device__ __forceinline__ void barrier_expect(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void barrier_arrive(unsigned long long* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(bar)) : "memory");
+}
+// Wait until the barrier's phase of parity ``parity`` has completed.
+__device__ __forceinline__ void barrier_wait(unsigned long long* bar, unsigned parity) {
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
-        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
-        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
-        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
-        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-        "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
-        : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32), WG_D8(40), WG_D8(48), WG_D8(56), WG_D8(64),
-          WG_D8(72), WG_D8(80), WG_D8(88), WG_D8(96), WG_D8(104), WG_D8(112), WG_D8(120)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+        "{\n.reg .pred done;\nWAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n}\n" ::"r"(shared_address(bar)), "r"(parity)
+        : "memory");
 }
-#undef WG_D8
-
-// Before a warpgroup's first wgmma after its registers were written; after issuing, to close a group; and to wait
-// for this warp's groups. The proxy fence makes this thread's cp.async writes (generic proxy) visible to the
-// tensor cores' reads of shared memory (async proxy).
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int PENDING>  // wait until at most PENDING committed groups of this warp's products are still running
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(PENDING) : "memory"); }
-// Pins the accumulators where they are: without it the compiler may move their zeroing or a copy of them in between
-// two wgmma still running on them, and ptxas then serializes every wgmma (its advisory C7515).
-__device__ __forceinline__ void pin(float (&d)[128]) {
-#pragma unroll
-    for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+// One arrival on ``bar`` once every cp.async this thread has issued so far has landed (counted in the barrier's
+// arrivals: ``noinc``).
+__device__ __forceinline__ void barrier_arrive_on_copies(unsigned long long* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(shared_address(bar)) : "memory");
 }
-__device__ __forceinline__ void async_proxy_fence() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// The box of the tensor map ``map`` at (k, row) to shared memory, completing on ``bar``; rows past the tensor: zeros.
+__device__ __forceinline__ void tensor_copy(void* dst, const void* map, int k, int row, unsigned long long* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+        ::"r"(shared_address(dst)), "l"(map), "r"(k), "r"(row), "r"(shared_address(bar)) : "memory");
+}
 
-// One 32-wide step of the block's 256 weight rows into shared memory in the layout above. Row r of the stage is
-// row n0 + r of W[0] (GATE_UP: rows 0-127 gate, 128-255 up, both from n0). Rows past N become zeros.
+// The weights of one step: rows n0 .. n0 + 255 of the map (GATE_UP: 128 gate rows, then the same 128 up rows,
+// ``up`` rows further), k0 .. k0 + 31, swizzled.
+template <int MODE>
+__device__ __forceinline__ void stage_weights(const void* map, int row, int up, int k0, unsigned char* dst,
+                                              unsigned long long* bar) {
+    tensor_copy(dst, map, k0, row, bar);
+    if (MODE == GATE_UP) tensor_copy(dst + wg::ROWS / 2 * wg::ROW_BYTES, map, k0, row + up, bar);
+}
+
+// out = the tile products of matmul.cu (see there for what each mode writes), with the weights given by ``w_map``:
+// a 2-D tensor map over all rows (every expert's, one after the other, ``expert_rows`` apart) x K, box 32 x 256
+// (GATE_UP 32 x 128), 64-byte swizzle.
 template <int MODE, int WG>
-__device__ __forceinline__ void stage_weights(const bf16_t* const (&W)[MODE == GATE_UP ? 2 : 1], int K, int N, int n0,
-                                              int k0, unsigned char* dst) {
-    constexpr int THREADS = 128 * WG;
-    constexpr int CHUNKS = wg::TK / 8;  // 16-byte copies a row: consecutive threads take a row's in one go
-#pragma unroll
-    for (int u = 0; u < wg::ROWS * CHUNKS / THREADS; ++u) {
-        const int i = threadIdx.x + u * THREADS, r = i / CHUNKS, q = i % CHUNKS;
-        const int j = MODE == GATE_UP ? r / (wg::ROWS / 2) : 0, n = n0 + (MODE == GATE_UP ? r % (wg::ROWS / 2) : r);
-        const bool valid = n < N;
-        copy_async16(dst + q * wg::CHUNK + r / 8 * 128 + r % 8 * 16,
-                     W[j] + static_cast<long long>(valid ? n : 0) * K + k0 + q * 8, valid);
-    }
-}
-
-template <int MODE, int WG>
-__global__ void __launch_bounds__(128 * WG) wgmma_tiles(
-    const float* __restrict__ a, int K, const bf16_t* __restrict__ w, const bf16_t* __restrict__ w2,
-    long long expert_stride, int N, int T, const int* __restrict__ tile_slot, const int* __restrict__ tile_row,
-    const int* __restrict__ n_tiles, const int* __restrict__ slot_expert, const int* __restrict__ slot_offset,
-    const int* __restrict__ pair_token, const int* __restrict__ pair_src, const float* __restrict__ pair_weight,
-    const float* residual, float* out, float* __restrict__ partial) {
+__global__ void __launch_bounds__(128 * (WG + 1), 1) wgmma_tiles(
+    const __grid_constant__ TensorMap w_map, const float* __restrict__ a, int K, int expert_rows, int N, int T,
+    const int* __restrict__ tile_slot, const int* __restrict__ tile_row, const int* __restrict__ n_tiles,
+    const int* __restrict__ slot_expert, const int* __restrict__ slot_offset, const int* __restrict__ pair_token,
+    const int* __restrict__ pair_src, const float* __restrict__ pair_weight, const float* residual, float* out,
+    float* __restrict__ partial) {
     using Tl = WgTile<MODE, WG>;
-    constexpr int SLOTS = MODE == GATE_UP ? 2 : 1, STAGES = wg::STAGES, TK = wg::TK;
-    // one commit group per step (empty past the end): while step t is multiplied, the copies of the next AHEAD
-    // steps are in flight, and the tensor cores may still be reading step t - 1's buffer
-    constexpr int AHEAD = STAGES - 2;
-    extern __shared__ __align__(128) unsigned char smem[];
-    auto As = [&](int s) { return reinterpret_cast<float*>(smem + s * Tl::STAGE_BYTES); };
-    auto Bs = [&](int s) { return smem + s * Tl::STAGE_BYTES + Tl::A_BYTES; };
+    constexpr int STAGES = wg::STAGES, TK = wg::TK;
+    extern __shared__ unsigned char smem_raw[];
+    unsigned char* smem = smem_raw + (1024 - shared_address(smem_raw) % 1024) % 1024;
+    auto Bs = [&](int s) { return smem + s * Tl::STAGE_BYTES; };
+    auto As = [&](int s) { return smem + s * Tl::STAGE_BYTES + Tl::B_BYTES; };
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + STAGES * Tl::STAGE_BYTES);
+    unsigned long long* empty = full + STAGES;
+    int* tile_src = reinterpret_cast<int*>(empty + STAGES);  // the activation row of each of the tile's rows
     const int n0 = blockIdx.x * Tl::N, per_split = (K / TK + gridDim.z - 1) / gridDim.z;
     const int first = blockIdx.z * per_split, steps = min(K / TK - first, per_split);
-
-    int row0, row_end;
-    const bf16_t* W[SLOTS];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) barrier_init(full + s, 1 + 128), barrier_init(empty + s, 4 * WG);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    // LINEAR's weights do not depend on the kernel ahead: its first stages' weights are asked for before waiting
+    const int early = MODE == LINEAR ? min(STAGES, steps) : 0;
+    if (threadIdx.x == 0)
+        for (int s = 0; s < early; ++s) {
+            barrier_expect(full + s, Tl::B_BYTES);
+            stage_weights<MODE>(&w_map, n0, N, (first + s) * TK, Bs(s), full + s);
+        }
+    begin_after_previous();
+    int row0, row_end, wrow0 = n0;  // the tile's rows, and the first weight row of the map the block reads
     if (MODE == LINEAR) {
-        W[0] = w;
-        for (int s = 0; s < AHEAD && s < steps; ++s)
-            stage_weights<MODE, WG>(W, K, N, n0, (first + s) * TK, Bs(s));
-        begin_after_previous();
         row0 = blockIdx.y * Tl::M, row_end = min(T, row0 + Tl::M);
     } else {
-        begin_after_previous();
         if (blockIdx.y >= n_tiles[0]) return;
         const int s = tile_slot[blockIdx.y];
         row0 = tile_row[blockIdx.y], row_end = min(slot_offset[s + 1], row0 + Tl::M);
-        const long long e = slot_expert[s];
-        W[0] = w + e * expert_stride;
-        if (MODE == GATE_UP) W[SLOTS - 1] = w2 + e * expert_stride;
+        wrow0 += slot_expert[s] * expert_rows;
     }
-    const ActivationRow<MODE, TK, wg::LDA> activations(a, K, row0, row_end, pair_token);
-    for (int s = 0; s < AHEAD; ++s) {
-        if (s < steps) {
-            if (MODE != LINEAR) stage_weights<MODE, WG>(W, K, N, n0, (first + s) * TK, Bs(s));
-            activations.stage((first + s) * TK, As(s));
+    if (threadIdx.x < Tl::M) {  // rows past the tile's end copy row0's (their products are never written)
+        const int q = row0 + threadIdx.x < row_end ? row0 + threadIdx.x : row0;
+        tile_src[threadIdx.x] = MODE == GATE_UP ? pair_token[q] : q;
+    }
+    __syncthreads();  // the barriers are initialised, the tile's rows listed
+
+    if (warp < 4) {  // the producer warpgroup
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        const int chunk = threadIdx.x % 8, rows_of = threadIdx.x / 8;  // this thread: chunk of rows r = rows_of + 16 i
+        for (int step = 0; step < steps; ++step) {
+            const int s = step % STAGES, k0 = (first + step) * TK;
+            if (step >= STAGES) barrier_wait(empty + s, (step / STAGES - 1) & 1);
+            if (threadIdx.x == 0 && step >= early) {
+                barrier_expect(full + s, Tl::B_BYTES);
+                stage_weights<MODE>(&w_map, wrow0, N, k0, Bs(s), full + s);
+            }
+            unsigned char* dst = As(s);
+#pragma unroll
+            for (int i = 0; i < Tl::M / 16; ++i) {
+                const int r = rows_of + 16 * i;
+                copy_async16(dst + r * wg::A_ROW_BYTES + (chunk ^ r % 8) * 16,
+                             a + static_cast<long long>(tile_src[r]) * K + k0 + 4 * chunk, true);
+            }
+            barrier_arrive_on_copies(full + s);
         }
-        copies_issued();
+        return;
     }
 
-    const int group = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
-    const int g = lane / 4, c = lane % 4 * 2;
-    const int wrow = 64 * group + 16 * warp;                  // the first of this warp's 16 rows in the tile
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    const int group = warp / 4 - 1, g = lane / 4, c = lane % 4 * 2;  // group: this math warpgroup
+    const int wrow = 64 * group + 16 * (warp % 4);            // the first of this warp's 16 rows in the tile
     const bool group_has_rows = row0 + 64 * group < row_end;  // the same for the four warps of a warpgroup
     float acc[128] = {};
     pin(acc);
     // the A fragments (hi and lo) of two steps: those of the step before may still be read by the tensor cores
     unsigned frag[2][TK / 16][2][4];
+    // a float2 of row r at float f (f % 4 < 3) in the swizzled staging: chunk f / 4 of the row is at f / 4 ^ r % 8
+    auto at = [&](const unsigned char* A, int r, int f) {
+        return *reinterpret_cast<const float2*>(A + r * wg::A_ROW_BYTES + ((f / 4) ^ (r % 8)) * 16 + f % 4 * 4);
+    };
     auto one_step = [&](int step, unsigned (&f)[TK / 16][2][4]) {  // f: frag[step % 2]
         const int s = step % STAGES;
-        copies_landed<AHEAD - 1>();
-        async_proxy_fence();
-        __syncthreads();  // step's copies from every thread are in; every warp has seen step - 2's products done
-        if (step + AHEAD < steps) {  // so step - 2's buffer takes step + AHEAD
-            const int k0 = (first + step + AHEAD) * TK, refill = (step + AHEAD) % STAGES;
-            stage_weights<MODE, WG>(W, K, N, n0, k0, Bs(refill));
-            activations.stage(k0, As(refill));
-        }
-        copies_issued();
-        if (!group_has_rows) return;
-        const float* A = As(s);
+        barrier_wait(full + s, (step / STAGES) & 1);
+        if (group_has_rows) {
+            const unsigned char* A = As(s);
 #pragma unroll
-        for (int kk = 0; kk < TK / 16; ++kk) {
-            const float* r0 = A + (wrow + g) * wg::LDA + 16 * kk + c;
-            const float* r8 = r0 + 8 * wg::LDA;
-            const float2 x0 = *reinterpret_cast<const float2*>(r0), x1 = *reinterpret_cast<const float2*>(r8);
-            const float2 x2 = *reinterpret_cast<const float2*>(r0 + 8), x3 = *reinterpret_cast<const float2*>(r8 + 8);
-            unsigned (&hi)[4] = f[kk][1], (&lo)[4] = f[kk][0];
-            split2(x0.x, x0.y, hi[0], lo[0]), split2(x1.x, x1.y, hi[1], lo[1]);
-            split2(x2.x, x2.y, hi[2], lo[2]), split2(x3.x, x3.y, hi[3], lo[3]);
-        }
-        wgmma_fence();
+            for (int kk = 0; kk < TK / 16; ++kk) {
+                const int r = wrow + g, k = 16 * kk + c;
+                const float2 x0 = at(A, r, k), x1 = at(A, r + 8, k), x2 = at(A, r, k + 8), x3 = at(A, r + 8, k + 8);
+                unsigned (&hi)[4] = f[kk][1], (&lo)[4] = f[kk][0];
+                split2(x0.x, x0.y, hi[0], lo[0]), split2(x1.x, x1.y, hi[1], lo[1]);
+                split2(x2.x, x2.y, hi[2], lo[2]), split2(x3.x, x3.y, hi[3], lo[3]);
+            }
+            wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < TK / 16; ++kk) {
-            const unsigned long long b = weights_descriptor(Bs(s) + 2 * kk * wg::CHUNK);
-            wgmma_256(acc, f[kk][0], b);  // the small half first
-            wgmma_256(acc, f[kk][1], b);
+            for (int kk = 0; kk < TK / 16; ++kk) {
+                const unsigned long long b = weights_descriptor(Bs(s)) + 2 * kk;  // + 32 bytes: the next 16 k
+                wgmma_256(acc, f[kk][0], b);  // the small half first
+                wgmma_256(acc, f[kk][1], b);
+            }
+            wgmma_commit();
+            wgmma_wait<1>();  // step - 1's products are done: its fragments and its buffer are free
         }
-        wgmma_commit();
-        wgmma_wait<1>();  // step - 1's products are done: its fragments and its buffer are free
+        if (step > 0 && lane == 0) barrier_arrive(empty + (step - 1) % STAGES);
     };
     for (int step = 0; step < steps; step += 2) {  // two at a time, so that each step's fragments have registers
         one_step(step, frag[0]);
@@ -192,7 +223,7 @@ __global__ void __launch_bounds__(128 * WG) wgmma_tiles(
     }
     wgmma_wait<0>();
     pin(acc);
-    copies_landed<0>();
+    if (!group_has_rows) return;
     if (MODE == LINEAR && gridDim.z > 1) {
         out = partial + static_cast<long long>(blockIdx.z) * T * N;
         residual = nullptr;
@@ -205,13 +236,11 @@ __global__ void __launch_bounds__(128 * WG) wgmma_tiles(
         if (row >= row_end) continue;
         const OutputRow<MODE> o(row, N, out, residual, pair_src, pair_weight);
 #pragma unroll
-        for (int j = 0; j < Tl::N / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int col = n0 + 8 * j + c + e;
-                float up = 0.0f;
-                if constexpr (MODE == GATE_UP) up = acc[4 * (j + Tl::N / 8) + 2 * h + e];  // the up rows' columns
-                if (col < N) o.write(col, acc[4 * j + 2 * h + e], up);
-            }
+        for (int j = 0; j < Tl::N / 8; ++j) {
+            float up0 = 0.0f, up1 = 0.0f;
+            if constexpr (MODE == GATE_UP)  // the up rows' columns
+                up0 = acc[4 * (j + Tl::N / 8) + 2 * h], up1 = acc[4 * (j + Tl::N / 8) + 2 * h + 1];
+            o.write2(n0 + 8 * j + c, N, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], up0, up1);
+        }
     }
 }
