@@ -7,9 +7,11 @@
 // 32 keys and values of that kv head, copied from the float32 cache by cp.async while the previous 32 were being
 // multiplied, and splits them into bf16 hi + lo halves (mma.cuh) -- once for all the block's heads: loading and
 // splitting cost about as much as the products of one head -- then
-//   S = Q K^T       (16 x 32 per warp)  three products: q_hi k_hi + q_hi k_lo + q_lo k_hi (q_lo k_lo is ~2^-18)
-//   online softmax  running max m and sum l per row, the output rescaled when m grows; keys after a row's
-//                   position are masked (causal)
+//   S = Q K^T       (16 x 32 per warp)  three products: q_hi k_hi + q_hi k_lo + q_lo k_hi (q_lo k_lo is ~2^-18);
+//                   Q was scaled by scale * log2(e) once, so the softmax takes exp2 of S as it comes
+//   online softmax  running max m and sum l per row, the output rescaled only when some row's m grew (most blocks
+//                   after the first few leave every m as it was); keys after a row's position are masked (causal),
+//                   which only the blocks on the diagonal need
 //   O += P V        P taken straight from S's accumulator registers (the m16n8 result layout of two 8-key tiles is
 //                   the m16k16 operand layout of the next product), again split into hi + lo: three products; V's
 //                   operand is read transposed from its (key, d) rows by ldmatrix.trans.
@@ -73,13 +75,16 @@ __global__ void __launch_bounds__(256) attention_mma(const float* __restrict__ q
     const float* vc = v_caches[tile_seq[tile]];
     const int key_end = tok_pos[row0 + ntok - 1] + 1;  // the tile's last token sees the most keys
 
-    // this lane's two rows of the warp's 16: r[0] = 16 warp + g and r[1] = r[0] + 8 (rows past the tile: no keys)
+    // this lane's two rows of the warp's 16: r[0] = 16 warp + g and r[1] = r[0] + 8 (rows past the tile: every key,
+    // of a query of zeros -- their outputs are never written)
     int r[2], pos[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         r[h] = 16 * warp + g + 8 * h;
-        pos[h] = r[h] < ntok ? tok_pos[row0 + r[h]] : -1;
+        pos[h] = r[h] < ntok ? tok_pos[row0 + r[h]] : key_end;
     }
+    // the scores in log2 units: exp(s scale - m) = exp2(s scale log2(e) - m'), the factor applied to q once
+    const float scale_log2 = scale * 1.44269504088896340736f;
     // Q as operand fragments, hi and lo, for the D / 16 k-steps: register i holds row r[i % 2], columns
     // 16 s + 2c (+ 8 for i >= 2) and the next one
     unsigned q_hi[D / 16][4], q_lo[D / 16][4];
@@ -91,7 +96,7 @@ __global__ void __launch_bounds__(256) attention_mma(const float* __restrict__ q
             if (r[i % 2] < ntok)
                 v = *reinterpret_cast<const float2*>(q + (static_cast<long long>(row0 + r[i % 2]) * Hq + head) * D +
                                                      16 * s + 2 * c + 8 * (i / 2));
-            split2(v.x, v.y, q_hi[s][i], q_lo[s][i]);
+            split2(v.x * scale_log2, v.y * scale_log2, q_hi[s][i], q_lo[s][i]);
         }
 
     float o[D / 8][4] = {};  // output tile j (columns 8j..8j+7): [0], [1] row r[0]; [2], [3] row r[1]
@@ -135,27 +140,26 @@ __global__ void __launch_bounds__(256) attention_mma(const float* __restrict__ q
         float alpha[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // online softmax of row r[h]: its values are sc[j][2h], sc[j][2h + 1]
+            if (k0 + BN - 1 > pos[h])  // a block on the diagonal: the keys after the row's position are masked
+#pragma unroll
+                for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        if (k0 + 8 * j + 2 * c + e > pos[h]) sc[j][2 * h + e] = -INFINITY;
             float mx = -INFINITY;
 #pragma unroll
-            for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int key = k0 + 8 * j + 2 * c + e;
-                    float& s = sc[j][2 * h + e];
-                    s = key <= pos[h] ? s * scale : -INFINITY;
-                    mx = fmaxf(mx, s);
-                }
+            for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(sc[j][2 * h], sc[j][2 * h + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the row is spread over the 4 lanes of a quad
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             const float m_new = fmaxf(m[h], mx);
-            alpha[h] = m_new == -INFINITY ? 1.0f : expf(m[h] - m_new);
+            alpha[h] = m_new == -INFINITY ? 1.0f : exp2f(m[h] - m_new);
             float sum = 0.0f;
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     float& s = sc[j][2 * h + e];
-                    s = m_new == -INFINITY ? 0.0f : expf(s - m_new);
+                    s = m_new == -INFINITY ? 0.0f : exp2f(s - m_new);
                     sum += s;
                 }
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
@@ -163,9 +167,10 @@ __global__ void __launch_bounds__(256) attention_mma(const float* __restrict__ q
             l[h] = l[h] * alpha[h] + sum;
             m[h] = m_new;
         }
+        if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f))  // a row's maximum grew: rescale
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j)
-            o[j][0] *= alpha[0], o[j][1] *= alpha[0], o[j][2] *= alpha[1], o[j][3] *= alpha[1];
+            for (int j = 0; j < D / 8; ++j)
+                o[j][0] *= alpha[0], o[j][1] *= alpha[0], o[j][2] *= alpha[1], o[j][3] *= alpha[1];
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {  // keys 16 kk .. 16 kk + 15: score tiles 2 kk and 2 kk + 1
             unsigned p_hi[4], p_lo[4];
