@@ -28,9 +28,10 @@ __global__ void __launch_bounds__(256) qk_norm_rope_cache(const float* __restric
     const int pos = tok_pos[t], seq = tok_seq[t];
     float cos_d[D_PER_LANE], sin_d[D_PER_LANE];
 #pragma unroll
-    for (int j = 0; j < D_PER_LANE; ++j) {
+    for (int j = 0; j < D_PER_LANE; ++j) {  // (only for elements that exist: a prefill runs this T x 5 times a layer)
         const int d = lane + 32 * j;
-        sincosf(d < D ? static_cast<float>(pos) * inv_freq[d % half] : 0.0f, &sin_d[j], &cos_d[j]);
+        if (d < D) sincosf(static_cast<float>(pos) * inv_freq[d % half], &sin_d[j], &cos_d[j]);
+        else sin_d[j] = 0.0f, cos_d[j] = 1.0f;
     }
     begin_after_previous();
     const float* row = qkv + static_cast<long long>(t) * (Hq + 2 * Hkv) * D;
