@@ -161,19 +161,20 @@ def driver():
 
 # ---- tensor maps: how the copy engine (TMA) of a Hopper GPU reads a weight matrix ------------------------------------
 
-TENSOR_MAP_BF16, SWIZZLE_64B, L2_PROMOTION_128B = 9, 2, 2  # CUtensorMapDataType, CUtensorMapSwizzle, ...L2promotion
+TENSOR_MAP_BF16, SWIZZLE_128B, L2_PROMOTION_128B = 9, 3, 2  # CUtensorMapDataType, CUtensorMapSwizzle, ...L2promotion
 TensorMap = ctypes.c_uint64 * 16  # CUtensorMap: 128 opaque bytes
 
 
 def tensor_map(address: int, rows: int, K: int, box_rows: int) -> TensorMap:
     """The CUtensorMap (128 bytes, passed to the kernel by value) of a row-major (rows, K) bf16 matrix at
-    ``address``, whose copies take 32 k x ``box_rows`` rows at a time, in the 64-byte swizzled layout that wgmma reads
-    without bank conflicts; rows past the end read as zeros. Made on the host, in a microsecond or so."""
+    ``address``, whose copies take 64 k x ``box_rows`` rows at a time (wgmma_tiles.cu's step), in the 128-byte
+    swizzled layout that wgmma reads without bank conflicts; rows and columns past the ends read as zeros. Made on
+    the host, in a microsecond or so."""
     encoded = TensorMap()
     status = driver().cuTensorMapEncodeTiled(
         encoded, TENSOR_MAP_BF16, 2, ctypes.c_void_p(address), (ctypes.c_uint64 * 2)(K, rows),
-        (ctypes.c_uint64 * 1)(2 * K), (ctypes.c_uint32 * 2)(32, box_rows), (ctypes.c_uint32 * 2)(1, 1), 0,
-        SWIZZLE_64B, L2_PROMOTION_128B, 0)
+        (ctypes.c_uint64 * 1)(2 * K), (ctypes.c_uint32 * 2)(64, box_rows), (ctypes.c_uint32 * 2)(1, 1), 0,
+        SWIZZLE_128B, L2_PROMOTION_128B, 0)
     if status:
         raise DeviceError(f"making the tensor map of a {rows} x {K} bf16 matrix failed (CUresult {status})")
     return encoded

@@ -81,7 +81,8 @@ FEW_PICKS_PER_EXPERT = 16  # likewise the experts, by the picks per expert on av
 TILE = 64  # rows (tokens, or pairs of one expert) of a tile of matmul.cu's products
 TILE_OUTPUTS = {"LINEAR": 256, "GATE_UP": 128, "DOWN": 256}  # outputs of a block's tile, both tile kernels
 TILE_K, TILE_STAGES = 32, 3  # matmul.cu: the k of a pipeline step, and the steps staged in shared memory at once
-WGMMA_TILE, WGMMA_STAGES = 64 * WG_TILE, 6  # wgmma_tiles.cu: rows of a tile (warpgroups of 64 rows), pipeline buffers
+WGMMA_TILE, WGMMA_K, WGMMA_STAGES = 64 * WG_TILE, 64, 3  # wgmma_tiles.cu: rows of a tile (warpgroups of 64 rows),
+# k of a step, pipeline buffers
 TILE_MIN_SPLIT_STEPS = 4  # matmul.cu: the fewest k-steps a split of a LINEAR product's K runs
 TILE_SPLIT_BLOCKS = 264  # matmul.cu: K is split until a LINEAR product has this many blocks
 MAX_EXPERTS = 512  # route_topk holds a token's router probabilities in one warp's registers (moe.cu)
@@ -262,7 +263,7 @@ def tiles(mode: str, N: int, rows: int, row_tiles: int, args: tuple, splits: int
         a, K, w, _, expert_stride, *rest = args
         w_map = tensor_map(w.data.ptr, w.size // int(K), int(K), 128 if mode == "GATE_UP" else 256)
         args = (w_map, a, K, i32(int(expert_stride) // int(K)), *rest)
-        smem = WGMMA_STAGES * (256 * TILE_K * 2 + rows * TILE_K * 4) + 1024 + 2 * WGMMA_STAGES * 8 + rows * 4
+        smem = WGMMA_STAGES * (256 * WGMMA_K * 2 + rows * WGMMA_K * 4) + 1024 + 2 * WGMMA_STAGES * 8 + rows * 4
         k, threads = kernel("wgmma_tiles.cu", f"wgmma_tiles<{mode}, {WG_TILE}>"), 128 * (WG_TILE + 1)
     else:
         smem = TILE_STAGES * (rows * (TILE_K + 8) * 4 + (2 if mode == "GATE_UP" else 1) * cols * (TILE_K + 8) * 2)

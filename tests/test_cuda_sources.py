@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from fastpath.cuda_build import (ARCHITECTURE, KERNELS, L2_PROMOTION_128B, LADDER_DIR, LADDER_KERNELS, OPTIONS,
-                                 PROGRAMMATIC_STREAM_SERIALIZATION, SOURCE_DIR, SWIZZLE_64B, TENSOR_MAP_BF16,
+                                 PROGRAMMATIC_STREAM_SERIALIZATION, SOURCE_DIR, SWIZZLE_128B, TENSOR_MAP_BF16,
                                  LaunchAttribute, TensorMap, LaunchConfig, name_expressions)
 
 NVCC = shutil.which("nvcc")
@@ -72,7 +72,7 @@ int main(void) {
            offsetof(CUlaunchConfig, sharedMemBytes), offsetof(CUlaunchConfig, hStream), offsetof(CUlaunchConfig, attrs),
            offsetof(CUlaunchConfig, numAttrs), sizeof(CUlaunchAttribute));
     printf("%zu %d\\n", offsetof(CUlaunchAttribute, value), (int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION);
-    printf("%zu %d %d %d\\n", sizeof(CUtensorMap), (int)CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, (int)CU_TENSOR_MAP_SWIZZLE_64B,
+    printf("%zu %d %d %d\\n", sizeof(CUtensorMap), (int)CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, (int)CU_TENSOR_MAP_SWIZZLE_128B,
            (int)CU_TENSOR_MAP_L2_PROMOTION_L2_128B);
     return 0;
 }
@@ -82,5 +82,5 @@ int main(void) {
     ours = [ctypes.sizeof(LaunchConfig), LaunchConfig.block.offset, LaunchConfig.shared_mem.offset,
             LaunchConfig.stream.offset, LaunchConfig.attrs.offset, LaunchConfig.num_attrs.offset,
             ctypes.sizeof(LaunchAttribute), LaunchAttribute.value.offset, PROGRAMMATIC_STREAM_SERIALIZATION,
-            ctypes.sizeof(TensorMap), TENSOR_MAP_BF16, SWIZZLE_64B, L2_PROMOTION_128B]
+            ctypes.sizeof(TensorMap), TENSOR_MAP_BF16, SWIZZLE_128B, L2_PROMOTION_128B]
     assert [int(v) for v in printed] == ours

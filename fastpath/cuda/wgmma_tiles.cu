@@ -10,14 +10,14 @@
 // Why a producer: when every thread copied its share with cp.async and the block met at a barrier each step, the
 // tensor pipe was busy 28 % of the time (Nsight Compute, q/k/v of a 2048-token prefill on an H200): the warps stalled
 // on their own copies (long scoreboard, LG throttle). Here one warpgroup copies and the others only multiply:
-//   - the weights of a step, a 32-wide k range of 256 rows, are one TMA copy (cp.async.bulk.tensor) by one thread,
-//     through a tensor map made on the host (cuda_build.tensor_map), which writes them in the 64-byte swizzled
+//   - the weights of a step, a 64-wide k range of 256 rows, are one TMA copy (cp.async.bulk.tensor) by one thread,
+//     through a tensor map made on the host (cuda_build.tensor_map), which writes them in the 128-byte swizzled
 //     layout that wgmma reads without bank conflicts;
-//   - the activations of a step (128 rows x 32 floats) are cp.async copies by the producer's 128 threads, 8 threads
+//   - the activations of a step (128 rows x 64 floats) are cp.async copies by the producer's 128 threads, 16 threads
 //     a row: the rows of GATE_UP are the picks' tokens, scattered, which a tensor map cannot gather (and one bulk
 //     copy per row measured 2.4x slower than this whole kernel: the copy engine is slow at 128-byte copies). They
-//     are written in the 128-byte swizzle (16-byte chunk j of row r at chunk j ^ r % 8), so that the fragment loads
-//     of 8 rows hit 8 different banks;
+//     are written swizzled too (16-byte chunk j of row r at chunk j ^ r % 8), so that the fragment loads of 8 rows
+//     hit 8 different banks;
 //   - both complete on the stage's "full" mbarrier (the TMA bytes, and one arrival per producer thread when its
 //     copies have landed); the math warps wait on it, multiply, and arrive on the stage's "empty" mbarrier once
 //     their products have read it, which lets the producer refill it.
@@ -31,11 +31,13 @@
 #include "wgmma.cuh"
 
 namespace wg {
-constexpr int TK = 32, STAGES = 6;
+constexpr int TK = 64, STAGES = 3;          // k of a step (measured against 32-wide steps in 6 stages: q/k/v
+                                             // 183 -> 177 us), and the steps staged at once (192 KB)
 constexpr int ROWS = 256;                    // weight rows staged a step
-constexpr int ROW_BYTES = TK * 2;            // a staged weight row: 64 bytes, the span of the 64-byte swizzle
+constexpr int ROW_BYTES = TK * 2;            // a staged weight row: 128 bytes, the span of the 128-byte swizzle
 constexpr int SWIZZLE_ATOM = 8 * ROW_BYTES;  // 8 rows: the distance between two 8-row groups (the descriptor's SBO)
-constexpr int A_ROW_BYTES = TK * 4;          // a staged activation row: 128 bytes, 8 chunks of 16
+constexpr int A_ROW_BYTES = TK * 4;          // a staged activation row: 256 bytes, 16 chunks of 16
+constexpr int A_CHUNKS = A_ROW_BYTES / 16, A_PASS = 128 / A_CHUNKS;  // the producer's 128 threads: rows a pass
 }  // namespace wg
 
 // The CUtensorMap of the weights, passed by value (cuda_build.tensor_map): 128 opaque bytes.
@@ -57,12 +59,12 @@ static_assert(WgTile<GATE_UP, 2>::STAGE_BYTES % 1024 == 0, "stages must stay 102
 static_assert(WgTile<GATE_UP, 2>::SHARED <= 227 * 1024, "a block must fit a multiprocessor's shared memory");
 
 // The descriptor of a staged weight tile's 256 rows x 16 k starting at ``tile`` (PTX ISA, "Matrix Descriptor"): start
-// address and SBO (next 8 rows) in 16-byte units, layout 64-byte swizzle (2 in bits 62-63). K-major with the 16 k
-// inside one swizzled 64-byte row, the LBO is unused; the second 16 k of a row start 32 bytes further.
+// address and SBO (next 8 rows) in 16-byte units, layout 128-byte swizzle (1 in bits 62-63). K-major with the 16 k
+// inside one swizzled 128-byte row, the LBO is unused; each next 16 k of a row start 32 bytes further.
 __device__ __forceinline__ unsigned long long weights_descriptor(const unsigned char* tile) {
     const unsigned long long address = static_cast<unsigned>(__cvta_generic_to_shared(tile));
     return ((address & 0x3FFFF) >> 4) | (1ull << 16) | (static_cast<unsigned long long>(wg::SWIZZLE_ATOM >> 4) << 32) |
-           (2ull << 62);
+           (1ull << 62);
 }
 
 // ---- mbarriers and the copy engine (PTX ISA: "mbarrier", "cp.async.bulk", "cp.async.bulk.tensor") ----------------
@@ -101,7 +103,7 @@ __device__ __forceinline__ void tensor_copy(void* dst, const void* map, int k, i
 }
 
 // The weights of one step: rows n0 .. n0 + 255 of the map (GATE_UP: 128 gate rows, then the same 128 up rows,
-// ``up`` rows further), k0 .. k0 + 31, swizzled.
+// ``up`` rows further), k0 .. k0 + 63, swizzled.
 template <int MODE>
 __device__ __forceinline__ void stage_weights(const void* map, int row, int up, int k0, unsigned char* dst,
                                               unsigned long long* bar) {
@@ -110,8 +112,8 @@ __device__ __forceinline__ void stage_weights(const void* map, int row, int up, 
 }
 
 // out = the tile products of matmul.cu (see there for what each mode writes), with the weights given by ``w_map``:
-// a 2-D tensor map over all rows (every expert's, one after the other, ``expert_rows`` apart) x K, box 32 x 256
-// (GATE_UP 32 x 128), 64-byte swizzle.
+// a 2-D tensor map over all rows (every expert's, one after the other, ``expert_rows`` apart) x K, box 64 x 256
+// (GATE_UP 64 x 128), 128-byte swizzle.
 template <int MODE, int WG>
 __global__ void __launch_bounds__(128 * (WG + 1), 1) wgmma_tiles(
     const __grid_constant__ TensorMap w_map, const float* __restrict__ a, int K, int expert_rows, int N, int T,
@@ -128,8 +130,11 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1) wgmma_tiles(
     unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + STAGES * Tl::STAGE_BYTES);
     unsigned long long* empty = full + STAGES;
     int* tile_src = reinterpret_cast<int*>(empty + STAGES);  // the activation row of each of the tile's rows
-    const int n0 = blockIdx.x * Tl::N, per_split = (K / TK + gridDim.z - 1) / gridDim.z;
-    const int first = blockIdx.z * per_split, steps = min(K / TK - first, per_split);
+    // K's steps (the last one may be half a step: the weights past K are zeros, and so are the activations), split
+    // over gridDim.z (a split left without steps writes zeros)
+    const int n0 = blockIdx.x * Tl::N, all_steps = (K + TK - 1) / TK;
+    const int per_split = (all_steps + gridDim.z - 1) / gridDim.z;
+    const int first = blockIdx.z * per_split, steps = min(all_steps - first, per_split);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) barrier_init(full + s, 1 + 128), barrier_init(empty + s, 4 * WG);
@@ -160,7 +165,7 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1) wgmma_tiles(
 
     if (warp < 4) {  // the producer warpgroup
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-        const int chunk = threadIdx.x % 8, rows_of = threadIdx.x / 8;  // this thread: chunk of rows r = rows_of + 16 i
+        const int chunk = threadIdx.x % wg::A_CHUNKS, rows_of = threadIdx.x / wg::A_CHUNKS;  // rows_of + A_PASS i
         for (int step = 0; step < steps; ++step) {
             const int s = step % STAGES, k0 = (first + step) * TK;
             if (step >= STAGES) barrier_wait(empty + s, (step / STAGES - 1) & 1);
@@ -169,11 +174,12 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1) wgmma_tiles(
                 stage_weights<MODE>(&w_map, wrow0, N, k0, Bs(s), full + s);
             }
             unsigned char* dst = As(s);
+            const int k = k0 + 4 * chunk;  // this thread's 4 floats of each row; past K: zeros
 #pragma unroll
-            for (int i = 0; i < Tl::M / 16; ++i) {
-                const int r = rows_of + 16 * i;
+            for (int i = 0; i < Tl::M / wg::A_PASS; ++i) {
+                const int r = rows_of + wg::A_PASS * i;
                 copy_async16(dst + r * wg::A_ROW_BYTES + (chunk ^ r % 8) * 16,
-                             a + static_cast<long long>(tile_src[r]) * K + k0 + 4 * chunk, true);
+                             a + static_cast<long long>(tile_src[r]) * K + (k < K ? k : 0), k < K);
             }
             barrier_arrive_on_copies(full + s);
         }
