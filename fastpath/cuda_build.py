@@ -77,10 +77,11 @@ def module(file: str):
 
 
 class ArchitectureModule:
-    """A .cu file (``path``, its kernels' name expressions ``names``) compiled by NVRTC for ``ARCHITECTURE``'s entry, with ``get_function`` as CuPy's RawModule. CuPy
-    compiles for the card's generic architecture (sm_90 on an H100) and refuses a second ``-arch``, so these files
-    go to NVRTC directly; the binary is cached on disk beside CuPy's (``CUPY_CACHE_DIR``), keyed by the sources,
-    the options and NVRTC's version, so a second process does not compile again."""
+    """A .cu file (``path``, its kernels' name expressions ``names``) compiled by NVRTC for its ``ARCHITECTURE``
+    entry, with ``get_function`` as CuPy's RawModule. CuPy compiles for the card's generic architecture (sm_90 on an
+    H100) and refuses a second ``-arch``, so these files go to NVRTC directly; the binary is cached on disk beside
+    CuPy's (``CUPY_CACHE_DIR``), keyed by the sources, the options and NVRTC's version, so a second process does not
+    compile again."""
 
     def __init__(self, path: Path, names: list[str]):
         import hashlib

@@ -81,8 +81,8 @@ FEW_PICKS_PER_EXPERT = 16  # likewise the experts, by the picks per expert on av
 TILE = 64  # rows (tokens, or pairs of one expert) of a tile of matmul.cu's products
 TILE_OUTPUTS = {"LINEAR": 256, "GATE_UP": 128, "DOWN": 256}  # outputs of a block's tile, both tile kernels
 TILE_K, TILE_STAGES = 32, 3  # matmul.cu: the k of a pipeline step, and the steps staged in shared memory at once
-WGMMA_TILE, WGMMA_K, WGMMA_STAGES = 64 * WG_TILE, 64, 3  # wgmma_tiles.cu: rows of a tile (warpgroups of 64 rows),
-# k of a step, pipeline buffers
+# wgmma_tiles.cu: rows of a tile (warpgroups of 64 rows), the k of a pipeline step, the steps staged at once
+WGMMA_TILE, WGMMA_K, WGMMA_STAGES = 64 * WG_TILE, 64, 3
 TILE_MIN_SPLIT_STEPS = 4  # matmul.cu: the fewest k-steps a split of a LINEAR product's K runs
 TILE_SPLIT_BLOCKS = 264  # matmul.cu: K is split until a LINEAR product has this many blocks
 MAX_EXPERTS = 512  # route_topk holds a token's router probabilities in one warp's registers (moe.cu)

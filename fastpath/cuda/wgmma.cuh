@@ -34,7 +34,9 @@ __device__ __forceinline__ void wgmma_256(float (&d)[128], const unsigned (&a)[4
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int PENDING>  // wait until at most PENDING committed groups of this warp's products are still running
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(PENDING) : "memory"); }
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(PENDING) : "memory");
+}
 // Pins the accumulators where they are: without it the compiler may move their zeroing or a copy of them in between
 // two wgmma still running on them, and ptxas then serializes every wgmma (its advisory C7515).
 __device__ __forceinline__ void pin(float (&d)[128]) {

@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(256) prefill_wgmma_v3(const float* __restrict_
     for (int h = 0; h < 2; ++h) {  // lane: rows g, g + 8 of its warp's 16 x columns 8j + c, 8j + c + 1
         float* dst = out + static_cast<long long>(row0 + wrow + g + 8 * h) * N + n0 + c;
 #pragma unroll
-        for (int j = 0; j < ROWS / 8; ++j) *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(acc[4 * j + 2 * h],
-                                                                                                 acc[4 * j + 2 * h + 1]);
+        for (int j = 0; j < ROWS / 8; ++j)
+            *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
     }
 }
