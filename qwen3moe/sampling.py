@@ -46,7 +46,13 @@ def candidate_distribution(logits: np.ndarray, temperature: float, topk: int,
     that sampling never leaves this set.
     """
     scaled = logits.astype(np.float64) / temperature  # float64: exp of large logits / small temperatures
-    order = np.argsort(-scaled, kind="stable")  # (V,) most likely first, ties to the lower id
+    # Most likely first, ties to the lower id: a stable sort, of only the tokens at least as likely as the topk-th
+    # most likely when topk is set (on a 2-core machine, sorting Qwen3's 151936 logits took 18 ms, choosing the
+    # candidates 1.3 ms).
+    candidates = np.arange(len(scaled))
+    if 0 < topk < len(scaled):
+        candidates = np.flatnonzero(scaled >= np.partition(scaled, -topk)[-topk])  # ascending ids, ties included
+    order = candidates[np.argsort(-scaled[candidates], kind="stable")]
     if topk:
         order = order[:topk]
     probs = np.exp(scaled[order] - scaled[order[0]])

@@ -192,6 +192,17 @@ def test_top_k_ties_go_to_the_lower_ids():
     np.testing.assert_allclose(probs, [0.5, 0.5])
 
 
+@pytest.mark.parametrize("topk", [2, 40, 4095, 4096, 5000])
+def test_top_k_over_a_vocabulary_full_of_ties(topk, rng):
+    """The top k are chosen without sorting the whole vocabulary; ties at the k-th place must still go to the lower
+    ids, as in a sort of everything (logits rounded to one decimal: every value is shared by ~50 tokens)."""
+    logits = np.round(rng.standard_normal(4096), 1)
+    ids, probs = candidate_distribution(logits, 1.0, topk, 1.0)
+    ref_ids, ref_probs = reference_candidates(logits, 1.0, topk, 1.0)
+    assert list(ids) == ref_ids
+    np.testing.assert_allclose(probs, ref_probs, rtol=1e-12, atol=1e-15)
+
+
 def test_top_k_larger_than_the_vocabulary_keeps_everything():
     ids, _ = candidate_distribution(np.array([0.0, 2.0, 1.0]), 1.0, 50, 1.0)
     assert ids.tolist() == [1, 2, 0]
