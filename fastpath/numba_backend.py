@@ -38,6 +38,7 @@ from qwen3moe.config import Qwen3MoeConfig
 from qwen3moe.debug import NonFiniteError
 from qwen3moe.layers import AttentionSegment, Routing, attend, rope_cos_sin, silu
 from qwen3moe.router_stats import RouterStats
+from qwen3moe.sampling import sample
 from qwen3moe.weights import Qwen3MoeWeights, SparseMoeBlock
 
 from . import numba_kernels as K
@@ -286,12 +287,16 @@ class GreedyDecoder:
         """Decode one token: the greedy successor of the previous one (the first time: of ``token``)."""
         if self.pos >= self.capacity:
             raise ValueError(f"the KV cache is full ({self.capacity} positions)")
-        token = self._step_through_blocks() if self.s.decoding.table is None else self._decode()
-        if token < 0:
-            raise NonFiniteError("the logits contain NaN or +Inf; run with debug=True (--debug) to find the layer "
-                                 "and tensor where they first appear")
+        token = self._choose(self._step_through_blocks() if self.s.decoding.table is None else self._decode())
         self.pos, self.token, self.steps = self.pos + 1, int(token), self.steps + 1
         return self.token
+
+    def _choose(self, argmax: int) -> int:
+        """This step's token from the argmax of its logits (-1: they hold NaN or +Inf)."""
+        if argmax < 0:
+            raise NonFiniteError("the logits contain NaN or +Inf; run with debug=True (--debug) to find the layer "
+                                 "and tensor where they first appear")
+        return argmax
 
     def _decode(self) -> int:
         """One K.decode_step, on all threads or on one.
@@ -347,6 +352,21 @@ class GreedyDecoder:
             for a in (self._counts, self._prob_sum, self._entropy):
                 a[:] = 0
         self.steps = 0
+
+
+class SampledDecoder(GreedyDecoder):
+    """Sampled decoding of one sequence: GreedyDecoder's whole steps, each token drawn from the step's logits by the
+    reference sampler (``qwen3moe.sampling.sample``) with ``sampling`` = (temperature, topk, topp, rng): the same
+    draws, one number of ``rng`` a step, as the model loop takes. ``generate`` uses it when the settings sample (the
+    bundled model's generation_config.json does): through the model loop a step costs ~1 ms here, most of it the
+    loop's own bookkeeping."""
+
+    def __init__(self, s: State, cache, pos: int, token: int, sampling: tuple):
+        super().__init__(s, cache, pos, token)
+        self.temperature, self.topk, self.topp, self.rng = sampling
+
+    def _choose(self, argmax: int) -> int:
+        return sample(self.logits, self.temperature, self.topk, self.topp, self.rng)
 
 
 @dataclass

@@ -12,7 +12,9 @@ A backend is a module with five functions, which the model loop (``model.py``) c
 
 and an attribute ``xp``: the array module (numpy or cupy) its KV caches and activations live in. A backend may also
 offer ``GreedyDecoder(state, cache, pos, token)`` with ``step() -> token`` and ``flush_stats(stats)``: batch-1 greedy
-decoding without the host in the loop, which ``generate`` uses where nothing needs the per-step host path.
+decoding without the host in the loop, which ``generate`` uses where nothing needs the per-step host path; and
+``SampledDecoder(state, cache, pos, token, (temperature, topk, topp, rng))``, the same for a sampled sequence, which
+``generate`` uses where the backend has no ``BatchDecoder`` (below).
 
 A backend that can run one rank of a model split over several devices (``ranks.py``) takes ``prepare(weights,
 config, shard)`` with the rank's part of the weights (``sharding.shard_weights``) and its ``RankShard``, and names in

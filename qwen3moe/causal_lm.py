@@ -229,7 +229,8 @@ class Qwen3MoeForCausalLM:
         """The backend's decoder of whole steps (one CUDA graph, or one compiled call, per token) to continue ``task``
         from ``token``, or None where it cannot take over. It routes as the config says, counts router statistics but
         keeps no per-token trace and runs no debug checks. Greedy decoding takes a backend's ``GreedyDecoder``;
-        sampling its ``BatchDecoder`` (which draws from the task's generator as the host sampler would)."""
+        sampling its ``BatchDecoder``, or else its ``SampledDecoder`` (both draw from the task's generator as the host
+        sampler would)."""
         if not self._may_decode_in_whole_steps():
             return None
         sampling, cache, pos = sampling_rows([task]), task.kvcache, task.pos
@@ -239,6 +240,8 @@ class Qwen3MoeForCausalLM:
             return self._ops.GreedyDecoder(self._state, cache, pos, token)
         if hasattr(self._ops, "BatchDecoder"):
             return OneSequence(self._ops.BatchDecoder(self._state, [cache], [pos], [token], sampling))
+        if hasattr(self._ops, "SampledDecoder"):
+            return self._ops.SampledDecoder(self._state, cache, pos, token, sampling[0])
         return None
 
     def _may_decode_in_whole_steps(self) -> bool:
