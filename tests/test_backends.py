@@ -354,24 +354,28 @@ def test_numba_decoder_does_not_depend_on_thread_scheduling(tiny_model_dir, monk
 
 
 @pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="the bundled model is not in this copy")
-def test_generate_decodes_the_bundled_model_through_the_greedy_decoder(fast_name, monkeypatch):
-    """generate() with temperature 0 hands decoding to the backend's GreedyDecoder: 64 tokens equal to the
-    reference's, and the router statistics it counted equal the ones the reference counted step by step."""
+@pytest.mark.parametrize("decoder, settings", [("GreedyDecoder", dict(temperature=0)), ("SampledDecoder", dict(seed=7))],
+                         ids=["greedy", "sampled"])
+def test_generate_decodes_the_bundled_model_in_whole_steps(fast_name, decoder, settings, monkeypatch):
+    """generate() hands decoding to the backend's whole-step decoder: its GreedyDecoder at temperature 0, its
+    SampledDecoder with the bundled model's own sampling settings (its generation_config.json: temperature 0.8,
+    top-k 40, top-p 0.95) and a seed. 64 tokens equal to the reference's (sampled: the same draws from the same
+    generator), and the router statistics it counted equal the ones the reference counted step by step."""
     module = backends.load(fast_name)
-    if not hasattr(module, "GreedyDecoder"):
-        pytest.skip(f"backend {fast_name} has no GreedyDecoder")
+    if not hasattr(module, decoder):
+        pytest.skip(f"backend {fast_name} has no {decoder}")
     made = []
 
-    class Spy(module.GreedyDecoder):
+    class Spy(getattr(module, decoder)):
         def __init__(self, *args):
             made.append(self)
             super().__init__(*args)
 
-    monkeypatch.setattr(module, "GreedyDecoder", Spy)
+    monkeypatch.setattr(module, decoder, Spy)
     runs = {}
     for name in ("numpy", fast_name):
         model = Qwen3MoeForCausalLM(backend=name, max_tokens=256)
-        model.generate("ROMEO:\nBut soft, what light", max_steps=64, temperature=0, chat=False)
+        model.generate("ROMEO:\nBut soft, what light", max_steps=64, chat=False, **settings)
         runs[name] = (model.last_task.generated, model.router_stats)
     assert len(made) == 1
     assert len(runs["numpy"][0]) == 64
@@ -382,36 +386,6 @@ def test_generate_decodes_the_bundled_model_through_the_greedy_decoder(fast_name
         np.testing.assert_array_equal(ours.counts[layer], theirs.counts[layer])
         np.testing.assert_allclose(ours.prob_sum[layer], theirs.prob_sum[layer], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(ours.entropy_sum[layer], theirs.entropy_sum[layer], rtol=1e-4)
-
-
-@pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="the bundled model is not in this copy")
-def test_generate_samples_the_bundled_model_through_the_sampled_decoder(fast_name, monkeypatch):
-    """generate() with the bundled model's own sampling settings (its generation_config.json: temperature 0.8,
-    top-k 40, top-p 0.95) and a seed hands decoding to the backend's SampledDecoder: the same tokens as the
-    reference's with that seed (the same draws from the same generator) and the same router statistics."""
-    module = backends.load(fast_name)
-    if not hasattr(module, "SampledDecoder"):
-        pytest.skip(f"backend {fast_name} has no SampledDecoder")
-    made = []
-
-    class Spy(module.SampledDecoder):
-        def __init__(self, *args):
-            made.append(self)
-            super().__init__(*args)
-
-    monkeypatch.setattr(module, "SampledDecoder", Spy)
-    runs = {}
-    for name in ("numpy", fast_name):
-        model = Qwen3MoeForCausalLM(backend=name, max_tokens=256)
-        model.generate("ROMEO:\nBut soft, what light", max_steps=64, chat=False, seed=7)
-        runs[name] = (model.last_task.generated, model.router_stats)
-    assert len(made) == 1
-    assert len(runs["numpy"][0]) >= 32  # enough draws to tell samplers apart
-    assert runs[fast_name][0] == runs["numpy"][0]
-    (_, ours), (_, theirs) = runs[fast_name], runs["numpy"]
-    for layer in theirs.counts:
-        np.testing.assert_array_equal(ours.counts[layer], theirs.counts[layer])
-        np.testing.assert_allclose(ours.prob_sum[layer], theirs.prob_sum[layer], rtol=1e-4, atol=1e-6)
 
 
 # ---- the registry ---------------------------------------------------------------------------------------------
