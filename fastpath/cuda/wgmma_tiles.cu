@@ -51,8 +51,8 @@ struct WgTile {
     static constexpr int N = MODE == GATE_UP ? wg::ROWS / 2 : wg::ROWS;  // output columns of a block
     static constexpr int B_BYTES = wg::ROWS * wg::ROW_BYTES, A_BYTES = M * wg::A_ROW_BYTES;
     static constexpr int STAGE_BYTES = B_BYTES + A_BYTES;  // a multiple of 1024: every stage stays aligned
-    // the stages, 1024 bytes to align them (both swizzles follow address bits 4-9), 2 mbarriers a stage and the
-    // tile's rows (their tokens, for GATE_UP)
+    // the stages, 1024 bytes to align them (the copy engine's 128-byte swizzle follows address bits 4-9), 2 mbarriers
+    // a stage and the tile's rows (their tokens, for GATE_UP)
     static constexpr int SHARED = wg::STAGES * STAGE_BYTES + 1024 + 2 * wg::STAGES * 8 + M * 4;  // (= cupy_backend)
 };
 static_assert(WgTile<GATE_UP, 2>::STAGE_BYTES % 1024 == 0, "stages must stay 1024-byte aligned");
