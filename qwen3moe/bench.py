@@ -130,7 +130,9 @@ def bench_backend(model_dir: Path, backend: str, prompt_len: int, steps: int, ba
         result[f"decode_b{batch}_GBps"] = bytes_per_step * steps / elapsed / 1e9
         model.router_stats.trace.clear()
     if hasattr(model._ops, "GreedyDecoder"):
-        result.update(greedy_decode(model, rng, steps))
+        result.update(whole_step_decode(model, rng, steps))
+    if hasattr(model._ops, "SampledDecoder"):
+        result.update(whole_step_decode(model, rng, steps, SAMPLED))
     # Prefill last: its large matrix products leave BLAS worker threads spinning for a while afterwards, which
     # would slow decode steps timed right after it on a machine with few cores.
     prefill_once()  # warm-up
@@ -139,14 +141,22 @@ def bench_backend(model_dir: Path, backend: str, prompt_len: int, steps: int, ba
     return result
 
 
-def greedy_decode(model: Qwen3MoeForCausalLM, rng: np.random.Generator, steps: int) -> dict:
-    """Batch-1 greedy decoding through the backend's GreedyDecoder, as ``generate`` runs it: the 8-token prompt
-    prefilled by the model loop, then one ``decoder.step()`` per token over the same positions as "decode b1"."""
+SAMPLED = (0.6, 20, 0.95)  # (temperature, top_k, top_p): Qwen3's generation_config.json in thinking mode
+
+
+def whole_step_decode(model: Qwen3MoeForCausalLM, rng: np.random.Generator, steps: int,
+                      sampling: tuple | None = None) -> dict:
+    """Batch-1 decoding through the backend's GreedyDecoder, or with ``sampling`` its SampledDecoder, as
+    ``generate`` runs it: the 8-token prompt prefilled by the model loop, then one ``decoder.step()`` per token over
+    the same positions as "decode b1"."""
     task = Qwen3MoeInferTask(rng.integers(0, min(model.config.vocab_size, 256), 8).tolist(), temperature=0,
                              end_tokens=[])
     task.bind_kvcache(Qwen3MoeKVCache(model, max_tokens=8 + steps + 4))
     (token,) = model.batch_infer_one_round([task])
-    decoder = model._ops.GreedyDecoder(model._state, task.kvcache, task.pos, token)
+    if sampling is None:
+        decoder = model._ops.GreedyDecoder(model._state, task.kvcache, task.pos, token)
+    else:
+        decoder = model._ops.SampledDecoder(model._state, task.kvcache, task.pos, token, (*sampling, rng))
     for _ in range(2):  # warm-up: compiles, touches the weights' pages
         decoder.step()
     start = time.perf_counter()
@@ -154,6 +164,8 @@ def greedy_decode(model: Qwen3MoeForCausalLM, rng: np.random.Generator, steps: i
         decoder.step()
     elapsed = time.perf_counter() - start
     decoder.flush_stats(model.router_stats)
+    if sampling is not None:
+        return {"decode_sampled_b1_tokens_per_s": steps / elapsed}
     top_k = model.config.num_experts_per_tok  # one token reads top_k distinct experts per MoE layer
     bytes_per_step = step_bytes(model, dict.fromkeys(model.config.moe_layers, top_k), 1)
     return {"decode_greedy_b1_tokens_per_s": steps / elapsed, "decode_greedy_b1_GBps": bytes_per_step * steps /
@@ -212,6 +224,10 @@ def run(args) -> int:
         print(line)
     print("decode bN: the model loop, one step at a time (batch_infer_one_round); greedy b1: the backend's "
           "GreedyDecoder, a whole step per call, as generate() decodes greedily after the prefill")
+    for r in rows:
+        if "decode_sampled_b1_tokens_per_s" in r:
+            print(f"{r['backend']} sampled b1 (SampledDecoder; temperature, top_k, top_p = {SAMPLED}, the token drawn "
+                  f"on the host): {r['decode_sampled_b1_tokens_per_s']:.1f} tokens/s")
     reference = next((r for r in rows if r["backend"] == "numpy" and "decode_b1_tokens_per_s" in r), None)
     for r in rows:
         if reference is not None and "decode_greedy_b1_tokens_per_s" in r:
