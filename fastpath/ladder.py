@@ -28,7 +28,6 @@ CONFIG = config_from_dict(dict(QWEN3_30B_A3B, num_hidden_layers=1))
 
 
 @cache
-@cache
 def ladder_kernel(file: str, name: str):
     if file in ARCHITECTURE:  # written for one architecture (wgmma: sm_90a)
         return ArchitectureModule(LADDER_DIR / file, LADDER_KERNELS[file]).get_function(name)

@@ -358,8 +358,8 @@ class SampledDecoder(GreedyDecoder):
     """Sampled decoding of one sequence: GreedyDecoder's whole steps, each token drawn from the step's logits by the
     reference sampler (``qwen3moe.sampling.sample``) with ``sampling`` = (temperature, topk, topp, rng): the same
     draws, one number of ``rng`` a step, as the model loop takes. ``generate`` uses it when the settings sample (the
-    bundled model's generation_config.json does): through the model loop a step costs ~1 ms here, most of it the
-    loop's own bookkeeping."""
+    bundled model's generation_config.json does): there a step through the model loop took 0.53 ms, through this
+    decoder 0.24 (docs/benchmarks.md), most of the difference the loop's own bookkeeping."""
 
     def __init__(self, s: State, cache, pos: int, token: int, sampling: tuple):
         super().__init__(s, cache, pos, token)
