@@ -29,11 +29,13 @@ KERNELS = {
     "mma_few.cu": ["mma_few<LINEAR>", "mma_few<GATE_UP>", "mma_few<DOWN>"],
     "mma_batch.cu": ["mma_batch"],
     "attention.cu": ["qk_norm_rope_cache", "attention<1>", "attention<2>"],
-    "attention_mma.cu": ["attention_mma<64>", "attention_mma<128>"],
+    "attention_mma.cu": [f"attention_mma<{d}, {split}>" for d in (64, 128) for split in ("true", "false")],
     "sampling.cu": ["argmax_partial", "greedy_advance", "sample_rows"],
-    "matmul.cu": ["mma_tiles<LINEAR>", "mma_tiles<GATE_UP>", "mma_tiles<DOWN>", "add_split_sums"],
+    "matmul.cu": [*(f"mma_tiles<{m}, {split}>" for m in ("LINEAR", "GATE_UP", "DOWN") for split in ("true", "false")),
+                  "add_split_sums", "to_bf16"],
     "peer_all_reduce.cu": ["peer_all_reduce"],
-    "wgmma_tiles.cu": [f"wgmma_tiles<{m}, {WG_TILE}>" for m in ("LINEAR", "GATE_UP", "DOWN")],
+    "wgmma_tiles.cu": [f"wgmma_tiles<{m}, {WG_TILE}, {a}>" for m in ("LINEAR", "GATE_UP", "DOWN")
+                       for a in ("float", "bf16_t")],
 }
 OPTIONS = ("-std=c++17", f"-I{SOURCE_DIR}")
 # Files written for one architecture only, compiled for it: wgmma exists on Hopper (sm_90a), not on later GPUs.

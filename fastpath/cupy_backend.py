@@ -86,6 +86,11 @@ WGMMA_TILE, WGMMA_K, WGMMA_STAGES = 64 * WG_TILE, 64, 3
 TILE_MIN_SPLIT_STEPS = 4  # matmul.cu: the fewest k-steps a split of a LINEAR product's K runs
 TILE_SPLIT_BLOCKS = 264  # matmul.cu: K is split until a LINEAR product has this many blocks
 MAX_EXPERTS = 512  # route_topk holds a token's router probabilities in one warp's registers (moe.cu)
+# What the tensor-core products take as activations: "float32" splits each into bf16 hi + lo and multiplies both
+# (results within ~1e-5 of the float32 reference, the default); "bf16" rounds them to bf16 and multiplies once, as
+# bf16 engines do, in the products that the tensor cores bound: the tile products (prefill, and the larger
+# matrices of a batch over 16) and prefill attention. Decoding's products are bound by weight reads and keep float32.
+PRECISIONS = ("float32", "bf16")
 
 
 @dataclass
@@ -115,6 +120,7 @@ class State:
     expert_lo: int = 0  # the experts held are [expert_lo, expert_hi): a block of them under expert parallelism
     expert_hi: int = MAX_EXPERTS
     first_vocab_row: int = 0  # the token id of lm_head's first row
+    precision: str = "float32"  # one of PRECISIONS
     # the workspace of products that split K (mma_batch.cu, matmul.cu's LINEAR): each split's partial sums, and
     # mma_batch.cu's count of the splits done per row block
     split_partial: cp.ndarray = field(init=False)
@@ -137,9 +143,13 @@ def upload(w: np.ndarray) -> cp.ndarray:
     return cp.asarray(w.view(np.uint16) if w.dtype.name == "bfloat16" else w.astype(np.float32, copy=False))
 
 
-def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig, shard: RankShard | None = None) -> State:
-    """Upload ``weights``; ``shard``: which part of the model they are when they are one rank's (see sharding.py)."""
+def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig, shard: RankShard | None = None,
+            precision: str = "float32") -> State:
+    """Upload ``weights``; ``shard``: which part of the model they are when they are one rank's (see sharding.py);
+    ``precision``: what the tensor-core products take (PRECISIONS)."""
     c = config
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if c.num_attention_heads // c.num_key_value_heads > MAX_ATTENTION_ROWS:
         raise UnsupportedConfigError(f"the cupy backend supports at most {MAX_ATTENTION_ROWS} query heads per "
                                      "key/value head")
@@ -165,7 +175,7 @@ def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig, shard: RankShard |
     part = {} if shard is None else dict(residual=shard.rank == 0, expert_lo=shard.experts.start,
                                          expert_hi=shard.experts.stop, first_vocab_row=shard.vocab_rows.start)
     return State(c, wtype, upload(weights.embed_tokens), layers, f32(weights.norm), upload(weights.lm_head),
-                 rope_inv_freq(c), **part)
+                 rope_inv_freq(c), **part, precision=precision)
 
 
 def rope_inv_freq(c: Qwen3MoeConfig) -> cp.ndarray:
@@ -250,27 +260,45 @@ def tile_rows(tokens: int) -> int:
     return WGMMA_TILE if tokens > FEW_TOKENS and hopper() else TILE
 
 
-def tiles(mode: str, N: int, rows: int, row_tiles: int, args: tuple, splits: int = 1) -> None:
+def tiles(mode: str, N: int, rows: int, row_tiles: int, args: tuple, splits: int = 1,
+          precision: str = "float32") -> None:
     """Launch the tile product ``mode`` over ``row_tiles`` tiles of ``rows`` rows and ``splits`` splits of K:
     wgmma_tiles.cu for 128-row tiles, matmul.cu's mma_tiles for 64-row ones, with the shared memory of their
-    pipelines (each kernel's ``SHARED``): float32 activations and bf16 weights (two matrices for GATE_UP) of every
-    stage, rows padded (wgmma_tiles.cu: swizzled instead, plus alignment, its mbarriers and the tile's row list).
-    That is more than the 48 KB a launch may take without asking, so the kernel is allowed it on its first launch.
+    pipelines (each kernel's ``SHARED``): activations and bf16 weights (two matrices for GATE_UP) of every stage,
+    rows padded (wgmma_tiles.cu: swizzled instead, plus alignment, its mbarriers and the tile's row list). That is
+    more than the 48 KB a launch may take without asking, so the kernel is allowed it on its first launch.
     wgmma_tiles.cu reads the weights through a tensor map (cuda_build.tensor_map) instead of the weight pointers and
-    expert stride: over all rows of ``w`` (every expert's, one after the other), with the rows of one expert."""
+    expert stride: over all rows of ``w`` (every expert's, one after the other), with the rows of one expert.
+    ``precision`` "bf16": mma_tiles rounds the activations as it loads them; wgmma_tiles.cu takes a bf16 copy of
+    them (to_bf16), except inside a graph capture, where a new array would outlive its memory (those steps are
+    batched decoding, bound by weight reads: they keep the split products)."""
     cols = TILE_OUTPUTS[mode]
+    bf16 = precision == "bf16"
     if rows == WGMMA_TILE:
         a, K, w, _, expert_stride, *rest = args
+        bf16 = bf16 and not cp.cuda.get_current_stream().is_capturing()
+        if bf16:
+            a = to_bf16(a)
         w_map = tensor_map(w.data.ptr, w.size // int(K), int(K), 128 if mode == "GATE_UP" else 256)
         args = (w_map, a, K, i32(int(expert_stride) // int(K)), *rest)
-        smem = WGMMA_STAGES * (256 * WGMMA_K * 2 + rows * WGMMA_K * 4) + 1024 + 2 * WGMMA_STAGES * 8 + rows * 4
-        k, threads = kernel("wgmma_tiles.cu", f"wgmma_tiles<{mode}, {WG_TILE}>"), 128 * (WG_TILE + 1)
+        smem = WGMMA_STAGES * (256 * WGMMA_K * 2 + rows * WGMMA_K * a.itemsize) + 1024 + 2 * WGMMA_STAGES * 8 + \
+            rows * 4
+        k = kernel("wgmma_tiles.cu", f"wgmma_tiles<{mode}, {WG_TILE}, {'bf16_t' if bf16 else 'float'}>")
+        threads = 128 * (WG_TILE + 1)
     else:
         smem = TILE_STAGES * (rows * (TILE_K + 8) * 4 + (2 if mode == "GATE_UP" else 1) * cols * (TILE_K + 8) * 2)
-        k, threads = kernel("matmul.cu", f"mma_tiles<{mode}>"), 128
+        k, threads = kernel("matmul.cu", f"mma_tiles<{mode}, {'false' if bf16 else 'true'}>"), 128
     if smem > k.max_dynamic_shared_size_bytes:
         k.max_dynamic_shared_size_bytes = smem
     k((math.ceil(N / cols), row_tiles, splits), (threads,), args, shared_mem=smem)
+
+
+def to_bf16(x: cp.ndarray) -> cp.ndarray:
+    """x (float32, a multiple of 4 values) rounded to bf16, as uint16 words of the same shape."""
+    y = cp.empty(x.shape, cp.uint16)
+    n4 = x.size // 4
+    kernel("matmul.cu", "to_bf16")((math.ceil(n4 / BLOCK),), (BLOCK,), (x, np.int64(n4), y))
+    return y
 
 
 def rms_norm(s: State, x: cp.ndarray, weight: cp.ndarray, out: cp.ndarray) -> None:
@@ -279,9 +307,11 @@ def rms_norm(s: State, x: cp.ndarray, weight: cp.ndarray, out: cp.ndarray) -> No
 
 
 def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.ndarray | None = None,
-           residual: cp.ndarray | None = None, rows_per_block: int = 8, scratch: cp.ndarray | None = None) -> None:
+           residual: cp.ndarray | None = None, rows_per_block: int = 8, scratch: cp.ndarray | None = None,
+           precision: str | None = None) -> None:
     """out = [residual +] w @ [rmsnorm(x, norm)]: x (T, K) -> out (T, N). ``scratch`` (T, K): where the normalised
-    input goes when the kernel does not fuse the norm (None: a new array; a captured graph passes its own)."""
+    input goes when the kernel does not fuse the norm (None: a new array; a captured graph passes its own).
+    ``precision``: what the tile products take (None: the state's)."""
     T, K = x.shape
     N = w.shape[0]
     path = linear_path(s, T, K, N)
@@ -311,7 +341,7 @@ def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.nda
         splits = tile_splits(K, N, T, rows, s.split_partial.size)
         tiles("LINEAR", N, rows, math.ceil(T / rows),
               (x, i32(K), w, NULL, np.int64(0), i32(N), i32(T), *(NULL,) * 8, residual, out, s.split_partial),
-              splits)
+              splits, precision or s.precision)
         if splits > 1:
             n4 = T * N // 4
             kernel("matmul.cu", "add_split_sums")((math.ceil(n4 / BLOCK),), (BLOCK,),
@@ -393,10 +423,11 @@ def swiglu_experts_into(s: State, layer: Layer, xn: cp.ndarray, g: Grouping, act
                                                   g.pair_token, g.pair_src)
         rows = tile_rows(xn.shape[0])
         tiles("GATE_UP", I, rows, n_tiles,
-              (xn, i32(H), layer.gate_up, up, np.int64(two_i * H), i32(I), i32(0), *grouped, NULL, NULL, act, NULL))
+              (xn, i32(H), layer.gate_up, up, np.int64(two_i * H), i32(I), i32(0), *grouped, NULL, NULL, act, NULL),
+              precision=s.precision)
         tiles("DOWN", H, rows, n_tiles,
               (act, i32(I), layer.down, NULL, np.int64(H * I), i32(H), i32(0), *grouped, pair_weight, NULL, out,
-               NULL))
+               NULL), precision=s.precision)
     else:
         m = 1 if xn.shape[0] == 1 else MAXT[-1]  # one token: every slot holds one pick
         kernel("moe.cu", f"expert_gate_up<{s.wtype}, {m}>")(
@@ -435,10 +466,12 @@ def route(s: State, gate: cp.ndarray, norm: cp.ndarray, x: cp.ndarray, top_k: in
     entropy) or None."""
     c, T = s.config, x.shape[0]
     H, E, g = c.hidden_size, c.num_experts, b.grouping
+    # the router's logits keep float32 products at any precision: a small matrix, and bf16 rounding would choose
+    # other experts wherever two are within ~1e-3 of each other
     if normed:
-        linear(s, b.xn, gate, b.logits)
-    else:
-        linear(s, x, gate, b.logits, norm=norm, scratch=b.xn)  # route_topk writes b.xn again
+        linear(s, b.xn, gate, b.logits, precision="float32")
+    else:  # (route_topk writes b.xn again)
+        linear(s, x, gate, b.logits, norm=norm, scratch=b.xn, precision="float32")
     slots = (g.slot_expert, g.slot_offset, g.pair_src, g.pair_token, g.n_slots) if T == 1 else (NULL,) * 5
     chunks = next(n for n in (4, 8, 16) if 32 * n >= E)  # a lane's experts (MAX_EXPERTS = 32 x 16)
     kernel("moe.cu", f"route_topk<{chunks}>")(
@@ -593,17 +626,18 @@ def attention_into(s: State, layer: Layer, x: cp.ndarray, plan: AttentionPlan, k
         (T, math.ceil((Hq + 2 * Hkv) / 8)), (BLOCK,), (b.qkv, i32(Hq), i32(Hkv), i32(D), layer.q_norm, layer.k_norm,
                          np.float32(c.rms_norm_eps), s.inv_freq, plan.tok_pos, plan.tok_seq, k_caches, v_caches, b.q),
         shared_mem=4 * 8 * D)
-    attend(c, plan, k_caches, v_caches, b)
+    attend(c, plan, k_caches, v_caches, b, s.precision)
     linear(s, b.attn, layer.o_proj, x, residual=x if s.residual else None)
 
 
 def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_caches: cp.ndarray,
-           b: AttentionBuffers) -> None:
-    """b.attn = grouped-query attention of the queries b.q over the caches (the key splits, merged by the last)."""
+           b: AttentionBuffers, precision: str = "float32") -> None:
+    """b.attn = grouped-query attention of the queries b.q over the caches (the key splits, merged by the last);
+    ``precision`` (PRECISIONS): what attention_mma.cu's products take."""
     T, Hq, Hkv, D = b.q.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
     if plan.tensor_cores:
         heads = 2 if (Hq // Hkv) % 2 == 0 else 1  # query heads of a block, sharing the kv head's staged keys
-        mma = kernel("attention_mma.cu", f"attention_mma<{D}>")
+        mma = kernel("attention_mma.cu", f"attention_mma<{D}, {'false' if precision == 'bf16' else 'true'}>")
         smem = 2 * 2 * 32 * D * 4 + 2 * 4 * 32 * (D + 8) * 2  # 2 buffers of its 32 keys and values: f32, bf16 hi/lo
         if smem > mma.max_dynamic_shared_size_bytes:
             mma.max_dynamic_shared_size_bytes = smem

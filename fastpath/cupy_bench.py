@@ -181,6 +181,13 @@ def bench_ours(s: State, batches: list[int], steps: int, prompt_len: int, prefil
     out["prefill_ms"] = 1e3 * timed(lambda: forward_on_device(s, ids, [(0, prefill_len, 0)], [cache]))
     log(f"ours prefill {prefill_len}: {out['prefill_ms']:.1f} ms")
     out["profile_prefill"] = profile(lambda: forward_on_device(s, ids, [(0, prefill_len, 0)], [cache]), hold=False)
+    s.precision = "bf16"  # the same prefill with bf16 activations into the tensor cores (cupy_backend.PRECISIONS)
+    forward_on_device(s, ids, [(0, prefill_len, 0)], [cache])  # warm
+    out["prefill_bf16_ms"] = 1e3 * timed(lambda: forward_on_device(s, ids, [(0, prefill_len, 0)], [cache]))
+    log(f"ours prefill {prefill_len}, precision bf16: {out['prefill_bf16_ms']:.1f} ms")
+    out["profile_prefill_bf16"] = profile(lambda: forward_on_device(s, ids, [(0, prefill_len, 0)], [cache]),
+                                          hold=False)
+    s.precision = "float32"
     # batch 1 again, after the long prompt: attention now reads prefill_len cached positions per layer
     first = int(forward_on_device(s, ids, [(0, prefill_len, 0)], [cache])[0])
     decoder = cb.GreedyDecoder(s, cache, prefill_len, first)
@@ -266,11 +273,19 @@ def profile(run, stream=None, hold: bool = True) -> dict:
     return dict(times)
 
 
-def bench_transformers(model, batches: list[int], steps: int, prompt_len: int) -> dict:
+def bench_transformers(model, batches: list[int], steps: int, prompt_len: int, prefill_len: int) -> dict:
     import torch
 
     out = {}
     with torch.no_grad():
+        ids = torch.randint(0, model.config.vocab_size, (1, prefill_len), device="cuda")
+        model(ids, use_cache=True)  # warm
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(ids, use_cache=True)
+        torch.cuda.synchronize()
+        out["prefill_ms"] = 1e3 * (time.perf_counter() - start)
+        print(f"transformers prefill {prefill_len}: {out['prefill_ms']:.1f} ms", file=sys.stderr)
         for B in [1, *batches]:
             ids = torch.randint(0, model.config.vocab_size, (B, prompt_len), device="cuda")
             result = model(ids, use_cache=True)
@@ -304,7 +319,7 @@ def run(args) -> int:
     hf = build_transformers_model(config)
     ours = bench_ours(state_from_transformers(hf, c), batches, args.steps, 32, args.prompt_len, log)
     ours["sample_rows_us"] = bench_sampling(c.vocab_size)
-    peer = bench_transformers(hf, batches, args.steps, 32)
+    peer = bench_transformers(hf, batches, args.steps, 32, args.prompt_len)
     floor_b1 = decode_bytes(c, c.num_experts_per_tok) / bandwidth
     result = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "layers": layers,
               "copy_bandwidth_GBps": bandwidth / 1e9, "bytes_per_token_b1": decode_bytes(c, c.num_experts_per_tok),
@@ -327,13 +342,15 @@ def run(args) -> int:
           "step by step: the block functions launched from Python, greedy on the device")
     print(f"batch 1 sampled on the device (temperature, top_k, top_p = {SAMPLED_B1}): "
           f"{ours['decode_b1_sampled_tokens_per_s']:.1f} tokens/s")
-    print(f"bandwidth floor at batch 1: {1 / floor_b1:.0f} tokens/s; prefill of {args.prompt_len} tokens: "
-          f"{ours['prefill_ms']:.1f} ms; batch 1 after those {args.prompt_len} tokens: "
-          f"{ours['decode_b1_long_tokens_per_s']:.1f} tokens/s")
+    print(f"bandwidth floor at batch 1: {1 / floor_b1:.0f} tokens/s; batch 1 after the {args.prompt_len}-token "
+          f"prompt: {ours['decode_b1_long_tokens_per_s']:.1f} tokens/s")
+    print(f"prefill of {args.prompt_len} tokens: ours {ours['prefill_ms']:.1f} ms (precision float32), "
+          f"{ours['prefill_bf16_ms']:.1f} ms (precision bf16); transformers (bf16) {peer['prefill_ms']:.1f} ms")
     print(f"sample_rows over {c.vocab_size} logits, per launch ((temperature, top_k, top_p) x rows: us):")
     for key, us in ours["sample_rows_us"].items():
         print(f"  {key:<24} {us:8.1f}")
-    for key, title in (("profile_b1", "one batch-1 step, uncaptured"), ("profile_prefill", "the prefill")):
+    for key, title in (("profile_b1", "one batch-1 step, uncaptured"), ("profile_prefill", "the prefill"),
+                       ("profile_prefill_bf16", "the prefill, precision bf16")):
         total = sum(ours[key].values())
         print(f"{title}, by kernel (ms):")
         for name, t in sorted(ours[key].items(), key=lambda kv: -kv[1]):

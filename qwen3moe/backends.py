@@ -23,6 +23,9 @@ A backend may offer ``BatchDecoder(state, caches, positions, tokens, sampling, c
 greedy or sampled with its (temperature, topk, topp, rng); ``step() -> tokens``): ``generate`` uses it for sampled
 decoding, and with ``SHARDS = True`` the ranks of a split model decode in whole steps through it.
 
+Every backend computes with float32 activations. A backend that can also give its tensor cores bf16 activations
+lists the precisions it takes in the table, and takes ``prepare(..., precision=...)`` (``prepare_options``).
+
 The reference is ``qwen3moe/reference_backend.py``. Fast backends live in the ``fastpath`` package and are named
 here only by module path, imported when chosen: the reference never imports the fast path.
 """
@@ -43,6 +46,7 @@ class Backend:
     summary: str
     comm: str | None = None  # how the ranks of a split model exchange data: a module with ``connect`` (None: no
     #                          splitting)
+    precisions: tuple = ("float32",)  # what its matrix products may take as activations (the first: the default)
 
 
 BACKENDS = {
@@ -50,7 +54,7 @@ BACKENDS = {
                      "qwen3moe.host_comm"),
     "numba": Backend("fastpath.numba_backend", "cpu", "Numba kernels: bf16 weights, fused blocks, all cores", None),
     "cupy": Backend("fastpath.cupy_backend", "nvidia", "CUDA kernels through CuPy, CUDA-graph decoding, NCCL across "
-                    "GPUs", "fastpath.nccl_comm"),
+                    "GPUs", "fastpath.nccl_comm", ("float32", "bf16")),
 }
 FASTEST_FIRST = ["cupy", "numba", "numpy"]  # what "auto" tries, in order, among the backends of the device
 
@@ -100,6 +104,19 @@ def choose(device: str | None, backend: str | None, split: bool = False) -> str:
     if reason:
         raise DeviceError(f"backend {name!r} is not available: {reason}")
     return name
+
+
+def prepare_options(name: str, precision: str) -> dict:
+    """The keyword arguments of backend ``name``'s ``prepare`` for ``precision``: none for float32, which every
+    backend computes in; a precision the backend does not list is refused, saying which backend has it."""
+    if precision == "float32":
+        return {}
+    if precision not in BACKENDS[name].precisions:
+        able = [n for n, b in BACKENDS.items() if precision in b.precisions]
+        offer = f"only the {', '.join(able)} backend offers it" if able else "no backend offers it"
+        raise ValueError(f"precision {precision!r} is not available on the {name} backend ({offer}); use "
+                         "precision='float32'")
+    return {"precision": precision}
 
 
 def load(name: str):

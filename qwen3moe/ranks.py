@@ -147,9 +147,11 @@ STEPS = {  # what rank 0 can ask the other ranks to do, by the name in its messa
 
 
 def load_folder(spec: dict, rank: Rank, ops):
-    """The rank's part of the Hugging Face folder ``spec["model_dir"]`` (memory-mapped: only that part is read)."""
+    """The rank's part of the Hugging Face folder ``spec["model_dir"]`` (memory-mapped: only that part is read),
+    prepared with ``spec["options"]`` (backends.prepare_options)."""
     weights = rank.weights or load_weights(spec["model_dir"], rank.config)
-    return ops.prepare(shard_weights(weights, rank.plan, rank.rank), rank.shard_config, rank.shard)
+    return ops.prepare(shard_weights(weights, rank.plan, rank.rank), rank.shard_config, rank.shard,
+                       **spec.get("options", {}))
 
 
 # ---- rank 0 ----------------------------------------------------------------------------------------------------------

@@ -356,7 +356,8 @@ def test_a_rank_adds_only_the_picks_of_its_own_experts(cb, tiny_model_dir, T):
                                            ("tiles", 100, 4096, 600)])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("wgmma", [False, True], ids=["", "wgmma"])
-def test_projection_matches_float64(cb, path, T, K, N, with_residual, wgmma, monkeypatch):
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_projection_matches_float64(cb, path, T, K, N, with_residual, wgmma, precision, monkeypatch):
     """mma_batch.cu and matmul.cu against a float64 product on fresh random bf16 weights. mma_batch.cu: K split over
     1-16 blocks (the last split short when K is not a multiple of 256), rows that are not a whole number of blocks,
     token counts that fill one or two eight-token tiles wholly or partly. matmul.cu: K of 1, 3 and 64 pipeline
@@ -367,7 +368,9 @@ def test_projection_matches_float64(cb, path, T, K, N, with_residual, wgmma, mon
     is poisoned with NaN first. Tolerance: 4e-5 of the products' root sum of squares, the scale of the rounding
     errors' random walk
     (hi/lo products accumulated in float32: at K = 2048 errors up to ~5.5e-4 are seen, by mma_few.cu too, against a
-    bound of ~1.8e-3; a lost split, step or token would be off by ~10)."""
+    bound of ~1.8e-3; a lost split, step or token would be off by ~10). Precision "bf16": the tile products must
+    equal the float64 product of the activations rounded to bf16 to the same bound (a tile that still split them
+    would be off by ~1e-2, beyond it); mma_batch.cu keeps the split products at any precision."""
     import cupy as cp
 
     if wgmma and (path != "tiles" or T <= cb.FEW_TOKENS):
@@ -380,14 +383,14 @@ def test_projection_matches_float64(cb, path, T, K, N, with_residual, wgmma, mon
     rng = np.random.default_rng()
     layer = cb.Layer(*(None,) * 8, router=None)
     layer.qkv, layer.o_proj = cp.empty((N, K), cp.uint16), cp.empty((N, K), cp.uint16)
-    s = cb.State(None, "bf16_t", None, [layer], None, None, None)
+    s = cb.State(None, "bf16_t", None, [layer], None, None, None, precision=precision)
     assert cb.linear_path(s, T, K, N) == path
-    bits = rng.standard_normal((N, K), dtype=np.float32).view(np.uint32)
-    w = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # bf16, rounded to nearest even
+    w = bf16_bits(rng.standard_normal((N, K), dtype=np.float32))
     w64 = (w.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     x = rng.standard_normal((T, K), dtype=np.float32)
     residual = rng.standard_normal((T, N), dtype=np.float32)
-    expected = x.astype(np.float64) @ w64.T + (residual if with_residual else 0)
+    taken = round_to_bf16(x) if precision == "bf16" and path == "tiles" else x
+    expected = taken.astype(np.float64) @ w64.T + (residual if with_residual else 0)
     bound = 4e-5 * np.sqrt(x.astype(np.float64) ** 2 @ (w64 ** 2).T) + 1e-6 * np.abs(expected)
     for _ in range(2):
         out = cp.asarray(residual) if with_residual else cp.full((T, N), np.nan, cp.float32)
@@ -396,6 +399,17 @@ def test_projection_matches_float64(cb, path, T, K, N, with_residual, wgmma, mon
         assert np.isfinite(ours).all()
         worst = np.unravel_index(np.argmax(np.abs(ours - expected) / bound), ours.shape)
         assert np.all(np.abs(ours - expected) <= bound), f"at {worst}: {ours[worst]} against {expected[worst]}"
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bf16 (to nearest even, as the GPU's cvt.rn.bf16x2.f32), as their 16 bits."""
+    bits = x.view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bf16, as float32."""
+    return (bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
 
 
 def test_long_context_attention_uses_many_splits(cb, tiny_model_dir):
@@ -461,10 +475,13 @@ def float64_attention(q: np.ndarray, segments: list, caches: list, G: int) -> np
 
 
 @pytest.mark.parametrize("heads, head_dim", [((32, 4), 128), ((6, 2), 64), ((4, 4), 128)])
-def test_prefill_attention_kernel_matches_float64_attention(cb, heads, head_dim):
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_prefill_attention_kernel_matches_float64_attention(cb, heads, head_dim, precision):
     """attention_mma.cu against plain float64 attention on fresh random caches: prompts of several sequences in one
     step, some starting after keys already cached (a chunked prefill), with 64-token tiles whole and partial; 8 query
-    heads per kv head (two heads a block), 3 and 1 (one a block); head_dim 128 and 64, the two compiled."""
+    heads per kv head (two heads a block), 3 and 1 (one a block); head_dim 128 and 64, the two compiled. Precision
+    "bf16" rounds q, k, v and the probabilities to bf16 before each product: within 1e-2 of the largest output
+    (errors of ~2e-3 are seen; a wrong key, mask or scale is off by ~1)."""
     import cupy as cp
     from qwen3moe.config import config_from_dict
 
@@ -487,8 +504,39 @@ def test_prefill_attention_kernel_matches_float64_attention(cb, heads, head_dim)
     b.q[...] = cp.asarray(q)
     addr = lambda arrays: cp.asarray(np.array([a.data.ptr for a in arrays], np.uint64))
     device = [(cp.asarray(k), cp.asarray(v)) for k, v in caches]
-    cb.attend(c, plan, addr([k for k, _ in device]), addr([v for _, v in device]), b)
-    close(b.attn.reshape(row, Hq, D), float64_attention(q, segments, caches, G), "prefill attention")
+    cb.attend(c, plan, addr([k for k, _ in device]), addr([v for _, v in device]), b, precision)
+    expected = float64_attention(q, segments, caches, G)
+    if precision == "float32":
+        close(b.attn.reshape(row, Hq, D), expected, "prefill attention")
+        return
+    ours = b.attn.reshape(row, Hq, D).get()
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-2 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("wgmma", [False, True], ids=["", "wgmma"])
+def test_bf16_precision_prefill_stays_within_bf16_rounding_of_the_reference(cb, tmp_path, wgmma, monkeypatch):
+    """Precision "bf16" end to end: the logits of a 100-token prompt against the float32 reference, through the tile
+    products (on wgmma_tiles.cu's 128-row tiles on Hopper, else matmul.cu's) and prefill attention (head_dim 64:
+    attention_mma.cu), all with bf16 activations: within 5e-2 of the largest logit (bf16 rounds to 2^-9 relative;
+    errors of ~1e-2 are seen; a broken product is off by ~1), but not within 1e-5, or nothing was rounded. The
+    router keeps float32 products, so the prompt's routing stays the reference's unless two experts are within
+    bf16 rounding of each other."""
+    if wgmma and not cb.hopper():
+        pytest.skip("wgmma_tiles.cu runs on compute capability 9.0 (H100, H200) only")
+    if not wgmma:
+        monkeypatch.setattr(cb, "hopper", lambda: False)
+    config = dict(TINY_CONFIG, head_dim=64)
+    folder = write_checkpoint(tmp_path / "model", config, random_weights(config, seed=int(np.random.default_rng()
+                                                                                         .integers(1 << 30))))
+    prompt = np.random.default_rng().integers(0, 256, 100).tolist()
+    logits = {}
+    for name, precision in (("numpy", "float32"), ("cupy", "bf16")):
+        model = Qwen3MoeForCausalLM(folder, backend=name, precision=precision)
+        (logits[name],) = model.forward([Request(prompt, 0, Qwen3MoeKVCache(model, max_tokens=128))])
+    scale = np.abs(logits["numpy"]).max()
+    np.testing.assert_allclose(logits["cupy"], logits["numpy"], rtol=0, atol=5e-2 * scale)
+    assert np.abs(logits["cupy"] - logits["numpy"]).max() > 1e-5 * scale, "no bf16 rounding took place"
 
 
 def test_non_finite_logits_are_refused_in_graph_decoding(cb, tmp_path):

@@ -17,6 +17,8 @@
 //                   operand is read transposed from its (key, d) rows by ldmatrix.trans.
 // Q's fragments stay in registers for the whole key loop. The three-product split keeps the result within ~1e-5 of
 // the float32 reference (plain bf16 would be ~1e-3). The output is written normalised: no merge step follows.
+// SPLIT false (precision "bf16"): q, k, v and p are rounded to bf16 and each product is one mma, as in bf16 engines;
+// the softmax and the sums stay float32.
 // D: head_dim, a multiple of 16 (64 and 128 are compiled).
 // grid (tiles, Hq / heads), block 128 x heads (heads divides Hq / Hkv); dynamic shared memory: two buffers of 32 keys
 // and values as float32 and as bf16 hi/lo, 2 * 2 * 32 * D * 4 + 2 * 4 * 32 * (D + 8) * 2 bytes (132 KB at D = 128)
@@ -39,21 +41,28 @@ __device__ __forceinline__ void load_b_transposed(unsigned (&b)[2], const bf16_t
                  : "r"(address));
 }
 
-// 4 floats as bf16 hi and lo halves, 4 of each packed in 8 bytes.
-__device__ __forceinline__ void split4(const float4& x, uint2& hi, uint2& lo) {
-    split2(x.x, x.y, hi.x, lo.x);
-    split2(x.z, x.w, hi.y, lo.y);
+// 4 floats as bf16 hi and lo halves (SPLIT) or hi alone, 4 of each packed in 8 bytes.
+template <bool SPLIT>
+__device__ __forceinline__ void split4(const float4& x, uint2* hi, uint2* lo) {
+    uint2 h, l;
+    to_operand<SPLIT>(x.x, x.y, h.x, l.x);
+    to_operand<SPLIT>(x.z, x.w, h.y, l.y);
+    *hi = h;
+    if (SPLIT) *lo = l;
 }
 
-// d += a_hi b_hi + a_hi b_lo + a_lo b_hi, the small terms first.
+// d += a_hi b_hi + a_hi b_lo + a_lo b_hi, the small terms first (SPLIT), or d += a_hi b_hi.
+template <bool SPLIT>
 __device__ __forceinline__ void mma3(float (&d)[4], const unsigned (&a_hi)[4], const unsigned (&a_lo)[4],
                                      const unsigned (&b_hi)[2], const unsigned (&b_lo)[2]) {
-    mma_bf16(d, a_lo, b_hi);
-    mma_bf16(d, a_hi, b_lo);
+    if (SPLIT) {
+        mma_bf16(d, a_lo, b_hi);
+        mma_bf16(d, a_hi, b_lo);
+    }
     mma_bf16(d, a_hi, b_hi);
 }
 
-template <int D>
+template <int D, bool SPLIT>
 __global__ void __launch_bounds__(256) attention_mma(const float* __restrict__ q, int Hq, int Hkv,
                                                      const float* const* k_caches, const float* const* v_caches,
                                                      const int* __restrict__ tile_seq,
@@ -96,7 +105,7 @@ __global__ void __launch_bounds__(256) attention_mma(const float* __restrict__ q
             if (r[i % 2] < ntok)
                 v = *reinterpret_cast<const float2*>(q + (static_cast<long long>(row0 + r[i % 2]) * Hq + head) * D +
                                                      16 * s + 2 * c + 8 * (i / 2));
-            split2(v.x * scale_log2, v.y * scale_log2, q_hi[s][i], q_lo[s][i]);
+            to_operand<SPLIT>(v.x * scale_log2, v.y * scale_log2, q_hi[s][i], q_lo[s][i]);
         }
 
     float o[D / 8][4] = {};  // output tile j (columns 8j..8j+7): [0], [1] row r[0]; [2], [3] row r[1]
@@ -121,8 +130,8 @@ __global__ void __launch_bounds__(256) attention_mma(const float* __restrict__ q
             const int key = i / (D / 4), d = i % (D / 4) * 4, at = key * KS + d;
             const float4 kv = *reinterpret_cast<const float4*>(staged(b) + key * D + d);
             const float4 vv = *reinterpret_cast<const float4*>(staged(b) + BN * D + key * D + d);
-            split4(kv, *reinterpret_cast<uint2*>(k_hi + at), *reinterpret_cast<uint2*>(k_lo + at));
-            split4(vv, *reinterpret_cast<uint2*>(v_hi + at), *reinterpret_cast<uint2*>(v_lo + at));
+            split4<SPLIT>(kv, reinterpret_cast<uint2*>(k_hi + at), reinterpret_cast<uint2*>(k_lo + at));
+            split4<SPLIT>(vv, reinterpret_cast<uint2*>(v_hi + at), reinterpret_cast<uint2*>(v_lo + at));
         }
         __syncthreads();  // this block of keys is split; the other split buffer is no longer read
         if (k0 + BN < key_end) stage(k0 + BN, b ^ 1);
@@ -134,8 +143,9 @@ __global__ void __launch_bounds__(256) attention_mma(const float* __restrict__ q
             for (int s = 0; s < D / 16; ++s) {
                 const bf16_t* kh = k_hi + (8 * j + g) * KS + 16 * s + 2 * c;
                 const bf16_t* kl = k_lo + (8 * j + g) * KS + 16 * s + 2 * c;
-                const unsigned b_hi[2] = {pair_at(kh, 0), pair_at(kh, 8)}, b_lo[2] = {pair_at(kl, 0), pair_at(kl, 8)};
-                mma3(sc[j], q_hi[s], q_lo[s], b_hi, b_lo);
+                const unsigned b_hi[2] = {pair_at(kh, 0), pair_at(kh, 8)};
+                const unsigned b_lo[2] = {SPLIT ? pair_at(kl, 0) : 0u, SPLIT ? pair_at(kl, 8) : 0u};
+                mma3<SPLIT>(sc[j], q_hi[s], q_lo[s], b_hi, b_lo);
             }
         float alpha[2];
 #pragma unroll
@@ -174,17 +184,17 @@ __global__ void __launch_bounds__(256) attention_mma(const float* __restrict__ q
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {  // keys 16 kk .. 16 kk + 15: score tiles 2 kk and 2 kk + 1
             unsigned p_hi[4], p_lo[4];
-            split2(sc[2 * kk][0], sc[2 * kk][1], p_hi[0], p_lo[0]);
-            split2(sc[2 * kk][2], sc[2 * kk][3], p_hi[1], p_lo[1]);
-            split2(sc[2 * kk + 1][0], sc[2 * kk + 1][1], p_hi[2], p_lo[2]);
-            split2(sc[2 * kk + 1][2], sc[2 * kk + 1][3], p_hi[3], p_lo[3]);
+            to_operand<SPLIT>(sc[2 * kk][0], sc[2 * kk][1], p_hi[0], p_lo[0]);
+            to_operand<SPLIT>(sc[2 * kk][2], sc[2 * kk][3], p_hi[1], p_lo[1]);
+            to_operand<SPLIT>(sc[2 * kk + 1][0], sc[2 * kk + 1][1], p_hi[2], p_lo[2]);
+            to_operand<SPLIT>(sc[2 * kk + 1][2], sc[2 * kk + 1][3], p_hi[3], p_lo[3]);
 #pragma unroll
             for (int j = 0; j < D / 8; ++j) {
                 const int at = (16 * kk + lane % 16) * KS + 8 * j;
-                unsigned b_hi[2], b_lo[2];
+                unsigned b_hi[2], b_lo[2] = {0u, 0u};
                 load_b_transposed(b_hi, v_hi + at);
-                load_b_transposed(b_lo, v_lo + at);
-                mma3(o[j], p_hi, p_lo, b_hi, b_lo);
+                if (SPLIT) load_b_transposed(b_lo, v_lo + at);
+                mma3<SPLIT>(o[j], p_hi, p_lo, b_hi, b_lo);
             }
         }
     }

@@ -2,7 +2,7 @@
 // every weight once per 8 tokens: here a block's tile of outputs reads each weight once per 64 tokens.
 //
 // bf16 weights and float32 accumulation on the tensor cores (mma.cuh); the float32 activations are split into bf16
-// hi + lo as each warp loads its fragments, and both halves are multiplied. Three kinds of product share the kernel:
+// hi + lo as each warp loads its fragments, and both halves are multiplied (SPLIT; precision "bf16": hi alone). Three kinds of product share the kernel:
 //   LINEAR   out[t, n] = residual[t, n] + x[t] . W[n]                     rows: tokens 0..T, tiles in blockIdx.y order
 //   GATE_UP  act[q, n] = silu(xn[tok(q)] . gate_e[n]) * (xn[tok(q)] . up_e[n])      rows: the pairs of one slot
 //   DOWN     out[src(q), n] = weight(q) * act[q] . down_e[n]                          rows: the pairs of one slot
@@ -43,10 +43,11 @@ static_assert(2 * Tile<GATE_UP>::SHARED <= 227 * 1024, "two blocks must fit a mu
 __device__ __forceinline__ unsigned pair_at(const bf16_t* tile, int row, int col) {
     return *reinterpret_cast<const unsigned*>(tile + row * LDB + col);
 }
-// Two adjacent activations of a staged tile, split into bf16 hi and lo pairs.
+// Two adjacent activations of a staged tile, split into bf16 hi and lo pairs (SPLIT) or rounded (hi).
+template <bool SPLIT>
 __device__ __forceinline__ void split_at(const float* tile, int row, int col, unsigned& hi, unsigned& lo) {
     const float2 x = *reinterpret_cast<const float2*>(tile + row * LDA + col);
-    split2(x.x, x.y, hi, lo);
+    to_operand<SPLIT>(x.x, x.y, hi, lo);
 }
 
 // One 32-wide step of a tile's weights into shared memory: rows n0.. of each matrix, 16-byte chunks taken by
@@ -66,7 +67,7 @@ __device__ __forceinline__ void stage_weights(const bf16_t* const (&W)[Tile<MODE
         }
 }
 
-template <int MODE>
+template <int MODE, bool SPLIT>
 __global__ void __launch_bounds__(Tile<MODE>::THREADS) mma_tiles(
     const float* __restrict__ a, int K, const bf16_t* __restrict__ w, const bf16_t* __restrict__ w2,
     long long expert_stride, int N, int T, const int* __restrict__ tile_slot, const int* __restrict__ tile_row,
@@ -139,13 +140,14 @@ __global__ void __launch_bounds__(Tile<MODE>::THREADS) mma_tiles(
             for (int i = 0; i < 4; ++i) {
                 unsigned hi[4], lo[4];
                 const int row = 16 * i + g;
-                split_at(A, row, kk + c, hi[0], lo[0]), split_at(A, row + 8, kk + c, hi[1], lo[1]);
-                split_at(A, row, kk + c + 8, hi[2], lo[2]), split_at(A, row + 8, kk + c + 8, hi[3], lo[3]);
+                split_at<SPLIT>(A, row, kk + c, hi[0], lo[0]), split_at<SPLIT>(A, row + 8, kk + c, hi[1], lo[1]);
+                split_at<SPLIT>(A, row, kk + c + 8, hi[2], lo[2]);
+                split_at<SPLIT>(A, row + 8, kk + c + 8, hi[3], lo[3]);
 #pragma unroll
                 for (int j = 0; j < SLOTS; ++j)
 #pragma unroll
                     for (int n = 0; n < WN / 8; ++n) {
-                        mma_bf16(acc[j][i][n], lo, fb[j][n]);  // the small half first
+                        if (SPLIT) mma_bf16(acc[j][i][n], lo, fb[j][n]);  // the small half first
                         mma_bf16(acc[j][i][n], hi, fb[j][n]);
                     }
             }
@@ -185,4 +187,14 @@ __global__ void __launch_bounds__(256) add_split_sums(const float4* __restrict__
         v.x += p.x, v.y += p.y, v.z += p.z, v.w += p.w;
     }
     out[i] = v;
+}
+
+// y = x rounded to bf16 (to nearest even, as to_bf16x2), 4 values a thread: the activations that wgmma_tiles.cu
+// reads as bf16 under precision "bf16" (half the bytes to stage of float32's).   grid (ceil(n4 / 256)), block 256
+__global__ void __launch_bounds__(256) to_bf16(const float4* __restrict__ x, long long n4, uint2* __restrict__ y) {
+    begin_after_previous();
+    const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= n4) return;
+    const float4 v = x[i];
+    y[i] = make_uint2(to_bf16x2(v.x, v.y), to_bf16x2(v.z, v.w));
 }

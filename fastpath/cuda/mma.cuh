@@ -83,6 +83,14 @@ __device__ __forceinline__ void split2(float x0, float x1, unsigned& hi, unsigne
     lo = to_bf16x2(x0 - __uint_as_float(hi << 16), x1 - __uint_as_float(hi & 0xffff0000u));
 }
 
+// (x0, x1) as the operand words a product takes: with SPLIT, hi + lo (split2); without (precision "bf16"), the
+// rounded hi alone (lo = 0, never multiplied).
+template <bool SPLIT>
+__device__ __forceinline__ void to_operand(float x0, float x1, unsigned& hi, unsigned& lo) {
+    if (SPLIT) split2(x0, x1, hi, lo);
+    else hi = to_bf16x2(x0, x1), lo = 0;
+}
+
 // d += a (16x16, row-major) * b (16x8, column-major), bf16 inputs, float32 accumulators. Fragment layout (PTX ISA,
 // "mma.m16n8k16"): with g = lane / 4 and c = lane % 4 * 2, a holds rows g, g+8 x columns c, c+1, c+8, c+9; b holds
 // rows (k) c, c+1, c+8, c+9 of column g; d holds rows g, g+8 x columns c, c+1. In each 32-bit register the lower

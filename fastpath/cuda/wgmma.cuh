@@ -1,7 +1,7 @@
 // Hopper's warpgroup product (wgmma.mma_async, sm_90a only) as wgmma_tiles.cu and its ladder step
 // (ladder/prefill_wgmma.cu) issue it: a 64 x 256 x 16 bf16 product of the four warps of a warpgroup, A from registers
-// (float32 activations split into bf16 hi + lo, mma.cuh), B from shared memory through a descriptor, float32
-// accumulators that stay in registers while the product runs.
+// (float32 activations split into bf16 hi + lo, mma.cuh) or from shared memory (bf16 activations), B from shared
+// memory through a descriptor, float32 accumulators that stay in registers while the product runs.
 #pragma once
 #include "mma.cuh"
 
@@ -27,7 +27,37 @@ __device__ __forceinline__ void wgmma_256(float (&d)[128], const unsigned (&a)[4
           WG_D8(72), WG_D8(80), WG_D8(88), WG_D8(96), WG_D8(104), WG_D8(112), WG_D8(120)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
+// The same product with the activations (A) also read from shared memory through a descriptor: bf16 activations
+// (precision "bf16"), staged in the weights' swizzled layout, which need no registers and no split.
+__device__ __forceinline__ void wgmma_256_shared(float (&d)[128], unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32), WG_D8(40), WG_D8(48), WG_D8(56), WG_D8(64),
+          WG_D8(72), WG_D8(80), WG_D8(88), WG_D8(96), WG_D8(104), WG_D8(112), WG_D8(120)
+        : "l"(a), "l"(b), "r"(1));
+}
 #undef WG_D8
+
+// The descriptor of a staged tile of rows x 16 k starting at ``tile``, rows of 64 bf16 (128 bytes) in the 128-byte
+// swizzle (PTX ISA, "Matrix Descriptor"): start address and SBO (the next 8 rows, 1024 bytes) in 16-byte units,
+// layout 128-byte swizzle (1 in bits 62-63). K-major with the 16 k inside one swizzled 128-byte row, the LBO is
+// unused; each next 16 k of a row start 32 bytes further (descriptor + 2). The weights of wgmma_tiles.cu, and its
+// bf16 activations.
+__device__ __forceinline__ unsigned long long swizzled_descriptor(const unsigned char* tile) {
+    const unsigned long long address = static_cast<unsigned>(__cvta_generic_to_shared(tile));
+    return ((address & 0x3FFFF) >> 4) | (1ull << 16) | (static_cast<unsigned long long>(1024 >> 4) << 32) |
+           (1ull << 62);
+}
 
 // Before a warpgroup's first wgmma after its registers were written; after issuing, to close a group; and to wait
 // for this warp's groups.

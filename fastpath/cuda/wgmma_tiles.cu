@@ -23,11 +23,15 @@
 //     their products have read it, which lets the producer refill it.
 // No block-wide barrier in the loop: a warpgroup waits only for its data.
 //
+// Precision "bf16" (cupy_backend.State.precision) passes the activations as bf16 (A = bf16_t, rounded by to_bf16 in
+// linear.cu): a step stages half the bytes of activations, in the weights' swizzled layout, and the tensor cores read
+// them from shared memory too (wgmma_256_shared) -- one product per 16-wide step, no fragments, no split.
+//
 // A block is WG math warpgroups (64 rows each) and the producer warpgroup: WG x 64 rows x 256 weight rows. LINEAR and
 // DOWN: 256 output columns; GATE_UP: 128 gate and the same 128 up rows (the product's columns 0-127 and 128-255,
 // paired in the epilogue). The producer gives registers to the math warpgroups (setmaxnreg): their 128 accumulators
 // and two steps of fragments need ~230 registers a thread.
-//   grid (ceil(N / Tile::N), tiles, splits), block 128 (WG + 1), dynamic shared memory Tile::SHARED
+//   grid (ceil(N / Tile::N), tiles, splits), block 128 (WG + 1), dynamic shared memory WgTile::SHARED
 #include "wgmma.cuh"
 
 namespace wg {
@@ -36,8 +40,6 @@ constexpr int TK = 64, STAGES = 3;          // k of a step (measured against 32-
 constexpr int ROWS = 256;                    // weight rows staged a step
 constexpr int ROW_BYTES = TK * 2;            // a staged weight row: 128 bytes, the span of the 128-byte swizzle
 constexpr int SWIZZLE_ATOM = 8 * ROW_BYTES;  // 8 rows: the distance between two 8-row groups (the descriptor's SBO)
-constexpr int A_ROW_BYTES = TK * 4;          // a staged activation row: 256 bytes, 16 chunks of 16
-constexpr int A_CHUNKS = A_ROW_BYTES / 16, A_PASS = 128 / A_CHUNKS;  // the producer's 128 threads: rows a pass
 }  // namespace wg
 
 // The CUtensorMap of the weights, passed by value (cuda_build.tensor_map): 128 opaque bytes.
@@ -45,27 +47,23 @@ struct alignas(64) TensorMap {
     unsigned long long opaque[16];
 };
 
-template <int MODE, int WG>
+template <int MODE, int WG, typename A>
 struct WgTile {
     static constexpr int M = 64 * WG, THREADS = 128 * (WG + 1);
     static constexpr int N = MODE == GATE_UP ? wg::ROWS / 2 : wg::ROWS;  // output columns of a block
-    static constexpr int B_BYTES = wg::ROWS * wg::ROW_BYTES, A_BYTES = M * wg::A_ROW_BYTES;
+    static constexpr bool SPLIT = sizeof(A) == 4;  // float32 activations: split into hi + lo in registers
+    // a staged activation row: 256 bytes (float32) or 128 (bf16) in 16-byte chunks; the producer's 128 threads copy
+    // A_PASS rows a pass
+    static constexpr int A_ROW_BYTES = wg::TK * sizeof(A), A_CHUNKS = A_ROW_BYTES / 16, A_PASS = 128 / A_CHUNKS;
+    static constexpr int B_BYTES = wg::ROWS * wg::ROW_BYTES, A_BYTES = M * A_ROW_BYTES;
     static constexpr int STAGE_BYTES = B_BYTES + A_BYTES;  // a multiple of 1024: every stage stays aligned
     // the stages, 1024 bytes to align them (the copy engine's 128-byte swizzle follows address bits 4-9), 2 mbarriers
     // a stage and the tile's rows (their tokens, for GATE_UP)
     static constexpr int SHARED = wg::STAGES * STAGE_BYTES + 1024 + 2 * wg::STAGES * 8 + M * 4;  // (= cupy_backend)
 };
-static_assert(WgTile<GATE_UP, 2>::STAGE_BYTES % 1024 == 0, "stages must stay 1024-byte aligned");
-static_assert(WgTile<GATE_UP, 2>::SHARED <= 227 * 1024, "a block must fit a multiprocessor's shared memory");
-
-// The descriptor of a staged weight tile's 256 rows x 16 k starting at ``tile`` (PTX ISA, "Matrix Descriptor"): start
-// address and SBO (next 8 rows) in 16-byte units, layout 128-byte swizzle (1 in bits 62-63). K-major with the 16 k
-// inside one swizzled 128-byte row, the LBO is unused; each next 16 k of a row start 32 bytes further.
-__device__ __forceinline__ unsigned long long weights_descriptor(const unsigned char* tile) {
-    const unsigned long long address = static_cast<unsigned>(__cvta_generic_to_shared(tile));
-    return ((address & 0x3FFFF) >> 4) | (1ull << 16) | (static_cast<unsigned long long>(wg::SWIZZLE_ATOM >> 4) << 32) |
-           (1ull << 62);
-}
+static_assert(WgTile<GATE_UP, 2, bf16_t>::STAGE_BYTES % 1024 == 0, "stages must stay 1024-byte aligned");
+static_assert(WgTile<GATE_UP, 2, float>::SHARED <= 227 * 1024, "a block must fit a multiprocessor's shared memory");
+static_assert(wg::SWIZZLE_ATOM == 1024, "swizzled_descriptor (wgmma.cuh) takes 8 rows of 128 bytes");
 
 // ---- mbarriers and the copy engine (PTX ISA: "mbarrier", "cp.async.bulk", "cp.async.bulk.tensor") ----------------
 __device__ __forceinline__ unsigned shared_address(const void* p) {
@@ -113,15 +111,15 @@ __device__ __forceinline__ void stage_weights(const void* map, int row, int up, 
 
 // out = the tile products of matmul.cu (see there for what each mode writes), with the weights given by ``w_map``:
 // a 2-D tensor map over all rows (every expert's, one after the other, ``expert_rows`` apart) x K, box 64 x 256
-// (GATE_UP 64 x 128), 128-byte swizzle.
-template <int MODE, int WG>
+// (GATE_UP 64 x 128), 128-byte swizzle; A: the activations' type, float (split) or bf16_t.
+template <int MODE, int WG, typename A>
 __global__ void __launch_bounds__(128 * (WG + 1), 1) wgmma_tiles(
-    const __grid_constant__ TensorMap w_map, const float* __restrict__ a, int K, int expert_rows, int N, int T,
+    const __grid_constant__ TensorMap w_map, const A* __restrict__ a, int K, int expert_rows, int N, int T,
     const int* __restrict__ tile_slot, const int* __restrict__ tile_row, const int* __restrict__ n_tiles,
     const int* __restrict__ slot_expert, const int* __restrict__ slot_offset, const int* __restrict__ pair_token,
     const int* __restrict__ pair_src, const float* __restrict__ pair_weight, const float* residual, float* out,
     float* __restrict__ partial) {
-    using Tl = WgTile<MODE, WG>;
+    using Tl = WgTile<MODE, WG, A>;
     constexpr int STAGES = wg::STAGES, TK = wg::TK;
     extern __shared__ unsigned char smem_raw[];
     unsigned char* smem = smem_raw + (1024 - shared_address(smem_raw) % 1024) % 1024;
@@ -165,7 +163,7 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1) wgmma_tiles(
 
     if (warp < 4) {  // the producer warpgroup
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-        const int chunk = threadIdx.x % wg::A_CHUNKS, rows_of = threadIdx.x / wg::A_CHUNKS;  // rows_of + A_PASS i
+        const int chunk = threadIdx.x % Tl::A_CHUNKS, rows_of = threadIdx.x / Tl::A_CHUNKS;  // rows_of + A_PASS i
         for (int step = 0; step < steps; ++step) {
             const int s = step % STAGES, k0 = (first + step) * TK;
             if (step >= STAGES) barrier_wait(empty + s, (step / STAGES - 1) & 1);
@@ -174,11 +172,11 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1) wgmma_tiles(
                 stage_weights<MODE>(&w_map, wrow0, N, k0, Bs(s), full + s);
             }
             unsigned char* dst = As(s);
-            const int k = k0 + 4 * chunk;  // this thread's 4 floats of each row; past K: zeros
+            const int k = k0 + 16 / sizeof(A) * chunk;  // this thread's 16 bytes of each row; past K: zeros
 #pragma unroll
-            for (int i = 0; i < Tl::M / wg::A_PASS; ++i) {
-                const int r = rows_of + wg::A_PASS * i;
-                copy_async16(dst + r * wg::A_ROW_BYTES + (chunk ^ r % 8) * 16,
+            for (int i = 0; i < Tl::M / Tl::A_PASS; ++i) {
+                const int r = rows_of + Tl::A_PASS * i;
+                copy_async16(dst + r * Tl::A_ROW_BYTES + (chunk ^ r % 8) * 16,
                              a + static_cast<long long>(tile_src[r]) * K + (k < K ? k : 0), k < K);
             }
             barrier_arrive_on_copies(full + s);
@@ -193,30 +191,37 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1) wgmma_tiles(
     float acc[128] = {};
     pin(acc);
     // the A fragments (hi and lo) of two steps: those of the step before may still be read by the tensor cores
-    unsigned frag[2][TK / 16][2][4];
+    unsigned frag[2][Tl::SPLIT ? TK / 16 : 1][2][4];
     // a float2 of row r at float f (f % 4 < 3) in the swizzled staging: chunk f / 4 of the row is at f / 4 ^ r % 8
-    auto at = [&](const unsigned char* A, int r, int f) {
-        return *reinterpret_cast<const float2*>(A + r * wg::A_ROW_BYTES + ((f / 4) ^ (r % 8)) * 16 + f % 4 * 4);
+    auto at = [&](const unsigned char* As, int r, int f) {
+        return *reinterpret_cast<const float2*>(As + r * Tl::A_ROW_BYTES + ((f / 4) ^ (r % 8)) * 16 + f % 4 * 4);
     };
-    auto one_step = [&](int step, unsigned (&f)[TK / 16][2][4]) {  // f: frag[step % 2]
+    auto one_step = [&](int step, unsigned (&f)[Tl::SPLIT ? TK / 16 : 1][2][4]) {  // f: frag[step % 2]
         const int s = step % STAGES;
         barrier_wait(full + s, (step / STAGES) & 1);
         if (group_has_rows) {
-            const unsigned char* A = As(s);
+            if constexpr (Tl::SPLIT) {
+                const unsigned char* A_s = As(s);
 #pragma unroll
-            for (int kk = 0; kk < TK / 16; ++kk) {
-                const int r = wrow + g, k = 16 * kk + c;
-                const float2 x0 = at(A, r, k), x1 = at(A, r + 8, k), x2 = at(A, r, k + 8), x3 = at(A, r + 8, k + 8);
-                unsigned (&hi)[4] = f[kk][1], (&lo)[4] = f[kk][0];
-                split2(x0.x, x0.y, hi[0], lo[0]), split2(x1.x, x1.y, hi[1], lo[1]);
-                split2(x2.x, x2.y, hi[2], lo[2]), split2(x3.x, x3.y, hi[3], lo[3]);
+                for (int kk = 0; kk < TK / 16; ++kk) {
+                    const int r = wrow + g, k = 16 * kk + c;
+                    const float2 x0 = at(A_s, r, k), x1 = at(A_s, r + 8, k), x2 = at(A_s, r, k + 8),
+                                 x3 = at(A_s, r + 8, k + 8);
+                    unsigned (&hi)[4] = f[kk][1], (&lo)[4] = f[kk][0];
+                    split2(x0.x, x0.y, hi[0], lo[0]), split2(x1.x, x1.y, hi[1], lo[1]);
+                    split2(x2.x, x2.y, hi[2], lo[2]), split2(x3.x, x3.y, hi[3], lo[3]);
+                }
             }
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < TK / 16; ++kk) {
-                const unsigned long long b = weights_descriptor(Bs(s)) + 2 * kk;  // + 32 bytes: the next 16 k
-                wgmma_256(acc, f[kk][0], b);  // the small half first
-                wgmma_256(acc, f[kk][1], b);
+                const unsigned long long b = swizzled_descriptor(Bs(s)) + 2 * kk;  // + 32 bytes: the next 16 k
+                if constexpr (Tl::SPLIT) {
+                    wgmma_256(acc, f[kk][0], b);  // the small half first
+                    wgmma_256(acc, f[kk][1], b);
+                } else {  // the warpgroup's 64 rows of the staged bf16 activations
+                    wgmma_256_shared(acc, swizzled_descriptor(As(s) + 64 * group * Tl::A_ROW_BYTES) + 2 * kk, b);
+                }
             }
             wgmma_commit();
             wgmma_wait<1>();  // step - 1's products are done: its fragments and its buffer are free
