@@ -23,13 +23,14 @@ MAXT = (1, 8)  # tokens per pass of the GEMV kernels: 1 for batch-1 decode, 8 ot
 WG_TILE = 2  # warpgroups (64 rows each) of a wgmma_tiles.cu block
 
 KERNELS = {
-    "linear.cu": ["embed<{W}>", "rms_norm", *(f"linear<{{W}}, {m}>" for m in MAXT)],
+    "linear.cu": ["embed<{W}>", "rms_norm<float>", "rms_norm<bf16_t>", *(f"linear<{{W}}, {m}>" for m in MAXT)],
     "moe.cu": [*(f"route_topk<{c}>" for c in (4, 8, 16)), "group_by_expert", "moe_combine",
                *(f"expert_{p}<{{W}}, {m}>" for p in ("gate_up", "down") for m in MAXT)],
     "mma_few.cu": ["mma_few<LINEAR>", "mma_few<GATE_UP>", "mma_few<DOWN>"],
     "mma_batch.cu": ["mma_batch"],
     "attention.cu": ["qk_norm_rope_cache", "attention<1>", "attention<2>"],
-    "attention_mma.cu": [f"attention_mma<{d}, {split}>" for d in (64, 128) for split in ("true", "false")],
+    "attention_mma.cu": [f"attention_mma<{d}, {v}>" for d in (64, 128)
+                         for v in ("true, float", "false, float", "false, bf16_t")],
     "sampling.cu": ["argmax_partial", "greedy_advance", "sample_rows"],
     "matmul.cu": [*(f"mma_tiles<{m}, {split}>" for m in ("LINEAR", "GATE_UP", "DOWN") for split in ("true", "false")),
                   "add_split_sums", "to_bf16"],

@@ -260,6 +260,13 @@ def tile_rows(tokens: int) -> int:
     return WGMMA_TILE if tokens > FEW_TOKENS and hopper() else TILE
 
 
+def bf16_activations(precision: str, rows: int) -> bool:
+    """Whether tile products of ``rows``-row tiles take bf16 activations: wgmma_tiles.cu's under precision "bf16",
+    except inside a graph capture, where a new array for them would outlive its memory (those steps are batched
+    decoding, bound by weight reads: they keep the split products)."""
+    return precision == "bf16" and rows == WGMMA_TILE and not cp.cuda.get_current_stream().is_capturing()
+
+
 def tiles(mode: str, N: int, rows: int, row_tiles: int, args: tuple, splits: int = 1,
           precision: str = "float32") -> None:
     """Launch the tile product ``mode`` over ``row_tiles`` tiles of ``rows`` rows and ``splits`` splits of K:
@@ -269,15 +276,15 @@ def tiles(mode: str, N: int, rows: int, row_tiles: int, args: tuple, splits: int
     more than the 48 KB a launch may take without asking, so the kernel is allowed it on its first launch.
     wgmma_tiles.cu reads the weights through a tensor map (cuda_build.tensor_map) instead of the weight pointers and
     expert stride: over all rows of ``w`` (every expert's, one after the other), with the rows of one expert.
-    ``precision`` "bf16": mma_tiles rounds the activations as it loads them; wgmma_tiles.cu takes a bf16 copy of
-    them (to_bf16), except inside a graph capture, where a new array would outlive its memory (those steps are
-    batched decoding, bound by weight reads: they keep the split products)."""
+    ``precision`` "bf16": mma_tiles rounds the activations as it loads them; wgmma_tiles.cu takes them as bf16
+    (``bf16_activations``): as given (uint16, GATE_UP's output for DOWN), or rounded first (to_bf16); its GATE_UP
+    then writes bf16 (``out`` uint16)."""
     cols = TILE_OUTPUTS[mode]
     bf16 = precision == "bf16"
     if rows == WGMMA_TILE:
         a, K, w, _, expert_stride, *rest = args
-        bf16 = bf16 and not cp.cuda.get_current_stream().is_capturing()
-        if bf16:
+        bf16 = bf16_activations(precision, rows)
+        if bf16 and a.dtype != cp.uint16:
             a = to_bf16(a)
         w_map = tensor_map(w.data.ptr, w.size // int(K), int(K), 128 if mode == "GATE_UP" else 256)
         args = (w_map, a, K, i32(int(expert_stride) // int(K)), *rest)
@@ -302,8 +309,9 @@ def to_bf16(x: cp.ndarray) -> cp.ndarray:
 
 
 def rms_norm(s: State, x: cp.ndarray, weight: cp.ndarray, out: cp.ndarray) -> None:
-    kernel("linear.cu", "rms_norm")((x.shape[0],), (BLOCK,), (x, i32(x.shape[1]), weight,
-                                                                np.float32(s.config.rms_norm_eps), out))
+    """out = RMSNorm(x) * weight, as float32, or rounded to bf16 where ``out`` is uint16."""
+    kernel("linear.cu", f"rms_norm<{'bf16_t' if out.dtype == cp.uint16 else 'float'}>")(
+        (x.shape[0],), (BLOCK,), (x, i32(x.shape[1]), weight, np.float32(s.config.rms_norm_eps), out))
 
 
 def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.ndarray | None = None,
@@ -324,6 +332,8 @@ def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.nda
         return
     if norm is not None:
         xn = cp.empty_like(x) if scratch is None else scratch
+        if path == "tiles" and bf16_activations(precision or s.precision, tile_rows(T)):  # the bf16 the tiles take
+            xn = xn.ravel().view(cp.uint16)[:xn.size].reshape(xn.shape)
         rms_norm(s, x, norm, xn)
         x = xn
     residual = NULL if residual is None else residual
@@ -387,7 +397,7 @@ class MoeBuffers:
     logits: cp.ndarray  # (T, E) router logits
     probs: cp.ndarray  # (T, E) router probabilities
     topk_ids: cp.ndarray  # (T, K) int32
-    act: cp.ndarray  # (P, I) SiLU(gate) * up per pick
+    act: cp.ndarray  # (P, I) SiLU(gate) * up per pick (with bf16_activations: as bf16, in its first half)
     out: cp.ndarray  # (P, H) weighted expert output per pick
     grouping: Grouping
 
@@ -422,6 +432,8 @@ def swiglu_experts_into(s: State, layer: Layer, xn: cp.ndarray, g: Grouping, act
         n_tiles, grouped = g.tile_slot.shape[0], (g.tile_slot, g.tile_row, g.n_tiles, g.slot_expert, g.slot_offset,
                                                   g.pair_token, g.pair_src)
         rows = tile_rows(xn.shape[0])
+        if bf16_activations(s.precision, rows):  # GATE_UP writes bf16 for DOWN, in the first half of act's memory
+            act = act.ravel().view(cp.uint16)[:act.size].reshape(act.shape)
         tiles("GATE_UP", I, rows, n_tiles,
               (xn, i32(H), layer.gate_up, up, np.int64(two_i * H), i32(I), i32(0), *grouped, NULL, NULL, act, NULL),
               precision=s.precision)
@@ -518,7 +530,7 @@ def reduce_over_ranks(s: State, comm, x: cp.ndarray, norm: tuple, picks=None) ->
 @dataclass
 class DenseBuffers:
     xn: cp.ndarray  # (T, H)
-    act: cp.ndarray  # (T, I)
+    act: cp.ndarray  # (T, I) (with bf16_activations: as bf16, in its first half)
     out: cp.ndarray  # (T, H)
     grouping: Grouping  # every token to the one "expert"
     topk_ids = None  # (for combine) every token's one pick counts
@@ -626,24 +638,30 @@ def attention_into(s: State, layer: Layer, x: cp.ndarray, plan: AttentionPlan, k
         (T, math.ceil((Hq + 2 * Hkv) / 8)), (BLOCK,), (b.qkv, i32(Hq), i32(Hkv), i32(D), layer.q_norm, layer.k_norm,
                          np.float32(c.rms_norm_eps), s.inv_freq, plan.tok_pos, plan.tok_seq, k_caches, v_caches, b.q),
         shared_mem=4 * 8 * D)
-    attend(c, plan, k_caches, v_caches, b, s.precision)
-    linear(s, b.attn, layer.o_proj, x, residual=x if s.residual else None)
+    attn = b.attn  # o_proj's input: as bf16 in the first half of b.attn where its tile product takes bf16
+    if plan.tensor_cores and bf16_activations(s.precision, tile_rows(T)):
+        attn = attn.ravel().view(cp.uint16)[:attn.size].reshape(attn.shape)
+    attend(c, plan, k_caches, v_caches, b, s.precision, attn)
+    linear(s, attn, layer.o_proj, x, residual=x if s.residual else None)
 
 
 def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_caches: cp.ndarray,
-           b: AttentionBuffers, precision: str = "float32") -> None:
+           b: AttentionBuffers, precision: str = "float32", out: cp.ndarray | None = None) -> None:
     """b.attn = grouped-query attention of the queries b.q over the caches (the key splits, merged by the last);
-    ``precision`` (PRECISIONS): what attention_mma.cu's products take."""
+    ``precision`` (PRECISIONS): what attention_mma.cu's products take; ``out``: where it writes instead of b.attn
+    (uint16: rounded to bf16, attention_mma.cu only)."""
+    out = b.attn if out is None else out
     T, Hq, Hkv, D = b.q.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
     if plan.tensor_cores:
         heads = 2 if (Hq // Hkv) % 2 == 0 else 1  # query heads of a block, sharing the kv head's staged keys
-        mma = kernel("attention_mma.cu", f"attention_mma<{D}, {'false' if precision == 'bf16' else 'true'}>")
+        split, otype = "false" if precision == "bf16" else "true", "bf16_t" if out.dtype == cp.uint16 else "float"
+        mma = kernel("attention_mma.cu", f"attention_mma<{D}, {split}, {otype}>")
         smem = 2 * 2 * 32 * D * 4 + 2 * 4 * 32 * (D + 8) * 2  # 2 buffers of its 32 keys and values: f32, bf16 hi/lo
         if smem > mma.max_dynamic_shared_size_bytes:
             mma.max_dynamic_shared_size_bytes = smem
         mma((plan.tile_seq.shape[0], Hq // heads), (128 * heads,),
             (b.q, i32(Hq), i32(Hkv), k_caches, v_caches, plan.tile_seq, plan.tile_row, plan.tile_rows, plan.tok_pos,
-             np.float32(D ** -0.5), b.attn), shared_mem=smem)
+             np.float32(D ** -0.5), out), shared_mem=smem)
         return
     attention = kernel("attention.cu", f"attention<{1 if D <= 128 else 2}>")
     smem = plan.shared_bytes(D)
@@ -652,7 +670,7 @@ def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_cache
     attention((plan.splits, Hkv, plan.tile_seq.shape[0]), (BLOCK,),
               (b.q, i32(Hq), i32(Hkv), i32(D), k_caches, v_caches, plan.tile_seq, plan.tile_row, plan.tile_rows,
                plan.tok_pos, i32(T), i32(plan.chunk), np.float32(D ** -0.5), b.part_acc, b.part_m, b.part_l,
-               b.arrivals, b.attn), shared_mem=smem)
+               b.arrivals, out), shared_mem=smem)
 
 
 # ---- the backend interface (see qwen3moe/backends.py) ----------------------------------------------------------------

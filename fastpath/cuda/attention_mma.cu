@@ -18,7 +18,8 @@
 // Q's fragments stay in registers for the whole key loop. The three-product split keeps the result within ~1e-5 of
 // the float32 reference (plain bf16 would be ~1e-3). The output is written normalised: no merge step follows.
 // SPLIT false (precision "bf16"): q, k, v and p are rounded to bf16 and each product is one mma, as in bf16 engines;
-// the softmax and the sums stay float32.
+// the softmax and the sums stay float32. O: the output's type, float32 or (for an o_proj that takes bf16
+// activations) bf16.
 // D: head_dim, a multiple of 16 (64 and 128 are compiled).
 // grid (tiles, Hq / heads), block 128 x heads (heads divides Hq / Hkv); dynamic shared memory: two buffers of 32 keys
 // and values as float32 and as bf16 hi/lo, 2 * 2 * 32 * D * 4 + 2 * 4 * 32 * (D + 8) * 2 bytes (132 KB at D = 128)
@@ -62,14 +63,14 @@ __device__ __forceinline__ void mma3(float (&d)[4], const unsigned (&a_hi)[4], c
     mma_bf16(d, a_hi, b_hi);
 }
 
-template <int D, bool SPLIT>
+template <int D, bool SPLIT, typename O>
 __global__ void __launch_bounds__(256) attention_mma(const float* __restrict__ q, int Hq, int Hkv,
                                                      const float* const* k_caches, const float* const* v_caches,
                                                      const int* __restrict__ tile_seq,
                                                      const int* __restrict__ tile_row,
                                                      const int* __restrict__ tile_rows,
                                                      const int* __restrict__ tok_pos, float scale,
-                                                     float* __restrict__ out) {
+                                                     O* __restrict__ out) {
     constexpr int KS = D + 8;  // padded rows (bf16): the 8 rows an operand load touches start in distinct banks
     extern __shared__ __align__(16) unsigned char smem[];
     // two buffers of each: the keys and values as copied (float32, (key, d)), and split into hi/lo (bf16, (key, d))
@@ -201,9 +202,12 @@ __global__ void __launch_bounds__(256) attention_mma(const float* __restrict__ q
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         if (r[h] >= ntok) continue;
-        float* dst = out + (static_cast<long long>(row0 + r[h]) * Hq + head) * D + 2 * c;
+        O* dst = out + (static_cast<long long>(row0 + r[h]) * Hq + head) * D + 2 * c;
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j)
-            *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[j][2 * h] / l[h], o[j][2 * h + 1] / l[h]);
+        for (int j = 0; j < D / 8; ++j) {
+            const float a = o[j][2 * h] / l[h], b = o[j][2 * h + 1] / l[h];
+            if constexpr (sizeof(O) == 4) *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(a, b);
+            else *reinterpret_cast<unsigned*>(dst + 8 * j) = to_bf16x2(a, b);
+        }
     }
 }

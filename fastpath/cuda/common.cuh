@@ -13,6 +13,19 @@ typedef unsigned short bf16_t;
 __device__ __forceinline__ float widen(bf16_t w) { return __uint_as_float(static_cast<unsigned>(w) << 16); }
 __device__ __forceinline__ float widen(float w) { return w; }
 
+// (x0, x1) rounded to bf16 (to nearest even) as one 32-bit word, x0 in the lower half: one instruction
+// (cvt.rn.bf16x2.f32) for two floats, which matters where a decode-sized product rounds every activation again in
+// each block that reads it.
+__device__ __forceinline__ unsigned to_bf16x2(float x0, float x1) {
+    unsigned d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(x1), "f"(x0));  // the first source goes to the upper half
+    return d;
+}
+
+// v stored as a float32, or rounded to bf16 (activations that a product takes as bf16: precision "bf16").
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(bf16_t* p, float v) { *p = static_cast<bf16_t>(to_bf16x2(v, 0.0f) & 0xffffu); }
+
 // 16 bytes of weights: one vector load per lane (a warp reads 512 contiguous bytes at once), widened on use.
 template <typename W> struct Pack;
 

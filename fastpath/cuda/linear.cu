@@ -9,14 +9,15 @@ __global__ void embed(const long long* __restrict__ ids, const W* __restrict__ t
     for (int k = threadIdx.x; k < H; k += blockDim.x) x[static_cast<long long>(blockIdx.x) * H + k] = widen(row[k]);
 }
 
-// y[t, :] = weight * x[t, :] / rms(x[t, :]): the norm before a dense MLP (whose input several kernels read).
-//                                                                        grid (T), block 256
+// y[t, :] = weight * x[t, :] / rms(x[t, :]): the norm before a dense MLP (whose input several kernels read), or
+// before a tile product; O = bf16_t: rounded for one that takes bf16 activations.     grid (T), block 256
+template <typename O>
 __global__ void rms_norm(const float* __restrict__ x, int H, const float* __restrict__ weight, float eps,
-                         float* __restrict__ y) {
+                         O* __restrict__ y) {
     begin_after_previous();
     const long long row = static_cast<long long>(blockIdx.x) * H;
     const float inv = block_inv_rms(x + row, H, eps);
-    for (int k = threadIdx.x; k < H; k += blockDim.x) y[row + k] = weight[k] * (x[row + k] * inv);
+    for (int k = threadIdx.x; k < H; k += blockDim.x) store(y + row + k, weight[k] * (x[row + k] * inv));
 }
 
 constexpr int WARPS = 8;  // every GEMV block is 256 threads

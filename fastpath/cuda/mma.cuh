@@ -36,13 +36,14 @@ struct ActivationRow {
 };
 
 // One output row of a tile product (matmul.cu, wgmma_tiles.cu): where row ``row`` of a tile goes -- out's row, or for
-// DOWN its pair's row scaled by the routing weight -- and each of its values written as the mode asks.
-template <int MODE>
+// DOWN its pair's row scaled by the routing weight -- and each of its values written as the mode asks, as float32 or
+// (O = bf16_t: GATE_UP's output under precision "bf16", the next product's bf16 input) rounded to bf16.
+template <int MODE, typename O = float>
 struct OutputRow {
-    float* dst;
+    O* dst;
     const float* residual_row = nullptr;  // LINEAR with a residual
     float scale = 1.0f;                   // DOWN with routing weights
-    __device__ __forceinline__ OutputRow(int row, int N, float* out, const float* residual,
+    __device__ __forceinline__ OutputRow(int row, int N, O* out, const float* residual,
                                          const int* __restrict__ pair_src, const float* __restrict__ pair_weight) {
         long long r = row;
         if (MODE == DOWN) {
@@ -58,26 +59,21 @@ struct OutputRow {
         if (MODE == GATE_UP) return v / (1.0f + expf(-v)) * up;
         return scale * v;
     }
-    // columns col and col + 1 (col even) of a row of N: one 8-byte store where both exist and N is even (the row then
-    // starts 8-byte aligned), so that a warp's stores fill whole 32-byte sectors; else each column that exists.
+    // columns col and col + 1 (col even) of a row of N: one store of both where both exist and N is even (the row then
+    // starts aligned), so that a warp's stores fill whole 32-byte sectors; else each column that exists.
     __device__ __forceinline__ void write2(int col, int N, float v0, float v1, float up0, float up1) const {
+        const float a = value(col, v0, up0), b = value(col + 1, v1, up1);
         if (N % 2 == 0 && col + 1 < N) {
-            *reinterpret_cast<float2*>(dst + col) = make_float2(value(col, v0, up0), value(col + 1, v1, up1));
+            if constexpr (sizeof(O) == 4) *reinterpret_cast<float2*>(dst + col) = make_float2(a, b);
+            else *reinterpret_cast<unsigned*>(dst + col) = to_bf16x2(a, b);
         } else {
-            if (col < N) dst[col] = value(col, v0, up0);
-            if (col + 1 < N) dst[col + 1] = value(col + 1, v1, up1);
+            if (col < N) store(dst + col, a);
+            if (col + 1 < N) store(dst + col + 1, b);
         }
     }
 };
 
-// (x0, x1) as pairs of bf16 in one 32-bit word each (x0 in the lower half): hi = (x0, x1) rounded to nearest even,
-// lo = the rounding errors rounded. The hardware converts two floats in one instruction (cvt.rn.bf16x2.f32), which
-// matters: a decode-sized product splits every activation again in each block that reads it.
-__device__ __forceinline__ unsigned to_bf16x2(float x0, float x1) {
-    unsigned d;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(x1), "f"(x0));  // the first source goes to the upper half
-    return d;
-}
+// (x0, x1) as bf16 pairs x = hi + lo: hi = to_bf16x2(x0, x1), lo = the rounding errors rounded.
 __device__ __forceinline__ void split2(float x0, float x1, unsigned& hi, unsigned& lo) {
     hi = to_bf16x2(x0, x1);
     lo = to_bf16x2(x0 - __uint_as_float(hi << 16), x1 - __uint_as_float(hi & 0xffff0000u));

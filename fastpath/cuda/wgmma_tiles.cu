@@ -24,8 +24,9 @@
 // No block-wide barrier in the loop: a warpgroup waits only for its data.
 //
 // Precision "bf16" (cupy_backend.State.precision) passes the activations as bf16 (A = bf16_t, rounded by to_bf16 in
-// linear.cu): a step stages half the bytes of activations, in the weights' swizzled layout, and the tensor cores read
-// them from shared memory too (wgmma_256_shared) -- one product per 16-wide step, no fragments, no split.
+// matmul.cu): a step stages half the bytes of activations, in the weights' swizzled layout, and the tensor cores read
+// them from shared memory too (wgmma_256_shared) -- one product per 16-wide step, no fragments, no split. GATE_UP then
+// writes its output as bf16 too: it is DOWN's input, which takes it as it is.
 //
 // A block is WG math warpgroups (64 rows each) and the producer warpgroup: WG x 64 rows x 256 weight rows. LINEAR and
 // DOWN: 256 output columns; GATE_UP: 128 gate and the same 128 up rows (the product's columns 0-127 and 128-255,
@@ -42,6 +43,9 @@ constexpr int ROW_BYTES = TK * 2;            // a staged weight row: 128 bytes, 
 constexpr int SWIZZLE_ATOM = 8 * ROW_BYTES;  // 8 rows: the distance between two 8-row groups (the descriptor's SBO)
 }  // namespace wg
 
+template <bool C, class T, class F> struct Pick { using type = T; };  // (std::conditional, which NVRTC lacks)
+template <class T, class F> struct Pick<false, T, F> { using type = F; };
+
 // The CUtensorMap of the weights, passed by value (cuda_build.tensor_map): 128 opaque bytes.
 struct alignas(64) TensorMap {
     unsigned long long opaque[16];
@@ -52,6 +56,7 @@ struct WgTile {
     static constexpr int M = 64 * WG, THREADS = 128 * (WG + 1);
     static constexpr int N = MODE == GATE_UP ? wg::ROWS / 2 : wg::ROWS;  // output columns of a block
     static constexpr bool SPLIT = sizeof(A) == 4;  // float32 activations: split into hi + lo in registers
+    using Out = typename Pick<MODE == GATE_UP, A, float>::type;  // what ``out`` holds
     // a staged activation row: 256 bytes (float32) or 128 (bf16) in 16-byte chunks; the producer's 128 threads copy
     // A_PASS rows a pass
     static constexpr int A_ROW_BYTES = wg::TK * sizeof(A), A_CHUNKS = A_ROW_BYTES / 16, A_PASS = 128 / A_CHUNKS;
@@ -117,8 +122,8 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1) wgmma_tiles(
     const __grid_constant__ TensorMap w_map, const A* __restrict__ a, int K, int expert_rows, int N, int T,
     const int* __restrict__ tile_slot, const int* __restrict__ tile_row, const int* __restrict__ n_tiles,
     const int* __restrict__ slot_expert, const int* __restrict__ slot_offset, const int* __restrict__ pair_token,
-    const int* __restrict__ pair_src, const float* __restrict__ pair_weight, const float* residual, float* out,
-    float* __restrict__ partial) {
+    const int* __restrict__ pair_src, const float* __restrict__ pair_weight, const float* residual,
+    typename WgTile<MODE, WG, A>::Out* out, float* __restrict__ partial) {
     using Tl = WgTile<MODE, WG, A>;
     constexpr int STAGES = wg::STAGES, TK = wg::TK;
     extern __shared__ unsigned char smem_raw[];
@@ -235,9 +240,11 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1) wgmma_tiles(
     wgmma_wait<0>();
     pin(acc);
     if (!group_has_rows) return;
-    if (MODE == LINEAR && gridDim.z > 1) {
-        out = partial + static_cast<long long>(blockIdx.z) * T * N;
-        residual = nullptr;
+    if constexpr (MODE == LINEAR) {
+        if (gridDim.z > 1) {
+            out = partial + static_cast<long long>(blockIdx.z) * T * N;
+            residual = nullptr;
+        }
     }
 
     // each lane holds rows g and g + 8 of its warp's 16 x columns 8j + c, 8j + c + 1 for every j
@@ -245,7 +252,7 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1) wgmma_tiles(
     for (int h = 0; h < 2; ++h) {
         const int row = row0 + wrow + g + 8 * h;
         if (row >= row_end) continue;
-        const OutputRow<MODE> o(row, N, out, residual, pair_src, pair_weight);
+        const OutputRow<MODE, typename Tl::Out> o(row, N, out, residual, pair_src, pair_weight);
 #pragma unroll
         for (int j = 0; j < Tl::N / 8; ++j) {
             float up0 = 0.0f, up1 = 0.0f;
