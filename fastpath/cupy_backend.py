@@ -88,8 +88,8 @@ TILE_SPLIT_BLOCKS = 264  # matmul.cu: K is split until a LINEAR product has this
 MAX_EXPERTS = 512  # route_topk holds a token's router probabilities in one warp's registers (moe.cu)
 # What the tensor-core products take as activations: "float32" splits each into bf16 hi + lo and multiplies both
 # (results within ~1e-5 of the float32 reference, the default); "bf16" rounds them to bf16 and multiplies once, as
-# bf16 engines do, in the products that the tensor cores bound: the tile products (prefill, and the larger
-# matrices of a batch over 16) and prefill attention. Decoding's products are bound by weight reads and keep float32.
+# bf16 engines do, where the tensor cores bound the time: the tile products and attention of steps launched from
+# Python (prefill). The captured decode steps are bound by weight reads and keep the split products (bf16_products).
 PRECISIONS = ("float32", "bf16")
 
 
@@ -260,11 +260,22 @@ def tile_rows(tokens: int) -> int:
     return WGMMA_TILE if tokens > FEW_TOKENS and hopper() else TILE
 
 
+def bf16_products(precision: str) -> bool:
+    """Whether the tile products and prefill attention multiply bf16 activations: under precision "bf16", except in
+    a graph capture -- decoding, bound by weight reads, where a new array for them would also outlive its memory."""
+    return precision == "bf16" and not cp.cuda.get_current_stream().is_capturing()
+
+
 def bf16_activations(precision: str, rows: int) -> bool:
-    """Whether tile products of ``rows``-row tiles take bf16 activations: wgmma_tiles.cu's under precision "bf16",
-    except inside a graph capture, where a new array for them would outlive its memory (those steps are batched
-    decoding, bound by weight reads: they keep the split products)."""
-    return precision == "bf16" and rows == WGMMA_TILE and not cp.cuda.get_current_stream().is_capturing()
+    """Whether tile products of ``rows``-row tiles take their activations as bf16 arrays: wgmma_tiles.cu's, under
+    bf16_products (matmul.cu's round them as they load them)."""
+    return bf16_products(precision) and rows == WGMMA_TILE
+
+
+def bf16_half(a: cp.ndarray) -> cp.ndarray:
+    """The first half of float32 ``a``'s memory as a uint16 array of a's shape: where a kernel writes activations
+    as bf16 for the next product to take."""
+    return a.ravel().view(cp.uint16)[:a.size].reshape(a.shape)
 
 
 def tiles(mode: str, N: int, rows: int, row_tiles: int, args: tuple, splits: int = 1,
@@ -276,14 +287,13 @@ def tiles(mode: str, N: int, rows: int, row_tiles: int, args: tuple, splits: int
     more than the 48 KB a launch may take without asking, so the kernel is allowed it on its first launch.
     wgmma_tiles.cu reads the weights through a tensor map (cuda_build.tensor_map) instead of the weight pointers and
     expert stride: over all rows of ``w`` (every expert's, one after the other), with the rows of one expert.
-    ``precision`` "bf16": mma_tiles rounds the activations as it loads them; wgmma_tiles.cu takes them as bf16
-    (``bf16_activations``): as given (uint16, GATE_UP's output for DOWN), or rounded first (to_bf16); its GATE_UP
+    ``precision`` "bf16" (``bf16_products``): mma_tiles rounds the activations as it loads them; wgmma_tiles.cu
+    takes them as bf16, as given (uint16: written so by the kernel ahead) or rounded first (to_bf16); its GATE_UP
     then writes bf16 (``out`` uint16)."""
     cols = TILE_OUTPUTS[mode]
-    bf16 = precision == "bf16"
+    bf16 = bf16_products(precision)
     if rows == WGMMA_TILE:
         a, K, w, _, expert_stride, *rest = args
-        bf16 = bf16_activations(precision, rows)
         if bf16 and a.dtype != cp.uint16:
             a = to_bf16(a)
         w_map = tensor_map(w.data.ptr, w.size // int(K), int(K), 128 if mode == "GATE_UP" else 256)
@@ -333,7 +343,7 @@ def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.nda
     if norm is not None:
         xn = cp.empty_like(x) if scratch is None else scratch
         if path == "tiles" and bf16_activations(precision or s.precision, tile_rows(T)):  # the bf16 the tiles take
-            xn = xn.ravel().view(cp.uint16)[:xn.size].reshape(xn.shape)
+            xn = bf16_half(xn)
         rms_norm(s, x, norm, xn)
         x = xn
     residual = NULL if residual is None else residual
@@ -433,7 +443,7 @@ def swiglu_experts_into(s: State, layer: Layer, xn: cp.ndarray, g: Grouping, act
                                                   g.pair_token, g.pair_src)
         rows = tile_rows(xn.shape[0])
         if bf16_activations(s.precision, rows):  # GATE_UP writes bf16 for DOWN, in the first half of act's memory
-            act = act.ravel().view(cp.uint16)[:act.size].reshape(act.shape)
+            act = bf16_half(act)
         tiles("GATE_UP", I, rows, n_tiles,
               (xn, i32(H), layer.gate_up, up, np.int64(two_i * H), i32(I), i32(0), *grouped, NULL, NULL, act, NULL),
               precision=s.precision)
@@ -640,7 +650,7 @@ def attention_into(s: State, layer: Layer, x: cp.ndarray, plan: AttentionPlan, k
         shared_mem=4 * 8 * D)
     attn = b.attn  # o_proj's input: as bf16 in the first half of b.attn where its tile product takes bf16
     if plan.tensor_cores and bf16_activations(s.precision, tile_rows(T)):
-        attn = attn.ravel().view(cp.uint16)[:attn.size].reshape(attn.shape)
+        attn = bf16_half(attn)
     attend(c, plan, k_caches, v_caches, b, s.precision, attn)
     linear(s, attn, layer.o_proj, x, residual=x if s.residual else None)
 
@@ -654,8 +664,9 @@ def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_cache
     T, Hq, Hkv, D = b.q.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
     if plan.tensor_cores:
         heads = 2 if (Hq // Hkv) % 2 == 0 else 1  # query heads of a block, sharing the kv head's staged keys
-        split, otype = "false" if precision == "bf16" else "true", "bf16_t" if out.dtype == cp.uint16 else "float"
-        mma = kernel("attention_mma.cu", f"attention_mma<{D}, {split}, {otype}>")
+        split = "false" if bf16_products(precision) else "true"
+        mma = kernel("attention_mma.cu",
+                     f"attention_mma<{D}, {split}, {'bf16_t' if out.dtype == cp.uint16 else 'float'}>")
         smem = 2 * 2 * 32 * D * 4 + 2 * 4 * 32 * (D + 8) * 2  # 2 buffers of its 32 keys and values: f32, bf16 hi/lo
         if smem > mma.max_dynamic_shared_size_bytes:
             mma.max_dynamic_shared_size_bytes = smem

@@ -198,20 +198,20 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1) wgmma_tiles(
     // the A fragments (hi and lo) of two steps: those of the step before may still be read by the tensor cores
     unsigned frag[2][Tl::SPLIT ? TK / 16 : 1][2][4];
     // a float2 of row r at float f (f % 4 < 3) in the swizzled staging: chunk f / 4 of the row is at f / 4 ^ r % 8
-    auto at = [&](const unsigned char* As, int r, int f) {
-        return *reinterpret_cast<const float2*>(As + r * Tl::A_ROW_BYTES + ((f / 4) ^ (r % 8)) * 16 + f % 4 * 4);
+    auto at = [&](const unsigned char* staged, int r, int f) {
+        return *reinterpret_cast<const float2*>(staged + r * Tl::A_ROW_BYTES + ((f / 4) ^ (r % 8)) * 16 + f % 4 * 4);
     };
     auto one_step = [&](int step, unsigned (&f)[Tl::SPLIT ? TK / 16 : 1][2][4]) {  // f: frag[step % 2]
         const int s = step % STAGES;
         barrier_wait(full + s, (step / STAGES) & 1);
         if (group_has_rows) {
             if constexpr (Tl::SPLIT) {
-                const unsigned char* A_s = As(s);
+                const unsigned char* staged = As(s);
 #pragma unroll
                 for (int kk = 0; kk < TK / 16; ++kk) {
                     const int r = wrow + g, k = 16 * kk + c;
-                    const float2 x0 = at(A_s, r, k), x1 = at(A_s, r + 8, k), x2 = at(A_s, r, k + 8),
-                                 x3 = at(A_s, r + 8, k + 8);
+                    const float2 x0 = at(staged, r, k), x1 = at(staged, r + 8, k), x2 = at(staged, r, k + 8),
+                                 x3 = at(staged, r + 8, k + 8);
                     unsigned (&hi)[4] = f[kk][1], (&lo)[4] = f[kk][0];
                     split2(x0.x, x0.y, hi[0], lo[0]), split2(x1.x, x1.y, hi[1], lo[1]);
                     split2(x2.x, x2.y, hi[2], lo[2]), split2(x3.x, x3.y, hi[3], lo[3]);
