@@ -91,6 +91,27 @@ def test_split_model_matches_one_gpu(single, ndev, experts, all_reduce, monkeypa
         m.destroy_model_instance()
 
 
+@pytest.mark.parametrize("experts", ["ep", "etp"])
+def test_a_split_model_prefills_at_bf16_precision(model_30b, experts):
+    """precision="bf16" on 2 GPUs (every rank prepares its part with it): the last logits of a 200-token prompt, whose
+    products run on bf16 activations, agree with one GPU's float32 logits to bf16 rounding (2e-2 of the largest;
+    ~5e-3 is seen on one GPU) but not to 1e-5 (so the rounding took place)."""
+    prompt = np.random.default_rng().integers(0, 150000, 200).tolist()
+    one = Qwen3MoeForCausalLM(model_30b, device="nvidia")
+    try:
+        expected = all_logits(one, prompt)[-1]
+    finally:
+        one.destroy_model_instance()
+    m = Qwen3MoeForCausalLM(model_30b, device="nvidia", ndev=2, experts=experts, precision="bf16")
+    try:
+        logits = all_logits(m, prompt)[-1]
+    finally:
+        m.destroy_model_instance()
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=2e-2 * scale)
+    assert np.abs(logits - expected).max() > 1e-5 * scale
+
+
 def test_generate_and_batch_rounds_on_a_split_model():
     """Greedy and seeded sampled generate, and batch rounds, on 2 GPUs (each decoded in captured steps on both ranks)
     give one GPU's text and tokens."""
