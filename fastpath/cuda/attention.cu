@@ -22,17 +22,15 @@ __global__ void __launch_bounds__(256) qk_norm_rope_cache(const float* __restric
                                                           const int* __restrict__ tok_seq, float* const* k_caches,
                                                           float* const* v_caches, float* __restrict__ q_out) {
     extern __shared__ float scratch[];  // one head vector per warp
+    __shared__ float cos_s[MAX_D / 2], sin_s[MAX_D / 2];  // the token's D / 2 angles, shared by the block's heads
     const int t = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = D / 2;
     // The rotation needs only the position, written kernels ahead (see common.cuh): computed while the q/k/v
-    // projection ahead still runs.
+    // projection ahead still runs, once per block (a prefill runs this T x 5 times a layer; sincosf is ~40
+    // instructions, and each lane computing its own elements' took 16 times as many).
     const int pos = tok_pos[t], seq = tok_seq[t];
-    float cos_d[D_PER_LANE], sin_d[D_PER_LANE];
-#pragma unroll
-    for (int j = 0; j < D_PER_LANE; ++j) {  // (only for elements that exist: a prefill runs this T x 5 times a layer)
-        const int d = lane + 32 * j;
-        if (d < D) sincosf(static_cast<float>(pos) * inv_freq[d % half], &sin_d[j], &cos_d[j]);
-        else sin_d[j] = 0.0f, cos_d[j] = 1.0f;
-    }
+    for (int i = threadIdx.x; i < half; i += blockDim.x)
+        sincosf(static_cast<float>(pos) * inv_freq[i], &sin_s[i], &cos_s[i]);
+    __syncthreads();
     begin_after_previous();
     const float* row = qkv + static_cast<long long>(t) * (Hq + 2 * Hkv) * D;
     float* head_vec = scratch + warp * D;
@@ -66,7 +64,7 @@ __global__ void __launch_bounds__(256) qk_norm_rope_cache(const float* __restric
             const int d = lane + 32 * j;
             if (d >= D) break;
             const float rotated = d < half ? -head_vec[d + half] : head_vec[d - half];
-            dst[d] = head_vec[d] * cos_d[j] + rotated * sin_d[j];
+            dst[d] = head_vec[d] * cos_s[d % half] + rotated * sin_s[d % half];
         }
         __syncwarp();
     }
