@@ -492,8 +492,10 @@ def route(s: State, gate: cp.ndarray, norm: cp.ndarray, x: cp.ndarray, top_k: in
     # other experts wherever two are within ~1e-3 of each other
     if normed:
         linear(s, b.xn, gate, b.logits, precision="float32")
-    else:  # (route_topk writes b.xn again)
+    else:
         linear(s, x, gate, b.logits, norm=norm, scratch=b.xn, precision="float32")
+        # only linear.cu's GEMV fuses the norm; the other kernels have had b.xn = RMSNorm(x) written for them
+        normed = linear_path(s, T, H, E) != "gemv"
     slots = (g.slot_expert, g.slot_offset, g.pair_src, g.pair_token, g.n_slots) if T == 1 else (NULL,) * 5
     chunks = next(n for n in (4, 8, 16) if 32 * n >= E)  # a lane's experts (MAX_EXPERTS = 32 x 16)
     kernel("moe.cu", f"route_topk<{chunks}>")(
