@@ -21,7 +21,7 @@ from . import backends
 from .bundled import default_model_dir
 from .config import load_config
 from .debug import Debugger
-from .errors import CheckpointError
+from .errors import CheckpointError, fits_in_memory, size
 from .devices import resolve_backend
 from .infer_task import Qwen3MoeInferTask, Qwen3MoeKVCache
 from .layers import RoutingOverride
@@ -73,7 +73,10 @@ class Qwen3MoeForCausalLM:
             self.shard_config = self._ranks.rank.shard_config  # what this rank's part looks like (its KV caches)
         else:
             self._ops = backends.load(self.backend)
-            self._state = self._ops.prepare(self.weights, self.config, **options)
+            nbytes = sum(a.nbytes for a in self.weights.arrays())
+            with fits_in_memory(f"the model's weights ({size(nbytes)}) do not fit",
+                                "split the model over several devices (ndev=N, --nvidia N) or use a larger device"):
+                self._state = self._ops.prepare(self.weights, self.config, **options)
             self.shard_config = self.config
         self.xp = self._ops.xp  # numpy, or cupy when the KV caches live on a GPU
         self.generation_config = read_json(self.model_dir / "generation_config.json")
@@ -163,7 +166,9 @@ class Qwen3MoeForCausalLM:
         if not (repeated and able and decoding and self._may_decode_in_whole_steps()):
             return None
         args = ([t.kvcache for t in tasks], [t.pos for t in tasks], [t.pending[0] for t in tasks], sampling_rows(tasks))
-        decoder = self._ranks.batch_decoder(*args) if self._ranks else self._ops.BatchDecoder(self._state, *args)
+        with fits_in_memory(f"the decode step of {len(tasks)} sequences does not fit",
+                            "decode fewer tasks a round"):
+            decoder = self._ranks.batch_decoder(*args) if self._ranks else self._ops.BatchDecoder(self._state, *args)
         self._rounds = CapturedRounds(list(tasks), args[0], decoder, args[2])
         return self._rounds
 
@@ -177,8 +182,11 @@ class Qwen3MoeForCausalLM:
         self._check_alive()
         if self._ranks:
             return self._ranks.forward(requests, all_logits, self._routing_override, self.router_stats, self.debugger)
-        return forward(self._ops, self._state, self.config, requests, self.router_stats, self.debugger, all_logits,
-                       self._routing_override)
+        tokens = sum(len(r.tokens) for r in requests)
+        with fits_in_memory(f"a step of {tokens} tokens does not fit",
+                            "run fewer or shorter prompts at a time (fewer tasks a round); no task has advanced"):
+            return forward(self._ops, self._state, self.config, requests, self.router_stats, self.debugger,
+                           all_logits, self._routing_override)
 
     # ---- generation --------------------------------------------------------------------------------------
 

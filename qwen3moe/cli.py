@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .bundled import default_model_dir
 from .causal_lm import Qwen3MoeForCausalLM
 from .config import load_config
@@ -144,7 +142,7 @@ def run_info(args) -> int:
         return run_sharding_plan(args)
     model = Qwen3MoeForCausalLM(args.model)  # loading validates every tensor name and shape
     c, w = model.config, model.weights
-    arrays = {id(a): a for a in _all_arrays(w)}.values()  # tied embeddings count once
+    arrays = w.arrays()
     total_params = sum(a.size for a in arrays)
     total_bytes = sum(a.nbytes for a in arrays)
     dtypes = sorted({a.dtype.name for a in arrays})
@@ -181,18 +179,6 @@ def run_sharding_plan(args) -> int:
     print(f"model folder      {model_dir}")
     print(plan.format_table())
     return 0
-
-
-def _all_arrays(w) -> list[np.ndarray]:
-    arrays = [w.embed_tokens, w.norm, w.lm_head]
-    for layer in w.layers:
-        a = layer.self_attn
-        arrays += [layer.input_layernorm, layer.post_attention_layernorm, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
-                   a.q_norm, a.k_norm]
-        mlps = layer.mlp.experts if hasattr(layer.mlp, "experts") else [layer.mlp]
-        arrays += [layer.mlp.gate] if hasattr(layer.mlp, "experts") else []
-        arrays += [m for mlp in mlps for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-    return arrays
 
 
 def run_bench(args) -> int:

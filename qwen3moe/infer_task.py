@@ -12,6 +12,7 @@ A task finishes with ``finish_reason`` "stop" (it sampled one of its end tokens)
 
 import numpy as np
 
+from .errors import fits_in_memory, size
 from .model import KVCache
 from .sampling import check_sampling
 
@@ -24,7 +25,12 @@ class Qwen3MoeKVCache(KVCache):
         if not 0 < capacity <= model.config.max_position_embeddings:
             raise ValueError(f"a KV cache needs 1..{model.config.max_position_embeddings} positions "
                              f"(max_position_embeddings), got {capacity}")
-        super().__init__(model.shard_config, capacity, xp=model.xp)  # a split model's rank 0: its kv heads only
+        c = model.shard_config  # a split model's rank 0: its kv heads only
+        nbytes = 2 * 4 * c.num_hidden_layers * capacity * c.num_key_value_heads * c.head_dim  # float32 K and V
+        with fits_in_memory(f"a KV cache of {capacity} positions ({size(nbytes)}) does not fit",
+                            "ask for fewer positions (Qwen3MoeKVCache(model, max_tokens=...), --max-tokens), or drop "
+                            "the caches of finished tasks"):
+            super().__init__(c, capacity, xp=model.xp)
         if model._ranks:
             model._ranks.open_cache(self)  # and the other ranks open their parts
 

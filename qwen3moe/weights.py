@@ -59,6 +59,18 @@ class Qwen3MoeWeights:
     norm: np.ndarray  # (hidden,)
     lm_head: np.ndarray  # (vocab, hidden); the same array as embed_tokens when tie_word_embeddings
 
+    def arrays(self) -> list[np.ndarray]:
+        """Every tensor once (tied embeddings count once; experts another rank holds are absent)."""
+        arrays = [self.embed_tokens, self.norm, self.lm_head]
+        for layer in self.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            arrays += [layer.input_layernorm, layer.post_attention_layernorm, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                       a.q_norm, a.k_norm]
+            experts = [e for e in mlp.experts if e is not None] if isinstance(mlp, SparseMoeBlock) else [mlp]
+            arrays += [mlp.gate] if isinstance(mlp, SparseMoeBlock) else []
+            arrays += [m for e in experts for m in (e.gate_proj, e.up_proj, e.down_proj)]
+        return list({id(a): a for a in arrays}.values())
+
 
 def expected_shapes(c: Qwen3MoeConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name a checkpoint for ``c`` must hold (per-expert form), with its shape."""

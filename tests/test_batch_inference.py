@@ -4,7 +4,7 @@ gets alone; caches never overflow; bad rounds are refused before they change any
 import numpy as np
 import pytest
 
-from qwen3moe import Qwen3MoeForCausalLM, Qwen3MoeInferTask, Qwen3MoeKVCache, backends
+from qwen3moe import OutOfDeviceMemory, Qwen3MoeForCausalLM, Qwen3MoeInferTask, Qwen3MoeKVCache, backends
 from qwen3moe.synthetic import TINY_CONFIG, write_synthetic_checkpoint
 
 SETTINGS = [  # (temperature, topk, topp): greedy and three sampling regimes
@@ -96,6 +96,60 @@ def test_bad_round_changes_nothing_and_model_stays_usable(model):
     while not good.finished:
         model.batch_infer_one_round([good])
     assert good.generated == reference
+
+
+def no_memory(*args, **kwargs):
+    """What an allocation raises on a device with no memory left: NumPy's MemoryError (CuPy's OutOfMemoryError is a
+    subclass of it)."""
+    raise MemoryError("out of memory to allocate 1073741824 bytes")
+
+
+def test_a_step_out_of_memory_says_what_to_do_and_changes_nothing(model, monkeypatch):
+    """A step whose buffers do not fit (here the backend's attention cannot allocate) is refused with what did not fit
+    and what to do about it; the task has not advanced, and once the memory is there it goes on as it would have."""
+    task = Qwen3MoeInferTask([1, 2, 3], temperature=0, end_tokens=[], max_new_tokens=4)
+    task.bind_kvcache(Qwen3MoeKVCache(model))
+    monkeypatch.setattr(model._ops, "attention_block", no_memory)
+    with pytest.raises(OutOfDeviceMemory, match=r"^a step of 3 tokens does not fit in the memory left on the "
+                                                 r"device \(out of memory to allocate 1073741824 bytes\); run fewer or "
+                                                 r"shorter prompts"):
+        model.batch_infer_one_round([task])
+    monkeypatch.undo()
+    assert task.tokens == [1, 2, 3] and task.pos == 0 and not task.finished
+    reference = run_alone(model, Qwen3MoeInferTask([1, 2, 3], temperature=0, end_tokens=[], max_new_tokens=4))
+    while not task.finished:
+        model.batch_infer_one_round([task])
+    assert task.generated == reference
+
+
+def test_a_kv_cache_out_of_memory_gives_its_size_and_what_to_do(model, monkeypatch):
+    """The message gives the cache's size, which must be what such a cache really takes (its keys' and values'
+    bytes), and says to ask for fewer positions."""
+    real = Qwen3MoeKVCache(model, max_tokens=64)
+    mib = (real.k.nbytes + real.v.nbytes) / 2**20
+    monkeypatch.setattr(model, "xp", type("NoMemory", (), {"zeros": staticmethod(no_memory)}))
+    with pytest.raises(OutOfDeviceMemory, match=rf"^a KV cache of 64 positions \({mib:.1f} MiB\) does not fit in the "
+                                                rf"memory left on the device .*; ask for fewer positions"):
+        Qwen3MoeKVCache(model, max_tokens=64)
+
+
+def tensor_bytes(path) -> int:
+    """The bytes of a safetensors file's tensors: the file less its 8-byte header length and the header."""
+    with open(path, "rb") as f:
+        return path.stat().st_size - 8 - int.from_bytes(f.read(8), "little")
+
+
+def test_weights_out_of_memory_say_how_large_they_are_and_to_split_the_model(tmp_path, monkeypatch):
+    """Uploading the weights (the backend's prepare) runs out of memory: the message gives the checkpoint's bytes
+    (those of its files' tensors) and points to splitting the model over devices."""
+    folder = write_synthetic_checkpoint(tmp_path / "m", seed=7)
+    mib = sum(tensor_bytes(f) for f in folder.glob("*.safetensors")) / 2**20
+    real = backends.load("numpy")
+    monkeypatch.setattr(backends, "load", lambda name: type("NoMemory", (), {
+        "prepare": staticmethod(no_memory), "xp": real.xp}))
+    with pytest.raises(OutOfDeviceMemory, match=rf"^the model's weights \({mib:.1f} MiB\) do not fit in the memory "
+                                                rf"left on the device .*; split the model over several devices"):
+        Qwen3MoeForCausalLM(folder, backend="numpy")
 
 
 @pytest.mark.parametrize("kwargs, words", [
