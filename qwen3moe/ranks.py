@@ -38,7 +38,7 @@ from tqdm import tqdm
 from . import backends, messages
 from .config import Qwen3MoeConfig
 from .debug import Debugger
-from .errors import RankFailure
+from .errors import RankFailure, fits_in_memory, size
 from .layers import RoutingOverride
 from .model import KVCache, Request, check_requests, forward
 from .router_stats import RouterStats
@@ -150,8 +150,10 @@ def load_folder(spec: dict, rank: Rank, ops):
     """The rank's part of the Hugging Face folder ``spec["model_dir"]`` (memory-mapped: only that part is read),
     prepared with ``spec["options"]`` (backends.prepare_options)."""
     weights = rank.weights or load_weights(spec["model_dir"], rank.config)
-    return ops.prepare(shard_weights(weights, rank.plan, rank.rank), rank.shard_config, rank.shard,
-                       **spec.get("options", {}))
+    part = shard_weights(weights, rank.plan, rank.rank)
+    with fits_in_memory(f"rank {rank.rank}'s part of the weights ({size(sum(a.nbytes for a in part.arrays()))}) "
+                        "does not fit", "split the model over more devices (ndev)"):
+        return ops.prepare(part, rank.shard_config, rank.shard, **spec.get("options", {}))
 
 
 # ---- rank 0 ----------------------------------------------------------------------------------------------------------
