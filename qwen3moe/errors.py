@@ -1,7 +1,8 @@
 """The errors qwen3moe raises on bad input.
 
-Each one is a ``ValueError`` subclass (the device's, a ``RuntimeError``) so that callers who do not care about the
-kind can catch one thing, and each message says what was wrong and what to do about it.
+Bad input raises a ``ValueError`` subclass, and a device that cannot serve (missing, failed, out of memory) a
+``RuntimeError`` one, so that callers who do not care about the kind can catch one thing; each message says what was
+wrong and what to do about it.
 """
 
 from contextlib import contextmanager
