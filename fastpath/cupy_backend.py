@@ -651,7 +651,8 @@ def attention_into(s: State, layer: Layer, x: cp.ndarray, plan: AttentionPlan, k
                          np.float32(c.rms_norm_eps), s.inv_freq, plan.tok_pos, plan.tok_seq, k_caches, v_caches, b.q),
         shared_mem=4 * 8 * D)
     attn = b.attn  # o_proj's input: as bf16 in the first half of b.attn where its tile product takes bf16
-    if plan.tensor_cores and bf16_activations(s.precision, tile_rows(T)):
+    if (plan.tensor_cores and linear_path(s, T, Hq * D, layer.o_proj.shape[0]) == "tiles"
+            and bf16_activations(s.precision, tile_rows(T))):
         attn = bf16_half(attn)
     attend(c, plan, k_caches, v_caches, b, s.precision, attn)
     linear(s, attn, layer.o_proj, x, residual=x if s.residual else None)

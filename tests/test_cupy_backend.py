@@ -514,21 +514,26 @@ def test_prefill_attention_kernel_matches_float64_attention(cb, heads, head_dim,
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-2 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("wgmma", [False, True], ids=["", "wgmma"])
-def test_bf16_precision_prefill_stays_within_bf16_rounding_of_the_reference(cb, tmp_path, wgmma, monkeypatch):
+def test_bf16_precision_prefill_stays_within_bf16_rounding_of_the_reference(cb, tmp_path, wgmma, dtype,
+                                                                            monkeypatch):
     """Precision "bf16" end to end: the logits of a 100-token prompt against the float32 reference, through the tile
     products (on wgmma_tiles.cu's 128-row tiles on Hopper, else matmul.cu's) and prefill attention (head_dim 64:
     attention_mma.cu), all with bf16 activations: within 5e-2 of the largest logit (bf16 rounds to 2^-9 relative;
     errors of ~1e-2 are seen; a broken product is off by ~1), but not within 1e-5, or nothing was rounded. The
     router keeps float32 products, so the prompt's routing stays the reference's unless two experts are within
-    bf16 rounding of each other."""
+    bf16 rounding of each other. A float32 checkpoint's projections run on the GEMV kernels, which take float32
+    activations: only attention multiplies bf16 there, and its output must stay float32 for o_proj."""
     if wgmma and not cb.hopper():
         pytest.skip("wgmma_tiles.cu runs on compute capability 9.0 (H100, H200) only")
     if not wgmma:
         monkeypatch.setattr(cb, "hopper", lambda: False)
     config = dict(TINY_CONFIG, head_dim=64)
-    folder = write_checkpoint(tmp_path / "model", config, random_weights(config, seed=int(np.random.default_rng()
-                                                                                         .integers(1 << 30))))
+    tensors = random_weights(config, seed=int(np.random.default_rng().integers(1 << 30)))
+    if dtype == "float32":
+        tensors = {name: t.astype(np.float32) for name, t in tensors.items()}
+    folder = write_checkpoint(tmp_path / "model", config, tensors)
     prompt = np.random.default_rng().integers(0, 256, 100).tolist()
     logits = {}
     for name, precision in (("numpy", "float32"), ("cupy", "bf16")):
