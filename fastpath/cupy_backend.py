@@ -272,6 +272,12 @@ def bf16_activations(precision: str, rows: int) -> bool:
     return bf16_products(precision) and rows == WGMMA_TILE
 
 
+def linear_takes_bf16(s: State, T: int, K: int, N: int, precision: str | None = None) -> bool:
+    """Whether ``linear`` of T rows, K -> N, takes its input as bf16 (its tile product's bf16_activations), so that
+    the kernel ahead may write it so; ``precision``: as linear's."""
+    return linear_path(s, T, K, N) == "tiles" and bf16_activations(precision or s.precision, tile_rows(T))
+
+
 def bf16_half(a: cp.ndarray) -> cp.ndarray:
     """The first half of float32 ``a``'s memory as a uint16 array of a's shape: where a kernel writes activations
     as bf16 for the next product to take."""
@@ -342,7 +348,7 @@ def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.nda
         return
     if norm is not None:
         xn = cp.empty_like(x) if scratch is None else scratch
-        if path == "tiles" and bf16_activations(precision or s.precision, tile_rows(T)):  # the bf16 the tiles take
+        if linear_takes_bf16(s, T, K, N, precision):
             xn = bf16_half(xn)
         rms_norm(s, x, norm, xn)
         x = xn
@@ -651,8 +657,7 @@ def attention_into(s: State, layer: Layer, x: cp.ndarray, plan: AttentionPlan, k
                          np.float32(c.rms_norm_eps), s.inv_freq, plan.tok_pos, plan.tok_seq, k_caches, v_caches, b.q),
         shared_mem=4 * 8 * D)
     attn = b.attn  # o_proj's input: as bf16 in the first half of b.attn where its tile product takes bf16
-    if (plan.tensor_cores and linear_path(s, T, Hq * D, layer.o_proj.shape[0]) == "tiles"
-            and bf16_activations(s.precision, tile_rows(T))):
+    if plan.tensor_cores and linear_takes_bf16(s, T, Hq * D, layer.o_proj.shape[0]):
         attn = bf16_half(attn)
     attend(c, plan, k_caches, v_caches, b, s.precision, attn)
     linear(s, attn, layer.o_proj, x, residual=x if s.residual else None)

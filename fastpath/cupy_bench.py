@@ -21,6 +21,7 @@ import numpy as np
 
 from qwen3moe.bench import QWEN3_30B_A3B
 from qwen3moe.config import config_from_dict
+from qwen3moe.model import KVCache
 
 from . import cupy_backend as cb
 from .cupy_backend import Layer, State
@@ -113,12 +114,6 @@ def forward_on_device(s: State, ids: np.ndarray, segments: list[tuple[int, int, 
     return logits.argmax(axis=1)
 
 
-class Cache:
-    def __init__(self, c, capacity):
-        shape = (c.num_hidden_layers, capacity, c.num_key_value_heads, c.head_dim)
-        self.k, self.v, self.capacity = cp.zeros(shape, cp.float32), cp.zeros(shape, cp.float32), capacity
-
-
 def timed(fn) -> float:
     cp.cuda.Device().synchronize()
     start = time.perf_counter()
@@ -133,7 +128,7 @@ SAMPLED_B1 = (0.6, 20, 0.95)  # (temperature, top_k, top_p): Qwen3's generation_
 def bench_ours(s: State, batches: list[int], steps: int, prompt_len: int, prefill_len: int, log) -> dict:
     c, rng, out = s.config, np.random.default_rng(0), {}
     # batch 1: prefill, then the captured graph
-    cache = Cache(c, prompt_len + steps + 16)
+    cache = KVCache(c, prompt_len + steps + 16, xp=cp)
     prompt = rng.integers(0, c.vocab_size, prompt_len)
     first = int(forward_on_device(s, prompt, [(0, prompt_len, 0)], [cache])[0])
     decoder = cb.GreedyDecoder(s, cache, prompt_len, first)
@@ -152,7 +147,7 @@ def bench_ours(s: State, batches: list[int], steps: int, prompt_len: int, prefil
     log(f"ours batch 1, sampled: {steps / seconds:.1f} tokens/s")
     for B in batches:
         n = max(4, steps // 4)
-        caches = [Cache(c, 16 + 2 * n + 8) for _ in range(B)]
+        caches = [KVCache(c, 16 + 2 * n + 8, xp=cp) for _ in range(B)]
         ids = rng.integers(0, c.vocab_size, 16 * B)
         tokens = forward_on_device(s, ids, [(16 * j, 16 * j + 16, 0) for j in range(B)], caches).get().tolist()
         start = time.perf_counter()
@@ -175,7 +170,7 @@ def bench_ours(s: State, batches: list[int], steps: int, prompt_len: int, prefil
         log(f"ours batch {B}: {out[f'decode_b{B}_tokens_per_s']:.1f} tokens/s "
             f"(step by step: {out[f'decode_b{B}_steps_tokens_per_s']:.1f}; capturing the step: "
             f"{out[f'capture_b{B}_ms']:.0f} ms)")
-    cache = Cache(c, prefill_len + steps + 16)
+    cache = KVCache(c, prefill_len + steps + 16, xp=cp)
     ids = rng.integers(0, c.vocab_size, prefill_len)
     forward_on_device(s, ids, [(0, prefill_len, 0)], [cache])  # warm
     out["prefill_ms"] = 1e3 * timed(lambda: forward_on_device(s, ids, [(0, prefill_len, 0)], [cache]))

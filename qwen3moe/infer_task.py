@@ -26,7 +26,7 @@ class Qwen3MoeKVCache(KVCache):
             raise ValueError(f"a KV cache needs 1..{model.config.max_position_embeddings} positions "
                              f"(max_position_embeddings), got {capacity}")
         c = model.shard_config  # a split model's rank 0: its kv heads only
-        nbytes = 2 * 4 * c.num_hidden_layers * capacity * c.num_key_value_heads * c.head_dim  # float32 K and V
+        nbytes = 2 * 4 * int(np.prod(KVCache.shape(c, capacity)))  # float32 keys and values
         with fits_in_memory(f"a KV cache of {capacity} positions ({size(nbytes)}) does not fit",
                             "ask for fewer positions (Qwen3MoeKVCache(model, max_tokens=...), --max-tokens), or drop "
                             "the caches of finished tasks"):

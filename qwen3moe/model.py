@@ -25,10 +25,15 @@ class KVCache:
     """
 
     def __init__(self, config: Qwen3MoeConfig, capacity: int, xp=np):
-        shape = (config.num_hidden_layers, capacity, config.num_key_value_heads, config.head_dim)
+        shape = self.shape(config, capacity)
         self.capacity = capacity
         self.k = xp.zeros(shape, dtype=np.float32)  # (layers, capacity, Hkv, D)
         self.v = xp.zeros(shape, dtype=np.float32)  # (layers, capacity, Hkv, D)
+
+    @staticmethod
+    def shape(config: Qwen3MoeConfig, capacity: int) -> tuple[int, int, int, int]:
+        """(layers, capacity, Hkv, D): the keys' array, and the values'."""
+        return config.num_hidden_layers, capacity, config.num_key_value_heads, config.head_dim
 
 
 @dataclass
