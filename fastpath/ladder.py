@@ -113,11 +113,11 @@ def ladder_moe_gemv() -> list[Row]:
             (I // 8, K), (256,), (x, gate_up, up, stride, ex, np.int32(H), np.int32(I), act))),
     }
     offsets, zeros, n = cp.arange(K + 1, dtype=cp.int32), cp.zeros(K, cp.int32), cp.asarray([K], cp.int32)
-    versions["v4"] = ("production: gate and up rows together, 8 packs in flight per lane, x as float4 (moe.cu)",
-                      lambda ex: kernel(
-        "moe.cu", "expert_gate_up<bf16_t, 1>")((I // 8, K), (256,), (x[None], np.int32(H), gate_up, up, stride,
-                                                                     np.int32(I), np.int32(8), ex, offsets, zeros, n,
-                                                                     act)))
+    per_block = cb.GATE_UP_ROWS[1]  # rows
+    versions["v4"] = ("production: gate and up rows together, 8 packs in flight per lane, x as float4, two rows a "
+                      "warp (moe.cu)", lambda ex: kernel("moe.cu", "expert_gate_up<bf16_t, 1>")(
+                          (I // per_block, K), (256,), (x[None], np.int32(H), gate_up, up, stride, np.int32(I),
+                                                   np.int32(per_block), ex, offsets, zeros, n, act)))
     rows = []
     for name, (why, run) in versions.items():
         act.fill(np.nan)

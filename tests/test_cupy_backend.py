@@ -263,7 +263,7 @@ def test_sampled_generate_decodes_through_the_graph(monkeypatch):
     assert graph_text == loop_text
 
 
-@pytest.mark.parametrize("T", [7, 40, 100])
+@pytest.mark.parametrize("T", [1, 7, 40, 100])
 @pytest.mark.parametrize("path", ["gemv", "few", "tiles", "batch"])
 def test_kernels_write_every_output(cb, tiny_model_dir, T, path, monkeypatch):
     """Buffers poisoned with NaN before the kernels run: every element must be overwritten with the right value.
@@ -275,7 +275,8 @@ def test_kernels_write_every_output(cb, tiny_model_dir, T, path, monkeypatch):
 
     batch = lambda s, tokens, K, N: "batch" if cb.batch_fits(s, tokens, K, N) else "few"
     monkeypatch.setattr(cb, "linear_path", batch if path == "batch" else lambda *args: path)
-    monkeypatch.setattr(cb, "expert_path", lambda *args: "few" if path == "batch" else path)
+    if T > 1:  # one token's picks are listed by its router for the GEMV kernels, the only ones it takes
+        monkeypatch.setattr(cb, "expert_path", lambda *args: "few" if path == "batch" else path)
 
     config = load_config(tiny_model_dir)
     weights = load_weights(tiny_model_dir, config)
@@ -323,6 +324,42 @@ def test_kernels_write_every_output(cb, tiny_model_dir, T, path, monkeypatch):
     logits = cp.full((T, config.vocab_size), np.nan, cp.float32)
     cb.linear(s, cp.asarray(x), s.lm_head, logits, norm=s.norm, rows_per_block=64)
     close(logits, ref.final_logits(r, x), "logits")
+
+
+@pytest.mark.parametrize("shape", ["tiny", "top-8"])
+def test_one_token_down_sum_gives_the_bits_of_expert_down_and_moe_combine(cb, tiny_model_dir, tmp_path, shape):
+    """At one token the experts' down product adds the weighted picks into x itself (expert_down_sum), in place of
+    expert_down + moe_combine: on fresh random inputs, x must come out with the same bits, for a MoE layer (8 picks
+    at "top-8", over a hidden size that leaves the last block part of its rows) and for the dense MLP (one pick,
+    weight 1), and the MoE block must still match the reference."""
+    import cupy as cp
+
+    top8 = dict(TINY_CONFIG, hidden_size=260, num_experts=16, num_experts_per_tok=8, moe_intermediate_size=96,
+                num_hidden_layers=2)
+    folder = tiny_model_dir if shape == "tiny" else write_checkpoint(tmp_path / "m", top8, random_weights(top8))
+    config = load_config(folder)
+    weights = load_weights(folder, config)
+    s, r = cb.prepare(weights, config), ref.prepare(weights, config)
+    K, i = config.num_experts_per_tok, config.moe_layers[0]
+    x = np.random.default_rng().standard_normal((1, config.hidden_size), dtype=np.float32)
+    expected, routing = ref.feed_forward_block(r, i, x, K, None)
+    b = cb.MoeBuffers.empty(1, config, K)
+    y = cp.asarray(x)
+    cb.moe_into(s, s.layers[i], y, K, None, b)
+    close(y, expected, "MoE block of one token")
+    assert b.topk_ids.get().tolist() == routing.experts.tolist()
+
+    d = cb.DenseBuffers.empty(1, config)
+    cb.rms_norm(s, cp.asarray(x), s.layers[0].post_norm, d.xn)
+    for layer, xn, g, slots, ids, act, out in ((s.layers[i], b.xn, b.grouping, K, b.topk_ids, b.act, b.out),
+                                               (s.layers[0], d.xn, d.grouping, 1, None, d.act, d.out)):
+        y_apart, y_fused = cp.asarray(x), cp.asarray(x)
+        out.fill(np.nan)
+        cb.swiglu_experts_into(s, layer, xn, g, act, out, slots, slots)
+        cb.combine(s, y_apart, out, ids)
+        cb.swiglu_experts_into(s, layer, xn, g, act, out, slots, slots, (y_fused, ids))
+        assert np.isfinite(y_apart.get()).all()
+        np.testing.assert_array_equal(y_fused.get(), y_apart.get())
 
 
 @pytest.mark.parametrize("T", [1, 7])

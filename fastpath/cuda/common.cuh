@@ -69,12 +69,18 @@ __device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
 #endif
 }
 
+// One row of K weights at w, asked into L2 (where its bytes are whole 16-byte units at a 16-byte-aligned address).
+template <typename W>
+__device__ __forceinline__ void prefetch_row(const W* w, long long K) {
+    const long long bytes = K * static_cast<long long>(sizeof(W));
+    if (bytes % 16 || bytes >= (1LL << 31) || reinterpret_cast<unsigned long long>(w) % 16) return;
+    prefetch_l2(w, static_cast<unsigned>(bytes));
+}
+
 // Rows [begin, end) of a row-major (rows, K) weight matrix, prefetched by the threads of a block, a row each.
 template <typename W>
 __device__ __forceinline__ void prefetch_rows(const W* w, long long K, int begin, int end) {
-    const long long bytes = K * static_cast<long long>(sizeof(W));
-    if (bytes % 16 || bytes >= (1LL << 31) || reinterpret_cast<unsigned long long>(w) % 16) return;
-    for (int r = begin + threadIdx.x; r < end; r += blockDim.x) prefetch_l2(w + r * K, static_cast<unsigned>(bytes));
+    for (int r = begin + threadIdx.x; r < end; r += blockDim.x) prefetch_row(w + r * K, K);
 }
 
 // cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers, so a thread can have

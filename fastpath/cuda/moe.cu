@@ -251,6 +251,51 @@ __global__ void __launch_bounds__(256) expert_down(const float* __restrict__ act
     }
 }
 
+// Batch-1 decode: x[n] += sum over the slots s, in slot order, of weight(s) * (down_e(s)[n] . act[s]) --
+// expert_down and moe_combine in one kernel, one launch and one wait fewer per layer. Each pick's product is rounded
+// as expert_down rounds it (one float multiply, stored) and the picks are added in moe_combine's order (with one
+// token, slot s is pair s, and the slots are its picks in pick order), so x gets the same bits as from the two.
+// ``residual`` as moe_combine's. A warp takes one slot and ROWS output rows at once (they share the slot's
+// activations, and ROWS of its rows' loads are in flight together).
+// The slots' rows are asked into L2 before the wait: route_topk wrote the slots two kernels ahead (see common.cuh).
+//                           grid (ceil(H / ROWS)), block 256, dynamic smem max_slots x ROWS floats
+template <typename W, int ROWS>
+__global__ void __launch_bounds__(256) expert_down_sum(const float* __restrict__ act, int I, const W* __restrict__ down,
+                                                       long long expert_stride, int H,
+                                                       const int* __restrict__ slot_expert,
+                                                       const int* __restrict__ pair_src,
+                                                       const float* __restrict__ pair_weight,
+                                                       const int* __restrict__ n_slots, int residual,
+                                                       float* __restrict__ x) {
+    extern __shared__ float picked[];  // (slots, ROWS): each slot's weighted outputs of this block's rows
+    const int n0 = blockIdx.x * ROWS, rows = min(ROWS, H - n0), slots = n_slots[0];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int i = threadIdx.x; i < slots * rows; i += blockDim.x)
+        prefetch_row(down + slot_expert[i / rows] * expert_stride + static_cast<long long>(n0 + i % rows) * I, I);
+    begin_after_previous();
+    for (int s = warp; s < slots; s += WARPS) {
+        const W* w[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+            w[r] = down + slot_expert[s] * expert_stride + static_cast<long long>(n0 + min(r, rows - 1)) * I;
+        const float* xt[1] = {act + static_cast<long long>(s) * I};
+        float acc[ROWS][1] = {};
+        warp_dot_rows_n<W, 1, ROWS>(w, I, xt, 1, nullptr, acc);
+        const float weight = pair_weight ? pair_weight[pair_src[s]] : 1.0f;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const float sum = warp_sum(acc[r][0]);
+            if (lane == 0) picked[s * ROWS + r] = weight * sum;
+        }
+    }
+    __syncthreads();
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        float sum = 0.0f;
+        for (int s = 0; s < slots; ++s) sum += picked[s * ROWS + r];
+        x[n0 + r] = residual ? x[n0 + r] + sum : sum;
+    }
+}
+
 // x[t, :] += sum_k out[t*K + k, :], the K picks added in slot order: the weighted sum and the residual add, in a fixed
 // order so that results do not depend on scheduling. ``residual`` 0: x = the sum alone (every rank of a split model
 // but the first: the all-reduce that follows adds the residual once). On a rank that holds experts [expert_lo,
