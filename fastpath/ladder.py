@@ -1,5 +1,5 @@
-"""Kernel ladders: ``python -m fastpath.ladder [moe_gemv|attention|router|batch_projection|attention_prefill|
-prefill_projection ...]``.
+"""Kernel ladders: ``python -m fastpath.ladder [moe_gemv|moe_down|attention|router|batch_projection|
+attention_prefill|prefill_projection ...]``.
 
 In the style of llm.c's dev/cuda: for each central kernel of batch-1 decode, a naive first version and then each
 optimisation on its own (``fastpath/cuda/ladder/*.cu``, each with a comment saying what it improves), ending with the
@@ -125,6 +125,47 @@ def ladder_moe_gemv() -> list[Row]:
         error = relative_error(act, ref)
         rows.append(Row(name, why, median_us(lambda i: run(choices[i % len(choices)])), error, nbytes))
     return rows
+
+
+def ladder_moe_down() -> list[Row]:
+    """The experts' down product at one token and the weighted sum of the picks: x = sum_k w_k down_k @ act_k (the
+    residual add left out, so that every run writes the same x)."""
+    c = CONFIG
+    E, I, H, K = c.num_experts, c.moe_intermediate_size, c.hidden_size, c.num_experts_per_tok
+    down = random_bf16(E, H, I)  # (E, H, I)
+    act = cp.random.standard_normal((K, I), dtype=cp.float32)  # (K, I) SiLU(gate) * up of each pick
+    rng = np.random.default_rng()
+    weight = cp.asarray(rng.dirichlet(np.ones(K)).astype(np.float32))  # (K,) the picks' routing weights
+    choices = [cp.asarray(np.random.default_rng(i).choice(E, K, replace=False).astype(np.int32)) for i in range(8)]
+    w = widen(down[choices[0]])  # (K, H, I) float64
+    ref = np.einsum("k,khi,ki->h", weight.get().astype(np.float64), w, act.get().astype(np.float64))  # (H,)
+    offsets, picks, n = cp.arange(K + 1, dtype=cp.int32), cp.arange(K, dtype=cp.int32), cp.asarray([K], cp.int32)
+    out, x = cp.empty((K, H), cp.float32), cp.empty((1, H), cp.float32)
+    stride, rows = np.int64(H * I), cb.DOWN_SUM_ROWS
+
+    def apart(ex):
+        kernel("moe.cu", "expert_down<bf16_t, 1>")(
+            (H // 8, K), (256,), (act, np.int32(I), down, stride, np.int32(H), np.int32(8), ex, offsets, picks,
+                                  weight, n, out))
+        kernel("moe.cu", "moe_combine")((H // 256,), (256,), (x, out, np.int32(1), np.int32(H), np.int32(K),
+                                                             np.int32(0), cb.NULL, np.int32(0), np.int32(E)))
+
+    versions = {
+        "v1": ("a warp per output row of one pick, 8 rows a block (expert_down), each pick's output to memory; then "
+               "moe_combine adds them: two launches", apart),
+        "v2": ("production: one launch; a warp per pick computes a block's 8 rows at once (they share the pick's "
+               "input), the block adds the picks (expert_down_sum)", lambda ex: kernel(
+                   "moe.cu", f"expert_down_sum<bf16_t, {rows}>")(
+                       (H // rows,), (256,), (act, np.int32(I), down, stride, np.int32(H), ex, picks, weight, n,
+                                              np.int32(0), x), shared_mem=4 * K * rows)),
+    }
+    result = []
+    for name, (why, run) in versions.items():
+        x.fill(np.nan)
+        run(choices[0])
+        error = relative_error(x[0], ref)
+        result.append(Row(name, why, median_us(lambda i: run(choices[i % len(choices)])), error, K * H * I * 2))
+    return result
 
 
 def ladder_attention(L: int = 8192) -> list[Row]:
@@ -344,6 +385,7 @@ def ladder_prefill_projection(T: int = 2048) -> list[Row]:
 
 
 LADDERS = {"moe_gemv": ("MoE gate/up GEMV, 8 of 128 experts (50 MB)", ladder_moe_gemv, "GB/s"),
+           "moe_down": ("MoE down GEMV and the weighted sum, 8 of 128 experts (25 MB)", ladder_moe_down, "GB/s"),
            "attention": ("attention decode, 8192 cached positions (33 MB of K/V)", ladder_attention, "GB/s"),
            "router": ("router: 128 x 2048 GEMV, softmax, top-8 (0.5 MB)", ladder_router, "GB/s"),
            "batch_projection": ("q/k/v projection of 8 tokens: 5120 x 2048 (21 MB)", ladder_batch_projection, "GB/s"),

@@ -2,7 +2,7 @@
 
 The expected distributions come from ``reference_candidates`` below, a plain re-statement of the documented rule
 (softmax(logits / T) -> keep the topk most likely, ties to the lower id -> keep the smallest most-likely-first prefix
-whose mass reaches topp -> renormalise), and from cases worked out by hand.
+whose mass reaches topp, within TOP_P_SLACK -> renormalise), and from cases worked out by hand.
 """
 
 import math
@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from qwen3moe.sampling import candidate_distribution, check_sampling, is_greedy, sample
+from qwen3moe.sampling import TOP_P_SLACK, candidate_distribution, check_sampling, is_greedy, sample
 
 
 def softmax(x) -> np.ndarray:
@@ -25,7 +25,9 @@ def reference_candidates(logits, temperature, topk, topp) -> tuple[list[int], np
     if topk:
         order = order[:topk]
     q = p[order] / p[order].sum()
-    n = next(k for k in range(1, len(q) + 1) if q[:k].sum() >= topp or k == len(q))
+    # a prefix whose mass falls short of topp by less than the slack counts as reaching it (about 1 draw in 10^4 of
+    # the random cases below lands there)
+    n = next(k for k in range(1, len(q) + 1) if q[:k].sum() >= topp - TOP_P_SLACK or k == len(q))
     return order[:n], q[:n] / q[:n].sum()
 
 
