@@ -270,7 +270,8 @@ def test_kernels_write_every_output(cb, tiny_model_dir, T, path, monkeypatch):
     Each kernel path computes the projections and the experts (at 40 tokens x top-2 over 8 experts the experts
     serve more than 8 picks each: several passes of mma_few.cu); "batch" is mma_batch.cu for every projection its
     workspace holds, with the experts on mma_few.cu; "tiles" at 100 tokens runs on wgmma_tiles.cu on Hopper (one
-    partly filled 128-row tile of tokens; experts' tiles of 128 pairs)."""
+    partly filled 128-row tile of tokens; experts' tiles of 128 pairs). At one token the experts take their GEMV
+    kernels on every path (expert_down_sum adding the picks into the hidden state)."""
     import cupy as cp
 
     batch = lambda s, tokens, K, N: "batch" if cb.batch_fits(s, tokens, K, N) else "few"
