@@ -11,6 +11,12 @@ backend's block operations called from Python, router statistics and sampling on
 "greedy b1" is batch-1 greedy decoding through the backend's ``GreedyDecoder``, the way ``generate`` decodes
 (temperature 0 or top-k 1, after the prefill): a whole step per call. It is measured for backends that have one.
 
+On a shared machine both sides of a ratio drift, from run to run and within a run. ``--interleave ROUNDS`` runs
+each backend in a process of its own, ROUNDS times, the backends alternating, and reports every round and the
+medians: the backends then see the same phases of the machine. (Alternating them inside one process measures how
+they disturb each other instead: the reference's BLAS threads keep spinning after its calls, and stall the next
+backend's threaded steps.)
+
 Models: a folder (default: the bundled model), or ``--synthetic qwen3-30b-a3b --layers N``: Qwen3-30B-A3B's real
 shapes (hidden 2048, 128 experts, top-8, moe_intermediate 768, 32/4 heads, head_dim 128, vocab 151936) with random
 bf16 weights and N of its 48 layers, written once under $QWEN3MOE_CACHE.
@@ -19,6 +25,7 @@ bf16 weights and N of its 48 layers, written once under $QWEN3MOE_CACHE.
 import json
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -189,6 +196,8 @@ def run(args) -> int:
     if model_dir is None:
         from .bundled import default_model_dir
         model_dir = default_model_dir()
+    if args.interleave:
+        return run_interleaved(args, names, Path(model_dir))
     batches = [int(b) for b in args.batch.split(",")]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     # Shared machines drift: measure the roofline before and after the backends and keep the best.
@@ -233,4 +242,39 @@ def run(args) -> int:
         if reference is not None and "decode_greedy_b1_tokens_per_s" in r:
             print(f"{r['backend']} greedy b1 vs numpy decode b1: "
                   f"{r['decode_greedy_b1_tokens_per_s'] / reference['decode_b1_tokens_per_s']:.1f}x")
+    return 0
+
+
+def run_interleaved(args, names: list[str], model_dir: Path) -> int:
+    """``--interleave``: this benchmark at batch 1, run ``args.interleave`` times per backend, each run a process of
+    its own (``--json``), the backends alternating; a table of the batch-1 decode speeds of every round, and their
+    medians. A run that fails ends the bench with its error."""
+    command = [sys.executable, "-m", "qwen3moe", "bench", "--json", "--model", str(model_dir), "--prompt-len",
+               str(args.prompt_len), "--steps", str(args.steps), "--batch", "1"]
+    rounds = []
+    for _ in tqdm(range(args.interleave), desc="interleaved rounds", file=sys.stderr):
+        rounds.append({})
+        for name in names:
+            done = subprocess.run([*command, "--backends", name], capture_output=True, text=True)
+            if done.returncode:
+                sys.stderr.write(done.stderr)
+                return done.returncode
+            rounds[-1][name] = json.loads(done.stdout)["results"][0]
+    if args.json:
+        print(json.dumps({"model": str(model_dir), "rounds": rounds}, indent=2))
+        return 0
+    columns = [(f"{n} decode b1", n, "decode_b1_tokens_per_s") for n in names]
+    columns += [(f"{n} greedy b1", n, "decode_greedy_b1_tokens_per_s") for n in names
+                if "decode_greedy_b1_tokens_per_s" in rounds[0][n]]
+    ratios = [(f"{n} greedy / numpy b1", n) for n in names if "numpy" in names and
+              "decode_greedy_b1_tokens_per_s" in rounds[0][n]]
+    table = [[r[n][key] for _, n, key in columns] +
+             [r[n]["decode_greedy_b1_tokens_per_s"] / r["numpy"]["decode_b1_tokens_per_s"] for _, n in ratios]
+             for r in rounds]
+    titles = [title for title, *_ in columns + ratios]
+    print(f"model {model_dir}; {args.interleave} rounds, each backend in its own process, alternating; tokens/s")
+    print(f"{'round':<7}" + "".join(f" {t:>{max(len(t), 9)}}" for t in titles))
+    for i, row in enumerate(table + [list(np.median(table, axis=0))]):
+        print(f"{str(i + 1) if i < len(table) else 'median':<7}" +
+              "".join(f" {v:>{max(len(t), 9)}.1f}" for t, v in zip(titles, row)))
     return 0

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-len", type=int, default=128, help="prefill length (default 128)")
     bench.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
     bench.add_argument("--batch", default="1,8", help="decode batch sizes (default 1,8)")
+    bench.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                       help="CPU: batch-1 decoding of each backend in its own process, ROUNDS times, the backends "
+                            "alternating; every round and the medians (steadier ratios on a drifting machine)")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.set_defaults(run=run_bench)
 
@@ -185,6 +188,9 @@ def run_bench(args) -> int:
     """The CPU benchmark (qwen3moe/bench.py), or with --nvidia the GPU one, which lives with the CUDA backend."""
     import importlib
 
+    if args.nvidia and args.interleave:
+        raise ValueError("--interleave times the CPU backends; the GPU bench (--nvidia) compares ours and "
+                         "transformers in one process already")
     module = "qwen3moe.bench" if not args.nvidia else "fastpath.multi_gpu_bench" if args.ndev else "fastpath.cupy_bench"
     return importlib.import_module(module).run(args)
 

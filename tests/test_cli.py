@@ -239,6 +239,27 @@ def test_info_ndev_refusals(tiny_model_dir, tmp_path, extra, words):
         assert w in line
 
 
+# --- bench ----------------------------------------------------------------------------------------------------------
+
+
+def test_interleaved_bench_reports_each_round_and_the_medians(tiny_model_dir, tmp_path):
+    """``bench --interleave 3``: one row per round (each backend in its own process), then the medians; the ratio
+    column is each round's greedy speed over the reference's, and the median row the median of each column."""
+    backends_ = "numpy,numba" if backends.unavailable_reason("numba") is None else "numpy"
+    status, out, err = cli("bench", "--model", tiny_model_dir, "--steps", 2, "--batch", 1, "--prompt-len", 4,
+                           "--interleave", 3, "--backends", backends_, cwd=tmp_path)
+    assert status == 0, err
+    lines = out.strip().splitlines()
+    rows = [line.split() for line in lines[2:]]
+    assert [r[0] for r in rows] == ["1", "2", "3", "median"]
+    values = np.array([[float(v) for v in r[1:]] for r in rows])  # (4, columns)
+    assert values.shape[1] == (4 if backends_ == "numpy,numba" else 1), lines[1]
+    assert (values > 0).all()
+    np.testing.assert_allclose(values[3], np.median(values[:3], axis=0), atol=0.051)
+    if backends_ == "numpy,numba":  # numpy decode b1, numba decode b1, numba greedy b1, greedy / numpy
+        np.testing.assert_allclose(values[:3, 3], values[:3, 2] / values[:3, 0], rtol=0.01, atol=0.06)
+
+
 # --- perplexity -----------------------------------------------------------------------------------------------------
 
 
