@@ -470,8 +470,7 @@ def swiglu_experts_into(s: State, layer: Layer, xn: cp.ndarray, g: Grouping, act
         kernel("moe.cu", f"expert_gate_up<{s.wtype}, {m}>")(
             (math.ceil(I / GATE_UP_ROWS[m]), max_slots), (BLOCK,),
             (xn, i32(H), layer.gate_up, up, np.int64(two_i * H), i32(I), i32(GATE_UP_ROWS[m]), g.slot_expert,
-             g.slot_offset,
-             g.pair_token, g.n_slots, act))
+             g.slot_offset, g.pair_token, g.n_slots, act))
         if sum_into is not None and m == 1:
             x, _ = sum_into
             kernel("moe.cu", f"expert_down_sum<{s.wtype}, {DOWN_SUM_ROWS}>")(
