@@ -109,9 +109,7 @@ def forward_on_device(s: State, ids: np.ndarray, segments: list[tuple[int, int, 
         cb.attention_into(s, layer, x, plan, k_caches[i], v_caches[i], attn)
         cb.moe_into(s, layer, x, c.num_experts_per_tok, None, moe)
     last = x[[b - 1 for _, b, _ in segments]]
-    logits = cp.empty((last.shape[0], s.lm_head.shape[0]), cp.float32)
-    cb.linear(s, last, s.lm_head, logits, norm=s.norm, rows_per_block=cb.lm_head_rows(last.shape[0]))
-    return logits.argmax(axis=1)
+    return cb.final_logits(s, last).argmax(axis=1)
 
 
 def timed(fn) -> float:
