@@ -10,6 +10,7 @@ Two layout changes, both plain copies made during the upload: q, k and v project
 
 Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) are:
     linear                RMSNorm (fused) + projection, or projection + residual add        q/k/v, o_proj, lm_head
+    linear_streamed       the same at one token, rows streamed by the copy engine (Hopper)   lm_head
     qk_norm_rope_cache    q/k RMSNorm, RoPE, K/V written into the sequence's cache
     attention             grouped-query attention, keys split across blocks and merged by the last (flash-decoding)
     attention_mma         prefill attention on the tensor cores (attention_mma.cu)
@@ -90,9 +91,15 @@ TILE_SPLIT_BLOCKS = 264  # matmul.cu: K is split until a LINEAR product has this
 # and expert_gate_up's rows a block by tokens per pass (at one token 16, two a warp: 1.0 % faster than 8).
 DOWN_SUM_ROWS = 8
 GATE_UP_ROWS = {1: 16, MAXT[-1]: 8}
-# The lm_head's rows a GEMV block computes, by tokens per pass: at one token 32, four a warp (1.2 % faster a token
-# than 64 on an H200; 16: 0.9 % faster, 128: 0.9 % slower); 64 for more tokens (not measured again).
+# The lm_head's rows a block of linear.cu's ``linear`` computes, by tokens per pass: at one token (before Hopper, where
+# linear_streamed does not take it) 32, four a warp (1.2 % faster a token than 64 on an H200; 16: 0.9 % faster, 128:
+# 0.9 % slower); 64 for more tokens (not measured again).
 LM_HEAD_ROWS = {1: 32, MAXT[-1]: 64}
+# linear_streamed: one-token projections of at least this many weights (the lm_head; a layer's q/k/v measured no
+# faster), and the shared memory of its block, for its rows in flight and its input (measured on an H200, the
+# captured batch-1 step: 224 KB 3.452 -> 3.406 ms a token; 96 KB 3.483, 192 KB no faster)
+STREAM_MIN_WEIGHTS = 1 << 26
+STREAM_SHARED = 224 * 1024
 MAX_EXPERTS = 512  # route_topk holds a token's router probabilities in one warp's registers (moe.cu)
 # What the tensor-core products take as activations: "float32" splits each into bf16 hi + lo and multiplies both
 # (results within ~1e-5 of the float32 reference, the default); "bf16" rounds them to bf16 and multiplies once, as
@@ -233,6 +240,41 @@ def linear_path(s: State, tokens: int, K: int, N: int) -> str:
     return "few" if tokens <= FEW_TOKENS and N * K < FEW_MAX_WEIGHTS else "tiles"
 
 
+@functools.cache
+def device_limits() -> tuple[int, int, int]:
+    """This GPU's compute capability (e.g. 90), multiprocessors, and the shared memory a block may ask for."""
+    d = cp.cuda.Device()
+    return int(d.compute_capability), d.attributes["MultiProcessorCount"], d.attributes["MaxSharedMemoryPerBlockOptin"]
+
+
+def streamed(wtype: str, K: int, N: int) -> tuple[int, int, int] | None:
+    """How linear.cu's ``linear_streamed`` computes a one-token K -> N projection of ``wtype`` weights: (rows a
+    block, row slots a warp, shared memory bytes); None where ``linear`` does: for matrices under STREAM_MIN_WEIGHTS,
+    before Hopper (no bulk copies), for rows that are not whole 16-byte packs, or too long for a slot a warp.
+    One block a multiprocessor, its rows a multiple of its warps; each warp gets as many slots as it has rows, or as
+    fit in STREAM_SHARED (or what the GPU allows a block, less 1 KB for the kernel's own)."""
+    capability, sms, shared = device_limits()
+    if N * K < STREAM_MIN_WEIGHTS or capability < 90:
+        return None
+    row_bytes, warps = K * (2 if wtype == "bf16_t" else 4), BLOCK // 32
+    rows = warps * math.ceil(N / (warps * sms))
+    # the input's K floats, then per slot a row and its 8-byte barrier (the barriers rounded up to 16 bytes)
+    room = min(STREAM_SHARED, shared - 1024) - 4 * K - 15
+    slots = min(rows // warps, room // (warps * (row_bytes + 8)))
+    if row_bytes % 16 or slots < 1:
+        return None
+    return rows, slots, (warps * slots * 8 + 15) // 16 * 16 + 4 * K + warps * slots * row_bytes
+
+
+def one_wave_rows(N: int) -> int:
+    """Rows a block of linear.cu's ``linear`` computes at one token, for a layer's projections: as few as let all of
+    the blocks be resident at once (two a multiprocessor: their registers allow no more), at least one a warp. A
+    second wave of blocks can only ask for its rows once the first has finished. Measured on an H200 (48 layers of
+    Qwen3-30B-A3B shapes, the captured step): q/k/v (5120 rows) in 256 blocks of 20 instead of 640 of 8, 3.452 ->
+    3.422 ms a token (24 rows: 3.446); o_proj and the router keep 8."""
+    return max(BLOCK // 32, math.ceil(N / (2 * device_limits()[1])))
+
+
 def batch_fits(s: State, tokens: int, K: int, N: int) -> bool:
     """Whether mma_batch.cu takes this many tokens and its workspace holds the product's partial sums."""
     return (tokens <= BATCH_MAX_TOKENS and batch_splits(K) * tokens * N <= s.split_partial.size
@@ -339,16 +381,28 @@ def rms_norm(s: State, x: cp.ndarray, weight: cp.ndarray, out: cp.ndarray) -> No
 
 
 def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.ndarray | None = None,
-           residual: cp.ndarray | None = None, rows_per_block: int = 8, scratch: cp.ndarray | None = None,
+           residual: cp.ndarray | None = None, rows_per_block: int | None = None, scratch: cp.ndarray | None = None,
            precision: str | None = None) -> None:
-    """out = [residual +] w @ [rmsnorm(x, norm)]: x (T, K) -> out (T, N). ``scratch`` (T, K): where the normalised
-    input goes when the kernel does not fuse the norm (None: a new array; a captured graph passes its own).
-    ``precision``: what the tile products take (None: the state's)."""
+    """out = [residual +] w @ [rmsnorm(x, norm)]: x (T, K) -> out (T, N). ``rows_per_block``: of linear.cu's
+    ``linear`` (None: one_wave_rows at one token, 8 otherwise). ``scratch`` (T, K): where the normalised input goes
+    when the kernel does not fuse the norm (None: a new array; a captured graph passes its own). ``precision``: what
+    the tile products take (None: the state's)."""
     T, K = x.shape
     N = w.shape[0]
     path = linear_path(s, T, K, N)
+    streams = streamed(s.wtype, K, N) if path == "gemv" and T == 1 else None
+    if streams:
+        rows, slots, smem = streams
+        k = kernel("linear.cu", f"linear_streamed<{s.wtype}>")
+        if smem > k.max_dynamic_shared_size_bytes:
+            k.max_dynamic_shared_size_bytes = smem
+        k((math.ceil(N / rows),), (BLOCK,),
+          (x, i32(K), NULL if norm is None else norm, np.float32(s.config.rms_norm_eps), w, i32(N), i32(rows),
+           i32(slots), NULL if residual is None else residual, out), shared_mem=smem)
+        return
     if path == "gemv":
         m = 1 if T == 1 else MAXT[-1]
+        rows_per_block = rows_per_block or (one_wave_rows(N) if T == 1 else 8)
         kernel("linear.cu", f"linear<{s.wtype}, {m}>")(
             (math.ceil(N / rows_per_block), math.ceil(T / m)), (BLOCK,),
             (x, i32(T), i32(K), NULL if norm is None else norm, np.float32(s.config.rms_norm_eps), w, i32(N),

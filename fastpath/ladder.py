@@ -1,4 +1,4 @@
-"""Kernel ladders: ``python -m fastpath.ladder [moe_gemv|moe_down|attention|router|batch_projection|
+"""Kernel ladders: ``python -m fastpath.ladder [moe_gemv|moe_down|lm_head|attention|router|batch_projection|
 attention_prefill|prefill_projection ...]``.
 
 In the style of llm.c's dev/cuda: for each central kernel of batch-1 decode, a naive first version and then each
@@ -166,6 +166,39 @@ def ladder_moe_down() -> list[Row]:
         error = relative_error(x[0], ref)
         result.append(Row(name, why, median_us(lambda i: run(choices[i % len(choices)])), error, K * H * I * 2))
     return result
+
+
+def ladder_lm_head() -> list[Row]:
+    """The lm_head at one token, logits = lm_head @ RMSNorm(x): the vocabulary-sized GEMV that ends every decode step
+    (the largest matrix a step reads; one of 622 MB needs no rotation to stay out of L2)."""
+    c = CONFIG
+    V, H, eps = c.vocab_size, c.hidden_size, c.rms_norm_eps
+    w = random_bf16(V, H)  # (V, H)
+    x = cp.random.standard_normal((1, H), dtype=cp.float32)  # (1, H)
+    g = cp.asarray(np.random.default_rng().uniform(0.5, 1.5, H).astype(np.float32))  # (H,) the final norm's weight
+    x64 = x.get()[0].astype(np.float64)
+    ref = widen(w) @ (x64 / np.sqrt(np.mean(x64 ** 2) + eps) * g.get())  # (V,)
+    logits = cp.empty((1, V), cp.float32)
+    state = cb.State(c, "bf16_t", None, [], None, None, None)
+
+    def gemv(rows):
+        return lambda i: kernel("linear.cu", "linear<bf16_t, 1>")(
+            (-(-V // rows), 1), (256,), (x, np.int32(1), np.int32(H), g, np.float32(eps), w, np.int32(V),
+                                          np.int32(rows), cb.NULL, logits))
+
+    versions = {"v1": ("a warp per row, 8 packs a lane in flight, the norm fused; 8 rows a block (linear)", gemv(8)),
+                "v2": (f"{cb.LM_HEAD_ROWS[1]} rows a block: fewer blocks to schedule, each warp's rows one after the "
+                       "other (linear, before Hopper)", gemv(cb.LM_HEAD_ROWS[1]))}
+    if cb.streamed("bf16_t", H, V):
+        versions["v3"] = ("production on Hopper: a block a multiprocessor, each warp's next rows streamed into shared "
+                          "memory by the copy engine (linear_streamed)",
+                          lambda i: cb.linear(state, x, w, logits, norm=g))
+    rows = []
+    for name, (why, run) in versions.items():
+        logits.fill(np.nan)
+        run(0)
+        rows.append(Row(name, why, median_us(run, rounds=20), relative_error(logits[0], ref), V * H * 2))
+    return rows
 
 
 def ladder_attention(L: int = 8192) -> list[Row]:
@@ -386,6 +419,7 @@ def ladder_prefill_projection(T: int = 2048) -> list[Row]:
 
 LADDERS = {"moe_gemv": ("MoE gate/up GEMV, 8 of 128 experts (50 MB)", ladder_moe_gemv, "GB/s"),
            "moe_down": ("MoE down GEMV and the weighted sum, 8 of 128 experts (25 MB)", ladder_moe_down, "GB/s"),
+           "lm_head": ("lm_head at one token: 151936 x 2048 GEMV, the RMSNorm fused (622 MB)", ladder_lm_head, "GB/s"),
            "attention": ("attention decode, 8192 cached positions (33 MB of K/V)", ladder_attention, "GB/s"),
            "router": ("router: 128 x 2048 GEMV, softmax, top-8 (0.5 MB)", ladder_router, "GB/s"),
            "batch_projection": ("q/k/v projection of 8 tokens: 5120 x 2048 (21 MB)", ladder_batch_projection, "GB/s"),

@@ -439,6 +439,55 @@ def test_projection_matches_float64(cb, path, T, K, N, with_residual, wgmma, pre
         assert np.all(np.abs(ours - expected) <= bound), f"at {worst}: {ours[worst]} against {expected[worst]}"
 
 
+@pytest.mark.parametrize("K, N", [(2048, 5120), (4096, 2048), (2048, 20000), (96, 130), (40, 7), (36, 10)],
+                         ids=["qkv", "o_proj", "refilled", "small", "few-packs", "not-packs"])
+@pytest.mark.parametrize("wtype", ["bf16_t", "float"])
+@pytest.mark.parametrize("norm, with_residual", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("kernel", ["linear_streamed", "linear"])
+def test_one_token_projection_matches_float64(cb, K, N, wtype, norm, with_residual, kernel, monkeypatch):
+    """linear.cu at one token, both kernels: ``linear_streamed`` (Hopper; the backend gives it only the lm_head, here
+    every shape) and ``linear``, against float64 on fresh random weights (bf16 or float32), with the RMSNorm fused,
+    or the residual added in place. Shapes: the q/k/v and o_proj of Qwen3-30B-A3B; 20000 rows, so that each warp of
+    linear_streamed refills its slots (19 rows a warp; 6 slots of bf16 rows of 2048, 3 of float32 ones); rows
+    shorter than a warp's 32 packs, rows fewer than a block's warps, and (36, bf16) rows that are not whole 16-byte
+    packs, which linear_streamed leaves to ``linear``. The output is poisoned with NaN first. Tolerance as in
+    test_projection_matches_float64 (float32 sums of K products: errors ~1e-6 of the products' root sum of squares;
+    a lost or misplaced row or pack would be off by ~1)."""
+    import types
+    import cupy as cp
+
+    monkeypatch.setattr(cb, "STREAM_MIN_WEIGHTS", 0)
+    if kernel == "linear_streamed" and cb.streamed(wtype, K, N) is None:
+        pytest.skip("linear_streamed runs on compute capability 9.0 and later, on rows of whole 16-byte packs")
+    if kernel == "linear":
+        monkeypatch.setattr(cb, "streamed", lambda *args: None)
+    rng = np.random.default_rng()
+    eps = 1e-6
+    s = cb.State(types.SimpleNamespace(rms_norm_eps=eps), wtype, None, [], None, None, None)
+    assert cb.linear_path(s, 1, K, N) == "gemv"
+    if wtype == "bf16_t":
+        bits = bf16_bits(rng.standard_normal((N, K), dtype=np.float32))
+        w, w64 = cp.asarray(bits), (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    else:
+        w64 = rng.standard_normal((N, K), dtype=np.float32)
+        w, w64 = cp.asarray(w64), w64.astype(np.float64)
+    x = rng.standard_normal((1, K), dtype=np.float32) * 3
+    g = rng.uniform(0.5, 1.5, K).astype(np.float32)
+    residual = rng.standard_normal((1, N), dtype=np.float32)
+    taken = x.astype(np.float64)
+    if norm:
+        taken = taken / np.sqrt(np.mean(taken ** 2) + eps) * g
+    expected = taken @ w64.T + (residual if with_residual else 0)
+    bound = 4e-5 * np.sqrt(taken ** 2 @ (w64 ** 2).T) + 1e-6 * np.abs(expected)
+    out = cp.asarray(residual) if with_residual else cp.full((1, N), np.nan, cp.float32)
+    cb.linear(s, cp.asarray(x), w, out, norm=cp.asarray(g) if norm else None,
+              residual=out if with_residual else None)
+    ours = out.get()
+    assert np.isfinite(ours).all()
+    worst = np.unravel_index(np.argmax(np.abs(ours - expected) / bound), ours.shape)
+    assert np.all(np.abs(ours - expected) <= bound), f"at {worst}: {ours[worst]} against {expected[worst]}"
+
+
 def bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 values rounded to bf16 (to nearest even, as the GPU's cvt.rn.bf16x2.f32), as their 16 bits."""
     bits = x.view(np.uint32)

@@ -33,6 +33,7 @@
 // paired in the epilogue). The producer gives registers to the math warpgroups (setmaxnreg): their 128 accumulators
 // and two steps of fragments need ~230 registers a thread.
 //   grid (ceil(N / Tile::N), tiles, splits), block 128 (WG + 1), dynamic shared memory WgTile::SHARED
+#include "bulk_copy.cuh"
 #include "wgmma.cuh"
 
 namespace wg {
@@ -70,41 +71,6 @@ static_assert(WgTile<GATE_UP, 2, bf16_t>::STAGE_BYTES % 1024 == 0, "stages must 
 static_assert(WgTile<GATE_UP, 2, float>::SHARED <= 227 * 1024, "a block must fit a multiprocessor's shared memory");
 static_assert(wg::SWIZZLE_ATOM == 1024, "swizzled_descriptor (wgmma.cuh) takes 8 rows of 128 bytes");
 
-// ---- mbarriers and the copy engine (PTX ISA: "mbarrier", "cp.async.bulk", "cp.async.bulk.tensor") ----------------
-__device__ __forceinline__ unsigned shared_address(const void* p) {
-    return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void barrier_init(unsigned long long* bar, int arrivals) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(arrivals) : "memory");
-}
-// One arrival that also announces ``bytes`` of copies that will complete on the barrier.
-__device__ __forceinline__ void barrier_expect(unsigned long long* bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void barrier_arrive(unsigned long long* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(bar)) : "memory");
-}
-// Wait until the barrier's phase of parity ``parity`` has completed.
-__device__ __forceinline__ void barrier_wait(unsigned long long* bar, unsigned parity) {
-    asm volatile(
-        "{\n.reg .pred done;\nWAIT_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT_%=;\n}\n" ::"r"(shared_address(bar)), "r"(parity)
-        : "memory");
-}
-// One arrival on ``bar`` once every cp.async this thread has issued so far has landed (counted in the barrier's
-// arrivals: ``noinc``).
-__device__ __forceinline__ void barrier_arrive_on_copies(unsigned long long* bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(shared_address(bar)) : "memory");
-}
-// The box of the tensor map ``map`` at (k, row) to shared memory, completing on ``bar``; rows past the tensor: zeros.
-__device__ __forceinline__ void tensor_copy(void* dst, const void* map, int k, int row, unsigned long long* bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
-        ::"r"(shared_address(dst)), "l"(map), "r"(k), "r"(row), "r"(shared_address(bar)) : "memory");
-}
-
 // The weights of one step: rows n0 .. n0 + 255 of the map (GATE_UP: 128 gate rows, then the same 128 up rows,
 // ``up`` rows further), k0 .. k0 + 63, swizzled.
 template <int MODE>
@@ -141,7 +107,7 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1) wgmma_tiles(
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) barrier_init(full + s, 1 + 128), barrier_init(empty + s, 4 * WG);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        barriers_initialised();
     }
     // LINEAR's weights do not depend on the kernel ahead: its first stages' weights are asked for before waiting
     const int early = MODE == LINEAR ? min(STAGES, steps) : 0;
