@@ -100,8 +100,9 @@ __global__ void __launch_bounds__(256) linear(const float* __restrict__ x, int T
 // way. The input, normalised once per block, is staged in shared memory in the order the packs read it (float4 q of
 // pack p at q * packs + p), so that the 32 lanes of a warp read 32 consecutive float4s.
 // Measured on an H200 (cupy_backend.STREAM_SHARED): the lm_head of Qwen3-30B-A3B (622 MB) 207 -> 154 us alone, and
-// the captured batch-1 step 3.452 -> 3.406 ms. A layer's q/k/v (21 MB) was no faster in the step: its rows are all
-// asked for at once either way, and the block's 205 KB leave no room for the next kernel's blocks to start early.
+// the captured batch-1 step 3.452 -> 3.406 ms. A layer's q/k/v (21 MB), o_proj and router streamed so were no faster
+// in the step, or slower (docs/benchmarks.md): a block that holds most of a multiprocessor's shared memory leaves no
+// room for the next kernel's blocks to start early.
 // The rows go to the warps in turn: warp w of the block takes rows first + w, first + w + WARPS, ...
 //                   grid (ceil(N / rows_per_block)), block 256, shared memory: see cupy_backend.streamed
 template <typename W>
