@@ -202,18 +202,13 @@ class Kernel:
         self.raw, self.name = raw, name  # raw: cupy.RawKernel, whose function attributes apply to our launches too
         self.attribute = LaunchAttribute(PROGRAMMATIC_STREAM_SERIALIZATION)
         self.attribute.value[0] = 1
-
-    @property
-    def max_dynamic_shared_size_bytes(self) -> int:
-        return self.raw.max_dynamic_shared_size_bytes
-
-    @max_dynamic_shared_size_bytes.setter
-    def max_dynamic_shared_size_bytes(self, n: int) -> None:
-        self.raw.max_dynamic_shared_size_bytes = n
+        self.shared_allowed = 48 * 1024  # dynamic shared memory a launch may take (the most without asking for it)
 
     def __call__(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
         import cupy
 
+        if shared_mem > self.shared_allowed:  # more than a launch may take unasked: allowed once, not every launch
+            self.raw.max_dynamic_shared_size_bytes = self.shared_allowed = shared_mem
         stream = cupy.cuda.get_current_stream()
         programmatic = PDL and stream.is_capturing()
         by_value = any(isinstance(a, ctypes.Array) for a in args)  # a tensor map: CuPy cannot pass it

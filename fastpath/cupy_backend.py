@@ -297,7 +297,7 @@ def hopper() -> bool:
     everywhere (to compare, or to rule the kernel out)."""
     from cupy_backends.cuda.libs import nvrtc
 
-    return (cp.cuda.Device().compute_capability == "90" and nvrtc.getVersion() >= (12, 0)
+    return (device_limits()[0] == 90 and nvrtc.getVersion() >= (12, 0)
             and os.environ.get("QWEN3MOE_WGMMA", "1") != "0")
 
 
@@ -340,7 +340,7 @@ def tiles(mode: str, N: int, rows: int, row_tiles: int, args: tuple, splits: int
     wgmma_tiles.cu for 128-row tiles, matmul.cu's mma_tiles for 64-row ones, with the shared memory of their
     pipelines (each kernel's ``SHARED``): activations and bf16 weights (two matrices for GATE_UP) of every stage,
     rows padded (wgmma_tiles.cu: swizzled instead, plus alignment, its mbarriers and the tile's row list). That is
-    more than the 48 KB a launch may take without asking, so the kernel is allowed it on its first launch.
+    more than the 48 KB a launch may take without asking: cuda_build.Kernel asks on its first launch.
     wgmma_tiles.cu reads the weights through a tensor map (cuda_build.tensor_map) instead of the weight pointers and
     expert stride: over all rows of ``w`` (every expert's, one after the other), with the rows of one expert.
     ``precision`` "bf16" (``bf16_products``): mma_tiles rounds the activations as it loads them; wgmma_tiles.cu
@@ -361,8 +361,6 @@ def tiles(mode: str, N: int, rows: int, row_tiles: int, args: tuple, splits: int
     else:
         smem = TILE_STAGES * (rows * (TILE_K + 8) * 4 + (2 if mode == "GATE_UP" else 1) * cols * (TILE_K + 8) * 2)
         k, threads = kernel("matmul.cu", f"mma_tiles<{mode}, {'false' if bf16 else 'true'}>"), 128
-    if smem > k.max_dynamic_shared_size_bytes:
-        k.max_dynamic_shared_size_bytes = smem
     k((math.ceil(N / cols), row_tiles, splits), (threads,), args, shared_mem=smem)
 
 
@@ -394,8 +392,6 @@ def linear(s: State, x: cp.ndarray, w: cp.ndarray, out: cp.ndarray, norm: cp.nda
     if streams:
         rows, slots, smem = streams
         k = kernel("linear.cu", f"linear_streamed<{s.wtype}>")
-        if smem > k.max_dynamic_shared_size_bytes:
-            k.max_dynamic_shared_size_bytes = smem
         k((math.ceil(N / rows),), (BLOCK,),
           (x, i32(K), NULL if norm is None else norm, np.float32(s.config.rms_norm_eps), w, i32(N), i32(rows),
            i32(slots), NULL if residual is None else residual, out), shared_mem=smem)
@@ -744,16 +740,12 @@ def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_cache
         mma = kernel("attention_mma.cu",
                      f"attention_mma<{D}, {split}, {'bf16_t' if out.dtype == cp.uint16 else 'float'}>")
         smem = 2 * 2 * 32 * D * 4 + 2 * 4 * 32 * (D + 8) * 2  # 2 buffers of its 32 keys and values: f32, bf16 hi/lo
-        if smem > mma.max_dynamic_shared_size_bytes:
-            mma.max_dynamic_shared_size_bytes = smem
         mma((plan.tile_seq.shape[0], Hq // heads), (128 * heads,),
             (b.q, i32(Hq), i32(Hkv), k_caches, v_caches, plan.tile_seq, plan.tile_row, plan.tile_rows, plan.tok_pos,
              np.float32(D ** -0.5), out), shared_mem=smem)
         return
     attention = kernel("attention.cu", f"attention<{1 if D <= 128 else 2}>")
     smem = plan.shared_bytes(D)
-    if smem > attention.max_dynamic_shared_size_bytes:  # raised once, for the largest plan so far
-        attention.max_dynamic_shared_size_bytes = smem
     attention((plan.splits, Hkv, plan.tile_seq.shape[0]), (BLOCK,),
               (b.q, i32(Hq), i32(Hkv), i32(D), k_caches, v_caches, plan.tile_seq, plan.tile_row, plan.tile_rows,
                plan.tok_pos, i32(T), i32(plan.chunk), np.float32(D ** -0.5), b.part_acc, b.part_m, b.part_l,

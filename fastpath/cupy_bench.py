@@ -248,7 +248,6 @@ def profile(run, stream=None, hold: bool = True) -> dict:
             end.record()
             events.append((name if name.startswith(("mma", "wgmma")) else name.split("<")[0], start, end))
 
-        launch.max_dynamic_shared_size_bytes = k.max_dynamic_shared_size_bytes
         return launch
 
     cb.kernel = timed_kernel
