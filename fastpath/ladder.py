@@ -183,7 +183,7 @@ def ladder_lm_head() -> list[Row]:
 
     def gemv(rows):
         return lambda i: kernel("linear.cu", "linear<bf16_t, 1>")(
-            (-(-V // rows), 1), (256,), (x, np.int32(1), np.int32(H), g, np.float32(eps), w, np.int32(V),
+            ((V + rows - 1) // rows, 1), (256,), (x, np.int32(1), np.int32(H), g, np.float32(eps), w, np.int32(V),
                                           np.int32(rows), cb.NULL, logits))
 
     versions = {"v1": ("a warp per row, 8 packs a lane in flight, the norm fused; 8 rows a block (linear)", gemv(8)),
