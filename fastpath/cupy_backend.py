@@ -72,6 +72,13 @@ MAX_KEYS_PER_SPLIT = 256  # attention at decode: and until no block has more key
 MAX_ATTENTION_ROWS = 32  # attention: (query token, head) rows one block handles
 ATTENTION_MMA_HEAD_DIMS = (64, 128)  # the head_dim values attention_mma.cu is compiled for
 ATTENTION_MMA_MIN_TOKENS = 16  # a step with a segment this long (a prefill) runs attention on the tensor cores
+# A decoding step over caches of at most this many positions leaves the q/k-norm, RoPE and cache write to the
+# attention kernel (AttentionPlan.norm_rope_inside): one kernel fewer a layer. Over longer caches the separate
+# kernel pays for itself: while it runs, the attention blocks, already resident, ask for their keys (8 MB a layer at
+# 2048 positions), which otherwise wait for the q/k/v projection's blocks to leave the multiprocessors. H200,
+# captured batch-1 step of Qwen3-30B-A3B shapes, ms a token, apart -> inside (docs/benchmarks.md): cache of 144
+# positions 3.438 -> 3.370, of 1136 3.602 -> 3.543, of 2160 3.714 -> 3.739.
+NORM_ROPE_INSIDE_MAX_KEYS = 1536
 MMA_ATTENTION_TOKENS = 64  # query tokens per block of attention_mma.cu
 GEMV_MAX_TOKENS = 16  # projections of fewer tokens that mma_batch.cu does not take run on linear.cu's GEMV
 FEW_TOKENS = 64  # projections of up to this many tokens (that mma_batch.cu does not take) run on mma_few.cu ...
@@ -640,7 +647,9 @@ class AttentionPlan:
 
     A step with a segment of at least ATTENTION_MMA_MIN_TOKENS tokens (a prefill) takes the tensor-core kernel
     (attention_mma.cu: tiles of 64 tokens, all keys in one pass) where head_dim allows; otherwise attention.cu's
-    kernel (tiles of up to 32 (token, head) rows, keys split across blocks and merged) serves decoding."""
+    kernel (tiles of up to 32 (token, head) rows, keys split across blocks and merged) serves decoding. Where every
+    sequence's tokens fit in one tile (a decoding step) and the caches are short (NORM_ROPE_INSIDE_MAX_KEYS), that
+    kernel also normalises and rotates the queries and keys and writes the cache (``norm_rope_inside``)."""
 
     tok_pos: cp.ndarray  # (T,) int32
     tok_seq: cp.ndarray  # (T,) int32
@@ -651,6 +660,7 @@ class AttentionPlan:
     chunk: int  # keys per split
     rows: int  # the most (token, head) rows of a tile
     tensor_cores: bool = False  # attention_mma.cu
+    norm_rope_inside: bool = False  # attention.cu does qk_norm_rope_cache's work too
 
     @staticmethod
     def build(c: Qwen3MoeConfig, segments: list[tuple[int, int, int]], max_keys: int,
@@ -677,13 +687,19 @@ class AttentionPlan:
         a = lambda v: cp.asarray(np.asarray(v, dtype=np.int32))
         tile_seq, tile_row, tile_rows = zip(*tiles)
         return AttentionPlan(a(pos), a(seq), a(tile_seq), a(tile_row), a(tile_rows), math.ceil(max_keys / chunk),
-                             chunk, max(tile_rows) * c.num_attention_heads // c.num_key_value_heads, mma)
+                             chunk, max(tile_rows) * c.num_attention_heads // c.num_key_value_heads, mma,
+                             not mma and len(tiles) == len(segments) and max_keys <= NORM_ROPE_INSIDE_MAX_KEYS)
 
-    def shared_bytes(self, head_dim: int) -> int:
+    def shared_bytes(self, c: Qwen3MoeConfig) -> int:
         """Dynamic shared memory of attention.cu's kernel: the tile's queries, then two stages of 32 keys and values
-        (key rows padded by 4 floats), which the merge reuses for its weights (rows x splits, and rows)."""
-        dp = math.ceil(head_dim / 4) * 4
-        return 4 * (self.rows * dp + max(2 * 32 * (2 * dp + 4), self.rows * (self.splits + 1)))
+        (key rows padded by 4 floats), which the merge reuses for its weights (rows x splits, and rows); where it
+        rotates the queries and keys itself (``norm_rope_inside``), the tile's tokens' cosines and sines (D each) and a
+        head vector per warp."""
+        D = c.head_dim
+        dp = math.ceil(D / 4) * 4
+        tokens = self.rows // (c.num_attention_heads // c.num_key_value_heads)
+        rotation = (tokens + 8) * D if self.norm_rope_inside else 0
+        return 4 * (self.rows * dp + max(2 * 32 * (2 * dp + 4), self.rows * (self.splits + 1)) + rotation)
 
 
 @dataclass
@@ -716,22 +732,29 @@ def attention_into(s: State, layer: Layer, x: cp.ndarray, plan: AttentionPlan, k
         linear(s, b.xn, layer.qkv, b.qkv)
     else:
         linear(s, x, layer.qkv, b.qkv, norm=layer.input_norm, scratch=b.xn)
-    kernel("attention.cu", "qk_norm_rope_cache")(
-        (T, math.ceil((Hq + 2 * Hkv) / 8)), (BLOCK,), (b.qkv, i32(Hq), i32(Hkv), i32(D), layer.q_norm, layer.k_norm,
-                         np.float32(c.rms_norm_eps), s.inv_freq, plan.tok_pos, plan.tok_seq, k_caches, v_caches, b.q),
-        shared_mem=4 * 8 * D)
+    norms = (b.qkv, layer.q_norm, layer.k_norm, s.inv_freq)
+    if not plan.norm_rope_inside:
+        kernel("attention.cu", "qk_norm_rope_cache")(
+            (T, math.ceil((Hq + 2 * Hkv) / 8)), (BLOCK,), (b.qkv, i32(Hq), i32(Hkv), i32(D), layer.q_norm,
+                                                           layer.k_norm, np.float32(c.rms_norm_eps), s.inv_freq,
+                                                           plan.tok_pos, plan.tok_seq, k_caches, v_caches, b.q),
+            shared_mem=4 * 8 * D)
+        norms = None
     attn = b.attn  # o_proj's input: as bf16 in the first half of b.attn where its tile product takes bf16
     if plan.tensor_cores and linear_takes_bf16(s, T, Hq * D, layer.o_proj.shape[0]):
         attn = bf16_half(attn)
-    attend(c, plan, k_caches, v_caches, b, s.precision, attn)
+    attend(c, plan, k_caches, v_caches, b, s.precision, attn, norms)
     linear(s, attn, layer.o_proj, x, residual=x if s.residual else None)
 
 
 def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_caches: cp.ndarray,
-           b: AttentionBuffers, precision: str = "float32", out: cp.ndarray | None = None) -> None:
+           b: AttentionBuffers, precision: str = "float32", out: cp.ndarray | None = None,
+           norms: tuple | None = None) -> None:
     """b.attn = grouped-query attention of the queries b.q over the caches (the key splits, merged by the last);
     ``precision`` (PRECISIONS): what attention_mma.cu's products take; ``out``: where it writes instead of b.attn
-    (uint16: rounded to bf16, attention_mma.cu only)."""
+    (uint16: rounded to bf16, attention_mma.cu only); ``norms`` (qkv, q_norm, k_norm, inv_freq), under a plan
+    ``norm_rope_inside``: the queries are normalised and rotated from the projection's output qkv instead, and the
+    step's keys and values written into the caches first (qk_norm_rope_cache's work)."""
     out = b.attn if out is None else out
     T, Hq, Hkv, D = b.q.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
     if plan.tensor_cores:
@@ -744,12 +767,15 @@ def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_cache
             (b.q, i32(Hq), i32(Hkv), k_caches, v_caches, plan.tile_seq, plan.tile_row, plan.tile_rows, plan.tok_pos,
              np.float32(D ** -0.5), out), shared_mem=smem)
         return
-    attention = kernel("attention.cu", f"attention<{1 if D <= 128 else 2}>")
-    smem = plan.shared_bytes(D)
+    attention = kernel("attention.cu", f"attention<{1 if D <= 128 else 2}, {'false' if norms is None else 'true'}>")
+    if norms is not None and not plan.norm_rope_inside:
+        raise ValueError("attention.cu normalises and rotates the keys itself only under a plan that says so")
+    qkv, q_norm, k_norm, inv_freq = norms or (NULL,) * 4
     attention((plan.splits, Hkv, plan.tile_seq.shape[0]), (BLOCK,),
               (b.q, i32(Hq), i32(Hkv), i32(D), k_caches, v_caches, plan.tile_seq, plan.tile_row, plan.tile_rows,
                plan.tok_pos, i32(T), i32(plan.chunk), np.float32(D ** -0.5), b.part_acc, b.part_m, b.part_l,
-               b.arrivals, out), shared_mem=smem)
+               b.arrivals, out, qkv, q_norm, k_norm, np.float32(c.rms_norm_eps), inv_freq),
+              shared_mem=plan.shared_bytes(c))
 
 
 # ---- the backend interface (see qwen3moe/backends.py) ----------------------------------------------------------------

@@ -85,6 +85,40 @@ def state_from_transformers(model, c) -> State:
                  as_cupy(p["lm_head.weight"]), cb.rope_inv_freq(c))
 
 
+def random_state(c) -> State:
+    """Weights of config ``c`` as random bf16 made by CuPy on the GPU (N(0, 0.02); the router's N(0, 0.5), so that
+    the picks are decisive; norms near 1): seconds for all 48 layers, where transformers' initialisation takes
+    minutes. For timing the decode step alone (``step_ms``)."""
+    rs = cp.random.RandomState(0)
+
+    def bf16(*shape, scale=0.02):  # the upper 16 bits of float32 samples: bf16 rounded towards zero
+        return ((rs.standard_normal(shape, dtype=cp.float32) * scale).view(cp.uint32) >> 16).astype(cp.uint16)
+
+    near_one = lambda n: 1 + 0.1 * rs.standard_normal(n, dtype=cp.float32)
+    H, D, I, E = c.hidden_size, c.head_dim, c.moe_intermediate_size, c.num_experts
+    layers = [Layer(near_one(H), bf16((c.num_attention_heads + 2 * c.num_key_value_heads) * D, H), near_one(D),
+                    near_one(D), bf16(H, c.num_attention_heads * D), near_one(H), bf16(E, 2 * I, H), bf16(E, H, I),
+                    bf16(E, H, scale=0.5)) for _ in range(c.num_hidden_layers)]
+    return State(c, "bf16_t", bf16(c.vocab_size, H, scale=1.0), layers, near_one(H), bf16(c.vocab_size, H),
+                 cb.rope_inv_freq(c))
+
+
+def step_ms(s: State, cached: list[int], rounds: int = 3, steps: int = 8) -> dict:
+    """ms a token of the captured batch-1 step (``GreedyDecoder``, what ``generate`` replays) after each number of
+    cached positions: the best of ``rounds`` rounds of ``steps`` tokens, after 12 tokens of warm-up, which are
+    returned too (a change to the kernels must leave them as they are). The cache holds what the step needs plus 112
+    positions, as ``generate`` sizes it to the prompt and the steps asked for."""
+    c, rng, out = s.config, np.random.default_rng(1), {}
+    for n in cached:
+        cache = KVCache(c, n + 112, xp=cp)
+        first = int(forward_on_device(s, rng.integers(0, c.vocab_size, n), [(0, n, 0)], [cache])[0])
+        decoder = cb.GreedyDecoder(s, cache, n, first)
+        tokens = [decoder.step() for _ in range(12)]
+        best = min(timed(lambda: [decoder.step() for _ in range(steps)]) for _ in range(rounds))
+        out[n] = {"ms": 1e3 * best / steps, "tokens": tokens}
+    return out
+
+
 def decode_bytes(c, distinct_experts: float) -> float:
     """Weight bytes one decode step must read (bf16): attention, router and the distinct chosen experts per layer,
     and lm_head."""
@@ -305,6 +339,8 @@ def run(args) -> int:
     config = dict(QWEN3_30B_A3B, num_hidden_layers=layers)
     c = config_from_dict(config)
     batches = [int(b) for b in args.batch.split(",") if int(b) > 1]
+    if args.step_ms:
+        return run_step_ms(c, [int(n) for n in args.step_ms.split(",")], args.json)
     bandwidth = copy_bandwidth()
     log(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     log(f"creating Qwen3-30B-A3B-shaped weights ({layers} layers) on the GPU ...")
@@ -347,4 +383,18 @@ def run(args) -> int:
         print(f"{title}, by kernel (ms):")
         for name, t in sorted(ours[key].items(), key=lambda kv: -kv[1]):
             print(f"  {name:<20} {1e3 * t:8.3f}  {t / total:6.1%}")
+    return 0
+
+
+def run_step_ms(c, cached: list[int], as_json: bool) -> int:
+    """``bench --nvidia --step-ms 32,2048``: the batch-1 step alone (``step_ms``), for comparing two versions of the
+    kernels: run it once per version, in turns, on the same GPU."""
+    result = step_ms(random_state(c), cached)
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}, {c.num_hidden_layers} layers of "
+          "Qwen3-30B-A3B shapes, random bf16 weights; the captured batch-1 step:")
+    for n, r in result.items():
+        print(f"  {n:>6} cached positions: {r['ms']:.3f} ms a token; greedy tokens {r['tokens']}")
     return 0

@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "bandwidth")
     bench.add_argument("--ndev", help="with --nvidia: GPU counts to compare, e.g. 1,2,4 (a model split over them)")
     bench.add_argument("--experts", help="with --ndev: placements to compare, ep and/or etp (default both)")
+    bench.add_argument("--step-ms", metavar="CACHED",
+                       help="with --nvidia: only the captured batch-1 step, ms a token after each of these numbers of "
+                            "cached positions (e.g. 32,2048), on random weights made on the GPU (no transformers): "
+                            "for comparing two versions of the kernels")
     bench.add_argument("--backends", help="comma-separated (default: every available backend)")
     bench.add_argument("--prompt-len", type=int, default=128, help="prefill length (default 128)")
     bench.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
@@ -191,6 +195,8 @@ def run_bench(args) -> int:
     if args.nvidia and args.interleave:
         raise ValueError("--interleave times the CPU backends; the GPU bench (--nvidia) compares ours and "
                          "transformers in one process already")
+    if args.step_ms and (not args.nvidia or args.ndev):
+        raise ValueError("--step-ms times the batch-1 step of one GPU: use it with --nvidia and without --ndev")
     module = "qwen3moe.bench" if not args.nvidia else "fastpath.multi_gpu_bench" if args.ndev else "fastpath.cupy_bench"
     return importlib.import_module(module).run(args)
 

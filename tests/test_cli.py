@@ -242,6 +242,16 @@ def test_info_ndev_refusals(tiny_model_dir, tmp_path, extra, words):
 # --- bench ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("where", [[], ["--nvidia", "--ndev", "1,2"]], ids=["cpu", "ndev"])
+def test_step_ms_outside_one_gpu_is_refused_with_the_reason(tmp_path, where):
+    """``bench --step-ms`` times one GPU's captured step: asked of the CPU bench or of several GPUs, it says so before
+    loading anything (a silently ignored flag would print another benchmark's table)."""
+    status, _, err = cli("bench", "--step-ms", "32", *where, cwd=tmp_path)
+    assert status != 0
+    assert err.strip().splitlines()[-1] == ("qwen3moe: error: --step-ms times the batch-1 step of one GPU: use it "
+                                            "with --nvidia and without --ndev")
+
+
 def test_interleaved_bench_reports_each_round_and_the_medians(tiny_model_dir, tmp_path):
     """``bench --interleave 3``: one row per round (each backend in its own process), then the medians; the ratio
     column is each round's greedy speed over the reference's, and the median row the median of each column."""

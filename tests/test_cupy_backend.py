@@ -363,6 +363,115 @@ def test_one_token_down_sum_gives_the_bits_of_expert_down_and_moe_combine(cb, ti
         np.testing.assert_array_equal(y_fused.get(), y_apart.get())
 
 
+@pytest.mark.parametrize("E, top_k, H", [(128, 8, 2048), (60, 4, 72), (512, 10, 256), (8, 2, 20)])
+@pytest.mark.parametrize("variant", ["whole", "normed", "disabled", "rank"])
+def test_one_token_router_matches_the_reference_router(cb, E, top_k, H, variant):
+    """The router at one token (its projection with the norm fused, then route_topk, which writes the picks as the
+    expert kernels' slots) against the reference router on fresh random inputs, twice in a row: probabilities, the
+    chosen experts, their weights, the experts' normalised input, the slots and the device-side statistics (summed
+    over both). E = 60 leaves the last projection block part of its experts; 512 is the most route_topk takes.
+    "normed": the input comes normalised already (as from a split model's all-reduce); "disabled": masked experts,
+    among them the favourite, and norm_topk_prob off; "rank": only the picks of experts [E/4, E/2) become slots."""
+    import cupy as cp
+    from qwen3moe.config import config_from_dict
+    from qwen3moe.layers import rms_norm, route
+
+    c = config_from_dict(dict(TINY_CONFIG, hidden_size=H, num_experts=E, num_experts_per_tok=top_k,
+                              norm_topk_prob=variant != "disabled"))
+    lo, hi = (E // 4, E // 2) if variant == "rank" else (0, E)
+    s = cb.State(c, "bf16_t", None, [], None, None, None, expert_lo=lo, expert_hi=hi)
+    rng = np.random.default_rng()
+    gate = round_to_bf16(rng.standard_normal((E, H), dtype=np.float32) * np.float32(4 / np.sqrt(H)))
+    norm = (1 + 0.1 * rng.standard_normal(H)).astype(np.float32)
+    stats = (cp.zeros(E, cp.uint64), cp.zeros(E, cp.float64), cp.zeros(1, cp.float64))
+    b = cb.MoeBuffers.empty(1, c, top_k)
+    counts, prob_sum, entropy = np.zeros(E), np.zeros(E), 0.0
+    for _ in range(2):
+        x = rng.standard_normal((1, H), dtype=np.float32)
+        xn = rms_norm(x, norm, c.rms_norm_eps)
+        disabled = None
+        if variant == "disabled":
+            disabled = rng.random(E) < 0.3
+            disabled[int(np.argmax(xn @ gate.T))] = True
+        expected = route(xn, gate, top_k, c.norm_topk_prob, disabled)
+        for a in (b.xn, b.probs, b.grouping.pair_weight):
+            a.fill(np.nan)
+        if variant == "normed":
+            b.xn[...] = cp.asarray(xn)
+        cb.route(s, cp.asarray(bf16_bits(gate)), cp.asarray(norm), cp.asarray(x), top_k,
+                 None if disabled is None else cp.asarray(disabled.astype(np.uint8)), b, stats,
+                 normed=variant == "normed")
+        close(b.probs, expected.probs, "router probabilities")
+        picks = expected.experts[0].tolist()
+        assert b.topk_ids.get()[0].tolist() == picks
+        close(b.grouping.pair_weight, expected.weights[0], "routing weights")
+        close(b.xn, xn, "the experts' normalised input")
+        held = [j for j, e in enumerate(picks) if lo <= e < hi]
+        g = b.grouping
+        assert int(g.n_slots.get()[0]) == len(held)
+        assert g.slot_expert.get()[:len(held)].tolist() == [picks[j] - lo for j in held]
+        assert g.pair_src.get()[:len(held)].tolist() == held
+        assert g.slot_offset.get()[:len(held) + 1].tolist() == list(range(len(held) + 1))
+        np.add.at(counts, picks, 1)
+        prob_sum += expected.probs[0]
+        p = expected.probs[0]
+        entropy -= float(np.sum(p * np.log(np.maximum(p, 1e-30))))
+    assert stats[0].get().tolist() == counts.tolist()
+    np.testing.assert_allclose(stats[1].get(), prob_sum, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(stats[2].get()[0], entropy, rtol=1e-5)
+
+
+@pytest.mark.parametrize("capacity", [700, 1700], ids=["inside", "apart"])
+@pytest.mark.parametrize("heads, head_dim", [((32, 4), 128), ((6, 2), 18)])
+def test_decoding_attention_block_matches_the_reference(cb, tmp_path, heads, head_dim, capacity):
+    """A decoding step (each sequence's tokens in one tile) over short caches leaves the q/k-norm, RoPE and cache
+    write to the attention kernel itself ("inside": the block of the split that holds a token's position writes its
+    key and value before it stages them); over long ones qk_norm_rope_cache does them first ("apart"). The attention
+    block against the reference's on fresh random caches, for sequences whose new key is the first of a split (the
+    only one of its block), the last of one, at position 0, at the cache's end, and a few tokens in one tile that
+    cross a split boundary; run twice (the arrival counters must be back at zero)."""
+    import cupy as cp
+    from qwen3moe.config import config_from_dict
+
+    config = dict(TINY_CONFIG, num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=head_dim,
+                  num_hidden_layers=1, mlp_only_layers=[0])
+    c = config_from_dict(config)
+    weights = load_weights(write_checkpoint(tmp_path / "m", config, random_weights(config)), c)
+    s, r = cb.prepare(weights, c), ref.prepare(weights, c)
+    lengths = [1, 1, 1, 1, 1, 3]
+    starts = np.cumsum([0] + lengths)
+    chunk = cb.AttentionPlan.build(c, [(a, b, 0) for a, b in zip(starts, starts[1:])], capacity).chunk
+    firsts = [chunk, chunk - 1, 0, capacity - 1, 2 * chunk + 5, 2 * chunk - 2]  # the last: 2c-2, 2c-1, 2c
+    segments = [(a, b, p) for a, b, p in zip(starts, starts[1:], firsts)]
+    plan = cb.AttentionPlan.build(c, segments, capacity)
+    assert plan.chunk == chunk and plan.splits > 2
+    assert plan.norm_rope_inside == (capacity <= cb.NORM_ROPE_INSIDE_MAX_KEYS)
+    assert not cb.AttentionPlan.build(c, [(0, 40, 0)], 700, tensor_cores=False).norm_rope_inside  # many tiles
+    rng = np.random.default_rng()
+    T, Hkv, D = starts[-1], c.num_key_value_heads, c.head_dim
+    caches = [(rng.standard_normal((capacity, Hkv, D), dtype=np.float32),
+               rng.standard_normal((capacity, Hkv, D), dtype=np.float32)) for _ in segments]
+    x = rng.standard_normal((T, c.hidden_size), dtype=np.float32)
+    positions = np.concatenate([np.arange(p, p + b - a) for a, b, p in segments])
+    ref_caches = [(k.copy(), v.copy()) for k, v in caches]
+    expected = ref.attention_block(r, 0, x, *rope_cos_sin(positions, D, c.rope_theta),
+                                   [AttentionSegment(a, b, p, k, v) for (a, b, p), (k, v) in zip(segments, ref_caches)])
+    device = [(cp.asarray(k), cp.asarray(v)) for k, v in caches]
+    addr = lambda arrays: cp.asarray(np.array([a.data.ptr for a in arrays], np.uint64))
+    buffers = cb.AttentionBuffers.empty(T, c, plan.splits)
+    for _ in range(2):
+        for a in vars(buffers).values():
+            if a.dtype == cp.float32:
+                a.fill(np.nan)
+        y = cp.asarray(x)
+        cb.attention_into(s, s.layers[0], y, plan, addr([k for k, _ in device]), addr([v for _, v in device]),
+                          buffers)
+        close(y, expected, "attention block")
+        for (k, v), (ref_k, ref_v) in zip(device, ref_caches):
+            close(k, ref_k, "keys in the cache")
+            close(v, ref_v, "values in the cache")
+
+
 @pytest.mark.parametrize("T", [1, 7])
 def test_a_rank_adds_only_the_picks_of_its_own_experts(cb, tiny_model_dir, T):
     """Expert parallelism: each rank's MoE block adds only the picks of its block of experts (the others' rows of the

@@ -10,10 +10,45 @@ constexpr int MAX_D = 256;                // head_dim supported (Qwen3 uses 128)
 constexpr int D_PER_LANE = MAX_D / 32;  // a lane holds elements lane, lane + 32, ... of a head vector
 constexpr int WARPS = 8;
 
-// Per token (one block): RMSNorm each q and k head over head_dim (q_norm, k_norm), rotate q and k by RoPE (the NeoX
-// "rotate_half" layout: element i pairs with i + D/2), write q to q_out and k, v into the token's cache row.
-// cos/sin come from angle = position * inv_freq[i mod D/2], in float32 as the reference computes it.
-// One warp per head.                           grid (T, ceil((Hq + 2 Hkv) / 8)), block 256, dynamic smem WARPS * D floats
+// One head vector by one warp: dst = RoPE(norm_weight * src / rms(src)), the NeoX "rotate_half" layout (element d
+// pairs with d + D/2) at the angles whose cosines and sines are cos_a[0, D/2) and sin_a[0, D/2). ``scratch``: D
+// floats of this warp's own (it may be dst, when dst is too).
+__device__ __forceinline__ void norm_rope_head(const float* src, int D, const float* norm_weight, float eps,
+                                               const float* cos_a, const float* sin_a, float* scratch, float* dst) {
+    const int lane = threadIdx.x % 32, half = D / 2;
+    float v[D_PER_LANE], ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < D_PER_LANE; ++j) {
+        const int d = lane + 32 * j;
+        v[j] = d < D ? src[d] : 0.0f;
+        ss += v[j] * v[j];
+    }
+    const float inv = 1.0f / sqrtf(warp_sum(ss) / D + eps);
+#pragma unroll
+    for (int j = 0; j < D_PER_LANE; ++j) {
+        const int d = lane + 32 * j;
+        if (d < D) scratch[d] = norm_weight[d] * (v[j] * inv);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < D_PER_LANE; ++j) {
+        const int d = lane + 32 * j;
+        if (d >= D) break;
+        const float rotated = d < half ? -scratch[d + half] : scratch[d - half];
+        v[j] = scratch[d] * cos_a[d % half] + rotated * sin_a[d % half];
+    }
+    __syncwarp();  // every lane has read scratch before dst (perhaps the same memory) is written
+#pragma unroll
+    for (int j = 0; j < D_PER_LANE; ++j) {
+        const int d = lane + 32 * j;
+        if (d < D) dst[d] = v[j];
+    }
+}
+
+// Per token (one block): RMSNorm each q and k head over head_dim (q_norm, k_norm), rotate q and k by RoPE, write q to
+// q_out and k, v into the token's cache row. cos/sin come from angle = position * inv_freq[i mod D/2], in float32 as
+// the reference computes it. For prefill chunks; a decoding step does this inside ``attention`` (NORM_ROPE).
+// One warp per head.                         grid (T, ceil((Hq + 2 Hkv) / 8)), block 256, dynamic smem WARPS * D floats
 __global__ void __launch_bounds__(256) qk_norm_rope_cache(const float* __restrict__ qkv, int Hq, int Hkv, int D,
                                                           const float* __restrict__ q_norm,
                                                           const float* __restrict__ k_norm, float eps,
@@ -23,17 +58,16 @@ __global__ void __launch_bounds__(256) qk_norm_rope_cache(const float* __restric
                                                           float* const* v_caches, float* __restrict__ q_out) {
     extern __shared__ float scratch[];  // one head vector per warp
     __shared__ float cos_s[MAX_D / 2], sin_s[MAX_D / 2];  // the token's D / 2 angles, shared by the block's heads
-    const int t = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = D / 2;
+    const int t = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     // The rotation needs only the position, written kernels ahead (see common.cuh): computed while the q/k/v
     // projection ahead still runs, once per block (a prefill runs this T x 5 times a layer; sincosf is ~40
     // instructions, and each lane computing its own elements' took 16 times as many).
     const int pos = tok_pos[t], seq = tok_seq[t];
-    for (int i = threadIdx.x; i < half; i += blockDim.x)
+    for (int i = threadIdx.x; i < D / 2; i += blockDim.x)
         sincosf(static_cast<float>(pos) * inv_freq[i], &sin_s[i], &cos_s[i]);
     __syncthreads();
     begin_after_previous();
     const float* row = qkv + static_cast<long long>(t) * (Hq + 2 * Hkv) * D;
-    float* head_vec = scratch + warp * D;
     for (int h = blockIdx.y * WARPS + warp; h < min(Hq + 2 * Hkv, (blockIdx.y + 1) * WARPS); h += WARPS) {
         const float* src = row + h * D;
         if (h >= Hq + Hkv) {  // a value head: straight into the cache
@@ -42,31 +76,9 @@ __global__ void __launch_bounds__(256) qk_norm_rope_cache(const float* __restric
             continue;
         }
         const bool is_q = h < Hq;
-        const float* norm = is_q ? q_norm : k_norm;
-        float v[D_PER_LANE], ss = 0.0f;
-#pragma unroll
-        for (int j = 0; j < D_PER_LANE; ++j) {
-            const int d = lane + 32 * j;
-            v[j] = d < D ? src[d] : 0.0f;
-            ss += v[j] * v[j];
-        }
-        const float inv = 1.0f / sqrtf(warp_sum(ss) / D + eps);
-#pragma unroll
-        for (int j = 0; j < D_PER_LANE; ++j) {
-            const int d = lane + 32 * j;
-            if (d < D) head_vec[d] = norm[d] * (v[j] * inv);
-        }
-        __syncwarp();
         float* dst = is_q ? q_out + (static_cast<long long>(t) * Hq + h) * D
                           : k_caches[seq] + (static_cast<long long>(pos) * Hkv + (h - Hq)) * D;
-#pragma unroll
-        for (int j = 0; j < D_PER_LANE; ++j) {
-            const int d = lane + 32 * j;
-            if (d >= D) break;
-            const float rotated = d < half ? -head_vec[d + half] : head_vec[d - half];
-            dst[d] = head_vec[d] * cos_s[d % half] + rotated * sin_s[d % half];
-        }
-        __syncwarp();
+        norm_rope_head(src, D, is_q ? q_norm : k_norm, eps, cos_s, sin_s, scratch + warp * D, dst);
     }
 }
 
@@ -107,16 +119,25 @@ constexpr int SHORT_MERGE = 4;     // the merge of this many splits or fewer loa
 // last of a (tile, kv head) to finish -- counted in ``arrivals``, which it resets -- merges them into ``out``, so no
 // second kernel (and no second wait) is needed. When one split holds all the keys, that block writes ``out``.
 // D up to MAX_D; a D that is not a multiple of 4 (tiny test models) is staged with plain loads, zero-padded.
-// VEC_PER_LANE: 1 for D up to 128, 2 up to MAX_D (as few registers for the outputs as D allows).
+// With NORM_ROPE (a decoding step, where every sequence's tokens fit in one tile) the block also does what
+// qk_norm_rope_cache does for its rows, one kernel fewer a layer (see cupy_backend.NORM_ROPE_INSIDE_MAX_KEYS): each
+// block normalises and rotates its own rows' queries from the projection's output (``q`` is not read), and the block
+// whose split holds a token's position writes that token's key and value into the cache before it stages its keys.
+// No block needs a key that another block writes, since no other tile of the sequence is in the step.
+// VEC_PER_LANE: 1 for D up to 128, 2 up to MAX_D (as few registers for the outputs as D allows). Without NORM_ROPE
+// (qkv, q_norm, k_norm, inv_freq unused) the kernel is compiled without that code.
 //                         grid (splits, Hkv, tiles), block 256, dynamic smem: see AttentionPlan.shared_bytes
-template <int VEC_PER_LANE>  // a lane holds dims 4 (lane + 32 i) .. + 3 of each of its rows' outputs, i < this
+template <int VEC_PER_LANE, bool NORM_ROPE>  // a lane holds dims 4 (lane + 32 i) .. + 3 of its rows' outputs, i < VEC
 __global__ void __launch_bounds__(256, 2) attention(const float* __restrict__ q, int Hq, int Hkv, int D,
-                                                    const float* const* k_caches, const float* const* v_caches,
+                                                    float* const* k_caches, float* const* v_caches,
                                                     const int* __restrict__ tile_seq, const int* __restrict__ tile_row,
                                                     const int* __restrict__ tile_rows, const int* __restrict__ tok_pos,
                                                     int T, int chunk, float scale, float* __restrict__ part_acc,
                                                     float* __restrict__ part_m, float* __restrict__ part_l,
-                                                    unsigned* __restrict__ arrivals, float* __restrict__ out) {
+                                                    unsigned* __restrict__ arrivals, float* __restrict__ out,
+                                                    const float* __restrict__ qkv, const float* __restrict__ q_norm,
+                                                    const float* __restrict__ k_norm, float eps,
+                                                    const float* __restrict__ inv_freq) {
     extern __shared__ __align__(16) float smem[];
     // Before the wait: the plan and the positions (written by earlier steps, not by the kernel ahead) and the cached
     // keys and values this block will read, asked into L2 (the kernel ahead writes one of those rows: L2 is where
@@ -124,8 +145,8 @@ __global__ void __launch_bounds__(256, 2) attention(const float* __restrict__ q,
     const int split = blockIdx.x, h = blockIdx.y, tile = blockIdx.z, splits = gridDim.x;
     const int G = Hq / Hkv, row0 = tile_row[tile], ntok = tile_rows[tile], R = ntok * G;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, DP = (D + 3) / 4 * 4;
-    const float* kc = k_caches[tile_seq[tile]];
-    const float* vc = v_caches[tile_seq[tile]];
+    float* kc = k_caches[tile_seq[tile]];
+    float* vc = v_caches[tile_seq[tile]];
     const int last_pos = tok_pos[row0 + ntok - 1];  // the tile's last token sees most
     const int used = min(splits, last_pos / chunk + 1);  // the splits that hold keys this tile may see
     if (split >= used) return;  // past the sequence's length (the grid is sized for the longest cache)
@@ -134,10 +155,33 @@ __global__ void __launch_bounds__(256, 2) attention(const float* __restrict__ q,
     if (D % 4 == 0)
         for (int i = threadIdx.x; i < 2 * (key_end - key_begin); i += blockDim.x)
             prefetch_l2((i % 2 ? vc : kc) + (static_cast<long long>(key_begin + i / 2) * Hkv + h) * D, 4 * D);
-    begin_after_previous();
     float* qs = smem;                          // (R, DP), zero past D
     float* ks = qs + R * DP;                   // 2 stages of (KEYS, DP + 4)
     float* vs = ks + 2 * KEYS * (DP + 4);      // 2 stages of (KEYS, DP)
+    float* angles = ks + max(2 * KEYS * (2 * DP + 4), R * (splits + 1));  // with NORM_ROPE: (ntok, D) cosines, sines
+    float* scratch = angles + ntok * D;        // with NORM_ROPE: (WARPS, D), a head vector per warp
+    const int half = D / 2, qkv_row = (Hq + 2 * Hkv) * D;
+    if (NORM_ROPE) {  // the rotation's angles need only the positions: computed while the kernel ahead runs
+        for (int i = threadIdx.x; i < ntok * half; i += blockDim.x) {
+            const int t = i / half, j = i % half;
+            sincosf(static_cast<float>(tok_pos[row0 + t]) * inv_freq[j], &angles[t * D + half + j], &angles[t * D + j]);
+        }
+        __syncthreads();
+    }
+    begin_after_previous();
+    if (NORM_ROPE && tok_pos[row0] + ntok > key_begin && tok_pos[row0] < key_end) {  // this split holds new keys
+        for (int job = warp; job < 2 * ntok; job += WARPS) {  // a warp per (token, key or value)
+            const int t = job / 2, pos = tok_pos[row0 + t];
+            if (pos < key_begin || pos >= key_end) continue;
+            const float* src = qkv + (row0 + t) * static_cast<long long>(qkv_row) + (Hq + h) * D;
+            float* dst = (job % 2 ? vc : kc) + (static_cast<long long>(pos) * Hkv + h) * D;
+            if (job % 2)
+                for (int d = lane; d < D; d += 32) dst[d] = src[Hkv * D + d];
+            else
+                norm_rope_head(src, D, k_norm, eps, angles + t * D, angles + t * D + half, scratch + warp * D, dst);
+        }
+        __syncthreads();  // written before the stages below copy them
+    }
 
     auto stage = [&](int s) {  // keys key_begin + s * KEYS + [0, KEYS) into stage s % 2; keys past key_end as zeros
         float* kd = ks + s % 2 * KEYS * (DP + 4);
@@ -162,9 +206,18 @@ __global__ void __launch_bounds__(256, 2) attention(const float* __restrict__ q,
         copies_issued();
     };
     if (stages > 0) stage(0);
-    for (int i = threadIdx.x; i < R * DP; i += blockDim.x) {  // row r = (token r / G, head h * G + r % G)
-        const int r = i / DP, d = i % DP;
-        qs[i] = d < D ? q[(static_cast<long long>(row0 + r / G) * Hq + h * G + r % G) * D + d] : 0.0f;
+    if (NORM_ROPE) {  // a warp per row r = (token r / G, head h * G + r % G), normalised and rotated in place
+        for (int r = warp; r < R; r += WARPS) {
+            float* row = qs + r * DP;
+            norm_rope_head(qkv + (row0 + r / G) * static_cast<long long>(qkv_row) + (h * G + r % G) * D, D, q_norm,
+                           eps, angles + r / G * D, angles + r / G * D + half, row, row);
+            for (int d = D + lane; d < DP; d += 32) row[d] = 0.0f;
+        }
+    } else {
+        for (int i = threadIdx.x; i < R * DP; i += blockDim.x) {  // row r = (token r / G, head h * G + r % G)
+            const int r = i / DP, d = i % DP;
+            qs[i] = d < D ? q[(static_cast<long long>(row0 + r / G) * Hq + h * G + r % G) * D + d] : 0.0f;
+        }
     }
 
     float m[ROWS_PER_WARP], l[ROWS_PER_WARP];
