@@ -698,7 +698,7 @@ class AttentionPlan:
         D = c.head_dim
         dp = math.ceil(D / 4) * 4
         tokens = self.rows // (c.num_attention_heads // c.num_key_value_heads)
-        rotation = (tokens + 8) * D if self.norm_rope_inside else 0
+        rotation = (tokens + BLOCK // 32) * D if self.norm_rope_inside else 0
         return 4 * (self.rows * dp + max(2 * 32 * (2 * dp + 4), self.rows * (self.splits + 1)) + rotation)
 
 
@@ -732,14 +732,13 @@ def attention_into(s: State, layer: Layer, x: cp.ndarray, plan: AttentionPlan, k
         linear(s, b.xn, layer.qkv, b.qkv)
     else:
         linear(s, x, layer.qkv, b.qkv, norm=layer.input_norm, scratch=b.xn)
-    norms = (b.qkv, layer.q_norm, layer.k_norm, s.inv_freq)
-    if not plan.norm_rope_inside:
+    norms = (b.qkv, layer.q_norm, layer.k_norm, s.inv_freq) if plan.norm_rope_inside else None
+    if norms is None:  # a kernel of its own does it; else the attention kernel does
         kernel("attention.cu", "qk_norm_rope_cache")(
             (T, math.ceil((Hq + 2 * Hkv) / 8)), (BLOCK,), (b.qkv, i32(Hq), i32(Hkv), i32(D), layer.q_norm,
                                                            layer.k_norm, np.float32(c.rms_norm_eps), s.inv_freq,
                                                            plan.tok_pos, plan.tok_seq, k_caches, v_caches, b.q),
             shared_mem=4 * 8 * D)
-        norms = None
     attn = b.attn  # o_proj's input: as bf16 in the first half of b.attn where its tile product takes bf16
     if plan.tensor_cores and linear_takes_bf16(s, T, Hq * D, layer.o_proj.shape[0]):
         attn = bf16_half(attn)

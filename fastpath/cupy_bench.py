@@ -338,9 +338,9 @@ def run(args) -> int:
     layers = args.layers if args.layers else QWEN3_30B_A3B["num_hidden_layers"]
     config = dict(QWEN3_30B_A3B, num_hidden_layers=layers)
     c = config_from_dict(config)
-    batches = [int(b) for b in args.batch.split(",") if int(b) > 1]
     if args.step_ms:
         return run_step_ms(c, [int(n) for n in args.step_ms.split(",")], args.json)
+    batches = [int(b) for b in args.batch.split(",") if int(b) > 1]
     bandwidth = copy_bandwidth()
     log(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     log(f"creating Qwen3-30B-A3B-shaped weights ({layers} layers) on the GPU ...")
