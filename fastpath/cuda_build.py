@@ -191,7 +191,7 @@ class Kernel:
     Captured into a CUDA graph (the decode step of ``GreedyDecoder``), it is launched through ``cuLaunchKernelEx``
     with programmatic stream serialization allowed: the graph gets a programmatic edge from the kernel ahead, and the
     GPU may schedule this kernel's blocks before that kernel has finished. Each kernel waits for the results it needs
-    (``begin_after_previous`` in cuda/common.cuh), so the two overlap only in launch latency and weight prefetches:
+    (``begin_after_previous`` in cuda/common.cuh), so the two overlap only in launch latency and the first weight loads:
     batch-1 decoding 8 % faster on an H200. Launched eagerly (step by step from Python) it goes through CuPy, whose
     compiled argument packing costs a few microseconds where ctypes costs ~4x more, and where programmatic launch
     measured no gain: those steps are paced by the host. Arguments: CuPy arrays (passed as their device pointers),

@@ -73,11 +73,10 @@ MAX_ATTENTION_ROWS = 32  # attention: (query token, head) rows one block handles
 ATTENTION_MMA_HEAD_DIMS = (64, 128)  # the head_dim values attention_mma.cu is compiled for
 ATTENTION_MMA_MIN_TOKENS = 16  # a step with a segment this long (a prefill) runs attention on the tensor cores
 # A decoding step over caches of at most this many positions leaves the q/k-norm, RoPE and cache write to the
-# attention kernel (AttentionPlan.norm_rope_inside): one kernel fewer a layer. Over longer caches the separate
-# kernel pays for itself: while it runs, the attention blocks, already resident, ask for their keys (8 MB a layer at
-# 2048 positions), which otherwise wait for the q/k/v projection's blocks to leave the multiprocessors. H200,
-# captured batch-1 step of Qwen3-30B-A3B shapes, ms a token, apart -> inside (docs/benchmarks.md): cache of 144
-# positions 3.438 -> 3.370, of 1136 3.602 -> 3.543, of 2160 3.714 -> 3.739.
+# attention kernel (AttentionPlan.norm_rope_inside): one kernel fewer a layer. Over longer caches that gained
+# nothing. H200, captured batch-1 step of Qwen3-30B-A3B shapes, ms a token, apart -> inside (docs/benchmarks.md):
+# cache of 144 positions 3.438 -> 3.370, of 1136 3.602 -> 3.543, of 2160 3.714 -> 3.739, and of 2160 again once no
+# kernel asked for memory before its wait (common.cuh) 3.609 -> 3.620.
 NORM_ROPE_INSIDE_MAX_KEYS = 1536
 MMA_ATTENTION_TOKENS = 64  # query tokens per block of attention_mma.cu
 GEMV_MAX_TOKENS = 16  # projections of fewer tokens that mma_batch.cu does not take run on linear.cu's GEMV

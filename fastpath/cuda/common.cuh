@@ -51,36 +51,26 @@ template <> struct Pack<float> {
 // not each wait for the previous one to drain and the next one to be scheduled. Every kernel therefore begins with
 // ``begin_after_previous()``: it waits there until the kernel ahead has finished and its writes are visible, then
 // lets the kernel behind it be scheduled. Code before that call may only do what needs no result of the kernel
-// ahead: ask for weights (``prefetch_l2``), or read what kernels two or more places ahead wrote (the kernel ahead
-// had passed its own wait, so they had finished, before this kernel could start). Launched the ordinary way the
-// two instructions do nothing.
-__device__ __forceinline__ void begin_after_previous() {
+// ahead: load its first weights into registers, or read what kernels two or more places ahead wrote (the kernel
+// ahead had passed its own wait, so they had finished, before this kernel could start). Launched the ordinary way
+// the two instructions do nothing.
+// What it should not do there: ask for many bytes ahead of need (cp.async.bulk.prefetch.L2 of its weight rows or of
+// cached keys, as earlier versions did). The kernel ahead is on the step's critical path and reads memory too, and
+// the requests delayed it by more than they saved: without them an H200 decodes a batch-1 step 3.377 -> 3.271 ms a
+// token and batch 8 at 740 -> 773 tokens/s (docs/benchmarks.md).
+__device__ __forceinline__ void wait_for_previous() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void let_next_start() {  // (a kernel's blocks may also let it later than at once)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-
-// Start moving ``bytes`` (a multiple of 16, from a 16-byte-aligned address) into the L2 cache without waiting for
-// them: weights a kernel is about to read, requested while the kernel ahead is still running.
-__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
-
-// One row of K weights at w, asked into L2 (where its bytes are whole 16-byte units at a 16-byte-aligned address).
-template <typename W>
-__device__ __forceinline__ void prefetch_row(const W* w, long long K) {
-    const long long bytes = K * static_cast<long long>(sizeof(W));
-    if (bytes % 16 || bytes >= (1LL << 31) || reinterpret_cast<unsigned long long>(w) % 16) return;
-    prefetch_l2(w, static_cast<unsigned>(bytes));
-}
-
-// Rows [begin, end) of a row-major (rows, K) weight matrix, prefetched by the threads of a block, a row each.
-template <typename W>
-__device__ __forceinline__ void prefetch_rows(const W* w, long long K, int begin, int end) {
-    for (int r = begin + threadIdx.x; r < end; r += blockDim.x) prefetch_row(w + r * K, K);
+__device__ __forceinline__ void begin_after_previous() {
+    wait_for_previous();
+    let_next_start();
 }
 
 // cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers, so a thread can have

@@ -37,12 +37,11 @@ __global__ void __launch_bounds__(256) linear(const float* __restrict__ x, int T
                                               const float* __restrict__ norm_weight, float eps,
                                               const W* __restrict__ w, int N, int rows_per_block,
                                               const float* residual, float* y) {
-    if (blockIdx.y == 0)  // the weights do not depend on the kernel ahead: ask for them while it runs
-        prefetch_rows(w, K, blockIdx.x * rows_per_block, min(N, (blockIdx.x + 1) * rows_per_block));
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row_end = min(N, (blockIdx.x + 1) * rows_per_block);
-    // At batch-1 decode a lane's first HEAD packs of its warp's first row (a whole 4 KB row of hidden 2048) are even
-    // loaded into registers before the wait, so they are at hand, not just in L2, when the kernel ahead finishes.
+    // At batch-1 decode a lane's first HEAD packs of its warp's first row (a whole 4 KB row of hidden 2048) are
+    // loaded into registers before the wait, so they are at hand when the kernel ahead finishes. (The block's other
+    // rows are not asked for ahead: see begin_after_previous in common.cuh.)
     constexpr int HEAD = 8, PACK = Pack<W>::N;  // HEAD: warp_dot_rows' packs in flight at MAXT 1
     Pack<W> head[HEAD];
     const int first = blockIdx.x * rows_per_block + warp;

@@ -48,10 +48,6 @@ __global__ void __launch_bounds__(128) mma_few(const float* __restrict__ a, int 
     constexpr int ROWS = MODE == GATE_UP ? 16 : 32;  // output rows of a block
     __shared__ float partial[WARPS][2][32][4];       // each warp's accumulators: [tile][lane][fragment]
     const int s = blockIdx.y, r0 = (MODE == LINEAR ? blockIdx.y : blockIdx.x) * ROWS;
-    // weights that do not depend on the kernel ahead: ask for them while it runs (see common.cuh)
-    if (MODE == LINEAR && blockIdx.x == 0) prefetch_rows(w, K, r0, min(N, r0 + ROWS));
-    if (MODE == DOWN && s < n_slots[0])  // the grouping was written two kernels ahead
-        prefetch_rows(w + slot_expert[s] * expert_stride, K, r0, min(N, r0 + ROWS));
     begin_after_previous();
 
     int q_begin, q_end;  // the tokens (LINEAR) or pairs of the block

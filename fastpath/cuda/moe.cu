@@ -224,9 +224,6 @@ __global__ void __launch_bounds__(256) expert_down(const float* __restrict__ act
                                                    const float* __restrict__ pair_weight,
                                                    const int* __restrict__ n_slots, float* __restrict__ out) {
     const int s = blockIdx.y;
-    if (s < n_slots[0])  // the grouping was written two kernels ahead (see common.cuh)
-        prefetch_rows(down + slot_expert[s] * expert_stride, I, blockIdx.x * rows_per_block,
-                      min(H, (blockIdx.x + 1) * rows_per_block));
     begin_after_previous();
     if (s >= n_slots[0]) return;
     const long long e = slot_expert[s];
@@ -257,7 +254,6 @@ __global__ void __launch_bounds__(256) expert_down(const float* __restrict__ act
 // token, slot s is pair s, and the slots are its picks in pick order), so x gets the same bits as from the two.
 // ``residual`` as moe_combine's. A warp takes one slot and ROWS output rows at once (they share the slot's
 // activations, and ROWS of its rows' loads are in flight together).
-// The slots' rows are asked into L2 before the wait: route_topk wrote the slots two kernels ahead (see common.cuh).
 //                           grid (ceil(H / ROWS)), block 256, dynamic smem max_slots x ROWS floats
 template <typename W, int ROWS>
 __global__ void __launch_bounds__(256) expert_down_sum(const float* __restrict__ act, int I, const W* __restrict__ down,
@@ -268,10 +264,8 @@ __global__ void __launch_bounds__(256) expert_down_sum(const float* __restrict__
                                                        const int* __restrict__ n_slots, int residual,
                                                        float* __restrict__ x) {
     extern __shared__ float picked[];  // (slots, ROWS): each slot's weighted outputs of this block's rows
-    const int n0 = blockIdx.x * ROWS, rows = min(ROWS, H - n0), slots = n_slots[0];
+    const int n0 = blockIdx.x * ROWS, rows = min(ROWS, H - n0), slots = n_slots[0];  // (written two kernels ahead)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int i = threadIdx.x; i < slots * rows; i += blockDim.x)
-        prefetch_row(down + slot_expert[i / rows] * expert_stride + static_cast<long long>(n0 + i % rows) * I, I);
     begin_after_previous();
     for (int s = warp; s < slots; s += WARPS) {
         const W* w[ROWS];
