@@ -51,9 +51,9 @@ template <> struct Pack<float> {
 // not each wait for the previous one to drain and the next one to be scheduled. Every kernel therefore begins with
 // ``begin_after_previous()``: it waits there until the kernel ahead has finished and its writes are visible, then
 // lets the kernel behind it be scheduled. Code before that call may only do what needs no result of the kernel
-// ahead: load its first weights into registers, or read what kernels two or more places ahead wrote (the kernel
-// ahead had passed its own wait, so they had finished, before this kernel could start). Launched the ordinary way
-// the two instructions do nothing.
+// ahead: load the weights it multiplies first into registers, or read what kernels two or more places ahead wrote
+// (the kernel ahead had passed its own wait, so they had finished, before this kernel could start). Launched the
+// ordinary way the two instructions do nothing.
 // What it should not do there: ask for many bytes ahead of need (cp.async.bulk.prefetch.L2 of its weight rows or of
 // cached keys, as earlier versions did). The kernel ahead is on the step's critical path and reads memory too, and
 // the requests delayed it by more than they saved: without them an H200 decodes a batch-1 step 3.377 -> 3.271 ms a
