@@ -191,12 +191,12 @@ class Kernel:
     Captured into a CUDA graph (the decode step of ``GreedyDecoder``), it is launched through ``cuLaunchKernelEx``
     with programmatic stream serialization allowed: the graph gets a programmatic edge from the kernel ahead, and the
     GPU may schedule this kernel's blocks before that kernel has finished. Each kernel waits for the results it needs
-    (``begin_after_previous`` in cuda/common.cuh), so the two overlap only in launch latency and the first weight loads:
-    batch-1 decoding 8 % faster on an H200. Launched eagerly (step by step from Python) it goes through CuPy, whose
-    compiled argument packing costs a few microseconds where ctypes costs ~4x more, and where programmatic launch
-    measured no gain: those steps are paced by the host. Arguments: CuPy arrays (passed as their device pointers),
-    NumPy int32, int64, uint64 and float32 scalars, and tensor maps (``TensorMap``, passed by value, which CuPy
-    cannot do: a launch with one always goes through ``cuLaunchKernelEx``)."""
+    (``begin_after_previous`` in cuda/common.cuh), so the two overlap only in launch latency and the first weight
+    loads: batch-1 decoding 8 % faster on an H200. Launched eagerly (step by step from Python) it goes through CuPy,
+    whose compiled argument packing costs a few microseconds where ctypes costs ~4x more, and where programmatic
+    launch measured no gain: those steps are paced by the host. Arguments: CuPy arrays (passed as their device
+    pointers), NumPy int32, int64, uint64 and float32 scalars, and tensor maps (``TensorMap``, passed by value, which
+    CuPy cannot do: a launch with one always goes through ``cuLaunchKernelEx``)."""
 
     def __init__(self, raw, name: str):
         self.raw, self.name = raw, name  # raw: cupy.RawKernel, whose function attributes apply to our launches too
