@@ -40,6 +40,9 @@ KERNELS = {
                        for a in ("float", "bf16_t")],
 }
 OPTIONS = ("-std=c++17", f"-I{SOURCE_DIR}")
+# QWEN3MOE_TIMELINE=1 compiles every kernel with the block timing of cuda/timeline.cuh (fastpath/timeline.py), read
+# when a module is first compiled in a process; the binaries are cached apart, since the options are part of the key.
+TIMELINE_OPTION = "-DQWEN3MOE_TIMELINE"
 # Files written for one architecture only, compiled for it: wgmma exists on Hopper (sm_90a), not on later GPUs.
 ARCHITECTURE = {"wgmma_tiles.cu": "sm_90a", "prefill_wgmma.cu": "sm_90a"}
 
@@ -66,6 +69,14 @@ def headers() -> str:
     return "".join(p.read_text() for p in sorted(SOURCE_DIR.glob("*.cuh")))
 
 
+def options() -> tuple[str, ...]:
+    """The compiler options of every module: OPTIONS, and TIMELINE_OPTION where QWEN3MOE_TIMELINE asks for it."""
+    return OPTIONS + ((TIMELINE_OPTION,) if os.environ.get("QWEN3MOE_TIMELINE", "0") != "0" else ())
+
+
+LOADED: list[str] = []  # the files module() has compiled in this process, in order
+
+
 @functools.cache
 def module(file: str):
     """The compiled module of one .cu file (compiled once per process; CuPy also caches the binary on disk, keyed by
@@ -73,10 +84,11 @@ def module(file: str):
     import hashlib
     import cupy
 
+    LOADED.append(file)
     if file in ARCHITECTURE:
         return ArchitectureModule(SOURCE_DIR / file, name_expressions(file))
     stamp = hashlib.sha256(headers().encode()).hexdigest()[:16]
-    return cupy.RawModule(code=(SOURCE_DIR / file).read_text() + f"\n// headers {stamp}\n", options=OPTIONS,
+    return cupy.RawModule(code=(SOURCE_DIR / file).read_text() + f"\n// headers {stamp}\n", options=options(),
                           name_expressions=name_expressions(file))
 
 
@@ -94,8 +106,8 @@ class ArchitectureModule:
 
         file, source = path.name, path.read_text()
         # -ftz as CuPy compiles the other files; the ladder's sources also see their own folder
-        options = (*OPTIONS, f"-I{path.parent}", "-ftz=true", f"-arch={ARCHITECTURE[file]}")
-        key = hashlib.sha256(repr((source, headers(), options, names, nvrtc.getVersion())).encode()).hexdigest()[:24]
+        flags = (*options(), f"-I{path.parent}", "-ftz=true", f"-arch={ARCHITECTURE[file]}")
+        key = hashlib.sha256(repr((source, headers(), flags, names, nvrtc.getVersion())).encode()).hexdigest()[:24]
         folder = Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
         cubin, lowered = folder / f"qwen3moe_{key}.cubin", folder / f"qwen3moe_{key}.names"
         if not (cubin.exists() and lowered.exists()):
@@ -104,7 +116,7 @@ class ArchitectureModule:
                 for name in names:
                     nvrtc.addNameExpression(program, name)
                 try:
-                    nvrtc.compileProgram(program, options)
+                    nvrtc.compileProgram(program, flags)
                 except nvrtc.NVRTCError:
                     raise DeviceError(f"compiling {path} for {ARCHITECTURE[file]} failed:\n"
                                       f"{nvrtc.getProgramLog(program)}") from None
@@ -122,6 +134,9 @@ class ArchitectureModule:
 
     def get_function(self, name: str):
         return self.raw.get_function(self.symbols[name])
+
+    def get_global(self, name: str):
+        return self.raw.get_global(name)
 
 
 @functools.cache

@@ -24,6 +24,7 @@ from qwen3moe.config import config_from_dict
 from qwen3moe.model import KVCache
 
 from . import cupy_backend as cb
+from . import timeline
 from .cupy_backend import Layer, State
 
 
@@ -340,6 +341,8 @@ def run(args) -> int:
     c = config_from_dict(config)
     if args.step_ms:
         return run_step_ms(c, [int(n) for n in args.step_ms.split(",")], args.json)
+    if args.timeline:
+        return run_timeline(c, [int(n) for n in args.timeline.split(",")], args.json)
     batches = [int(b) for b in args.batch.split(",") if int(b) > 1]
     bandwidth = copy_bandwidth()
     log(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
@@ -397,4 +400,33 @@ def run_step_ms(c, cached: list[int], as_json: bool) -> int:
           "Qwen3-30B-A3B shapes, random bf16 weights; the captured batch-1 step:")
     for n, r in result.items():
         print(f"  {n:>6} cached positions: {r['ms']:.3f} ms a token; greedy tokens {r['tokens']}")
+    return 0
+
+
+def run_timeline(c, cached: list[int], as_json: bool) -> int:
+    """``bench --nvidia --timeline 32,2048``: what each kernel adds to the captured batch-1 step after each number of
+    cached positions (fastpath/timeline.py), on the random weights of ``step_ms``."""
+    timeline.enable()
+    s, rng, result = random_state(c), np.random.default_rng(1), {}
+    for n in cached:
+        cache = KVCache(c, n + 112, xp=cp)
+        first = int(forward_on_device(s, rng.integers(0, c.vocab_size, n), [(0, n, 0)], [cache])[0])
+        result[n] = timeline.greedy_step(s, cache, n, first)
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}, {c.num_hidden_layers} layers of "
+          "Qwen3-30B-A3B shapes, random bf16 weights; the captured batch-1 step timed inside (every block's start, "
+          "release from its wait and end; kernels compiled with the marks, means of 3 steps):")
+    for n, r in result.items():
+        print(f"\n{n} cached positions: {r['step_us']:.0f} us a token replayed, {r['span_us']:.0f} us from the first "
+              "block's start to the last one's end")
+        print(f"  {'kernel':<18} {'a step':>6} {'adds us':>8} {'gap us':>7} {'early us':>8} {'weight MB':>9} "
+              f"{'GB/s':>6} {'of step':>7}")
+        for label, k in r["kernels"].items():
+            rate = "-" if k["GBps"] is None else f"{k['GBps']:.0f}"
+            print(f"  {label:<18} {k['launches']:>6} {k['adds_us']:>8.2f} {k['gap_us']:>7.2f} {k['early_us']:>8.2f} "
+                  f"{k['bytes'] / 1e6:>9.2f} {rate:>6} {k['launches'] * k['adds_us'] / r['span_us']:>7.1%}")
+    print("adds: from the end of the launch ahead to this launch's end (what it adds to the chain of the step); gap: "
+          "until its first block passes its wait; early: how long its first blocks were resident before that")
     return 0

@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --nvidia: only the captured batch-1 step, ms a token after each of these numbers of "
                             "cached positions (e.g. 32,2048), on random weights made on the GPU (no transformers): "
                             "for comparing two versions of the kernels")
+    bench.add_argument("--timeline", metavar="CACHED",
+                       help="with --nvidia: what each kernel adds to the captured batch-1 step after each of these "
+                            "numbers of cached positions, timed inside the step (kernels compiled with timing marks; "
+                            "fastpath/timeline.py), on the random weights of --step-ms")
     bench.add_argument("--backends", help="comma-separated (default: every available backend)")
     bench.add_argument("--prompt-len", type=int, default=128, help="prefill length (default 128)")
     bench.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
@@ -195,8 +199,9 @@ def run_bench(args) -> int:
     if args.nvidia and args.interleave:
         raise ValueError("--interleave times the CPU backends; the GPU bench (--nvidia) compares ours and "
                          "transformers in one process already")
-    if args.step_ms and (not args.nvidia or args.ndev):
-        raise ValueError("--step-ms times the batch-1 step of one GPU: use it with --nvidia and without --ndev")
+    for flag, value in (("--step-ms", args.step_ms), ("--timeline", args.timeline)):
+        if value and (not args.nvidia or args.ndev):
+            raise ValueError(f"{flag} times the batch-1 step of one GPU: use it with --nvidia and without --ndev")
     module = "qwen3moe.bench" if not args.nvidia else "fastpath.multi_gpu_bench" if args.ndev else "fastpath.cupy_bench"
     return importlib.import_module(module).run(args)
 

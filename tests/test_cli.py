@@ -242,13 +242,14 @@ def test_info_ndev_refusals(tiny_model_dir, tmp_path, extra, words):
 # --- bench ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("flag", ["--step-ms", "--timeline"])
 @pytest.mark.parametrize("where", [[], ["--nvidia", "--ndev", "1,2"]], ids=["cpu", "ndev"])
-def test_step_ms_outside_one_gpu_is_refused_with_the_reason(tmp_path, where):
-    """``bench --step-ms`` times one GPU's captured step: asked of the CPU bench or of several GPUs, it says so before
-    loading anything (a silently ignored flag would print another benchmark's table)."""
-    status, _, err = cli("bench", "--step-ms", "32", *where, cwd=tmp_path)
+def test_batch_one_step_timings_outside_one_gpu_are_refused_with_the_reason(tmp_path, where, flag):
+    """``bench --step-ms`` and ``--timeline`` time one GPU's captured step: asked of the CPU bench or of several
+    GPUs, they say so before loading anything (a silently ignored flag would print another benchmark's table)."""
+    status, _, err = cli("bench", flag, "32", *where, cwd=tmp_path)
     assert status != 0
-    assert err.strip().splitlines()[-1] == ("qwen3moe: error: --step-ms times the batch-1 step of one GPU: use it "
+    assert err.strip().splitlines()[-1] == (f"qwen3moe: error: {flag} times the batch-1 step of one GPU: use it "
                                             "with --nvidia and without --ndev")
 
 

@@ -2,7 +2,8 @@
 
 The GPU tests (test_cupy_backend.py) only run where a GPU is; this check runs in CI, so a kernel that does not compile
 never lands. Each .cu file is compiled with every instantiation the backend launches (``cuda_build.KERNELS``):
-taking a template kernel's address makes nvcc compile that instantiation. Warnings fail the test too.
+taking a template kernel's address makes nvcc compile that instantiation. Warnings fail the test too. The kernels
+also compile with the timeline's marks (``-DQWEN3MOE_TIMELINE``, cuda/timeline.cuh), which wrap every kernel's wait.
 """
 
 import ctypes
@@ -12,6 +13,7 @@ import pytest
 
 from fastpath.cuda_build import (ARCHITECTURE, KERNELS, L2_PROMOTION_128B, LADDER_DIR, LADDER_KERNELS, OPTIONS,
                                  PROGRAMMATIC_STREAM_SERIALIZATION, SOURCE_DIR, SWIZZLE_128B, TENSOR_MAP_BF16,
+                                 TIMELINE_OPTION,
                                  LaunchAttribute, TensorMap, LaunchConfig, name_expressions)
 
 NVCC = shutil.which("nvcc")
@@ -22,13 +24,15 @@ CASES = [(SOURCE_DIR / f, name_expressions(f)) for f in sorted(KERNELS)] + \
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed here")
+@pytest.mark.parametrize("marks", [(), (TIMELINE_OPTION,)], ids=["plain", "timeline"])
 @pytest.mark.parametrize("path, names", CASES, ids=[str(p.relative_to(SOURCE_DIR)) for p, _ in CASES])
-def test_kernels_compile_for_sm90(path, names, tmp_path):
+def test_kernels_compile_for_sm90(path, names, marks, tmp_path):
     unit = tmp_path / f"all_{path.name}"
     addresses = ", ".join(f"(const void*)&{name}" for name in names)
     unit.write_text(f'#include "{path}"\nconst void* qwen3moe_kernels[] = {{{addresses}}};\n')
     arch = ARCHITECTURE.get(path.name, "sm_90").removeprefix("sm_")
-    result = subprocess.run([NVCC, f"-gencode=arch=compute_{arch},code=sm_{arch}", *OPTIONS, "--Werror", "all-warnings", "-c", str(unit), "-o",
+    result = subprocess.run([NVCC, f"-gencode=arch=compute_{arch},code=sm_{arch}", *OPTIONS, *marks, "--Werror",
+                             "all-warnings", "-c", str(unit), "-o",
                              str(tmp_path / "out.o")], capture_output=True, text=True)
     assert result.returncode == 0, f"nvcc failed on {path.name}:\n{result.stderr}"
 

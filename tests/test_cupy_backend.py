@@ -759,3 +759,50 @@ def test_a_cpu_cache_is_refused_with_a_clear_error(tiny_model_dir):
         model.forward([Request([1, 2], 0, KVCache(model.config, 4))])
     (logits,) = model.forward([Request([1, 2], 0, Qwen3MoeKVCache(model, max_tokens=4))])  # still usable
     assert np.isfinite(logits).all()
+
+
+TIMELINE_SCRIPT = """
+import json, sys
+import cupy as cp, numpy as np
+from fastpath import cupy_backend as cb, timeline
+timeline.enable()  # before anything compiles: every kernel then carries the marks
+from fastpath.cupy_bench import forward_on_device, random_state
+from qwen3moe.config import config_from_dict
+from qwen3moe.model import KVCache
+from qwen3moe.synthetic import TINY_CONFIG
+c = config_from_dict(dict(TINY_CONFIG, mlp_only_layers=[], num_hidden_layers=2))
+s, n = random_state(c), 5
+cache = KVCache(c, 64, xp=cp)
+first = int(forward_on_device(s, np.arange(n), [(0, n, 0)], [cache])[0])
+decoder, labels = timeline.labelled_capture(s, lambda: cb.GreedyDecoder(s, cache, n, first))
+for _ in range(3):
+    decoder.step()
+steps = [timeline.group(timeline.record_step(decoder.step, decoder.stream), labels) for _ in range(2)]
+json.dump([[[l.label, l.blocks, l.started, l.released, l.ended] for l in step] for step in steps], sys.stdout)
+"""
+
+
+def test_the_timeline_sees_every_launch_of_the_step_wait_for_the_one_ahead(tmp_path):
+    """``bench --nvidia --timeline`` (fastpath/timeline.py): with the kernels compiled with the marks (in a process of
+    its own, since they are compiled once per process), one replay of a captured batch-1 step records every launch the
+    capture made, in the order captured -- the embedding, per layer q/k/v, attention (which normalises and rotates
+    itself over a short cache), o_proj, the router, its top-k, the experts' gate/up and down with the sum, then the
+    lm_head and the greedy choice -- and the GPU clock shows the chain that programmatic launch must keep: no block
+    of a launch gets past its wait before every block of the launch ahead has ended."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", TIMELINE_SCRIPT], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    layer = ["q/k/v", "attention", "o_proj", "router", "route_topk", "expert_gate_up", "expert_down_sum"]
+    for step in json.loads(done.stdout):
+        assert [label for label, *_ in step] == ["embed", *layer, *layer, "lm_head", "argmax_partial",
+                                                 "greedy_advance"]
+        for (ahead, *_, ahead_end), (label, blocks, started, released, ended) in zip(step, step[1:]):
+            assert blocks >= 1 and started <= released <= ended
+            assert released >= ahead_end, f"{label} passed its wait {ahead_end - released} ns before {ahead} ended"

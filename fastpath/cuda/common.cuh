@@ -72,6 +72,9 @@ __device__ __forceinline__ void begin_after_previous() {
     wait_for_previous();
     let_next_start();
 }
+#ifdef QWEN3MOE_TIMELINE  // each block also records when it started, waited and ended (timeline.cuh)
+#include "timeline.cuh"
+#endif
 
 // cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers, so a thread can have
 // all of its copies in flight at once and compute while they land. ``valid`` false writes 16 zero bytes instead.

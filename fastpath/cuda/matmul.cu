@@ -86,14 +86,14 @@ __global__ void __launch_bounds__(Tile<MODE>::THREADS) mma_tiles(
 
     int row0, row_end;
     const bf16_t* W[SLOTS];
-    if (MODE == LINEAR) {
-        // the weights do not depend on the kernel ahead: the first steps' copies start while it finishes
+    if (MODE == LINEAR) {  // weights do not depend on the kernel ahead: the first steps' copies start while it ends
         W[0] = w;
         for (int s = 0; s < STAGES - 1 && s < steps; ++s) stage_weights<MODE>(W, K, N, n0, (first + s) * TK, Bs(s));
-        begin_after_previous();
+    }
+    begin_after_previous();
+    if (MODE == LINEAR) {
         row0 = blockIdx.y * Tl::M, row_end = min(T, row0 + Tl::M);
     } else {
-        begin_after_previous();
         if (blockIdx.y >= n_tiles[0]) return;
         const int s = tile_slot[blockIdx.y];
         row0 = tile_row[blockIdx.y], row_end = min(slot_offset[s + 1], row0 + Tl::M);
