@@ -107,17 +107,26 @@ def random_state(c) -> State:
 def step_ms(s: State, cached: list[int], rounds: int = 3, steps: int = 8) -> dict:
     """ms a token of the captured batch-1 step (``GreedyDecoder``, what ``generate`` replays) after each number of
     cached positions: the best of ``rounds`` rounds of ``steps`` tokens, after 12 tokens of warm-up, which are
-    returned too (a change to the kernels must leave them as they are). The cache holds what the step needs plus 112
-    positions, as ``generate`` sizes it to the prompt and the steps asked for."""
-    c, rng, out = s.config, np.random.default_rng(1), {}
+    returned too (a change to the kernels must leave them as they are); the cache as ``prefilled`` makes it."""
+    rng, out = np.random.default_rng(1), {}
     for n in cached:
-        cache = KVCache(c, n + 112, xp=cp)
-        first = int(forward_on_device(s, rng.integers(0, c.vocab_size, n), [(0, n, 0)], [cache])[0])
-        decoder = cb.GreedyDecoder(s, cache, n, first)
+        decoder = cb.GreedyDecoder(s, *prefilled(s, n, rng))
         tokens = [decoder.step() for _ in range(12)]
-        best = min(timed(lambda: [decoder.step() for _ in range(steps)]) for _ in range(rounds))
-        out[n] = {"ms": 1e3 * best / steps, "tokens": tokens}
+        out[n] = {"ms": 1e3 * replayed_step_s(decoder, rounds, steps), "tokens": tokens}
     return out
+
+
+def prefilled(s: State, n: int, rng) -> tuple:
+    """A cache holding a random prompt of ``n`` tokens and room for 112 more, as ``generate`` sizes it to the prompt
+    and the steps asked for: (cache, n, the prompt's greedy successor), what ``GreedyDecoder`` starts from."""
+    c = s.config
+    cache = KVCache(c, n + 112, xp=cp)
+    return cache, n, int(forward_on_device(s, rng.integers(0, c.vocab_size, n), [(0, n, 0)], [cache])[0])
+
+
+def replayed_step_s(decoder, rounds: int = 3, steps: int = 8) -> float:
+    """Seconds a step of a captured decoder: the best of ``rounds`` rounds of ``steps`` steps."""
+    return min(timed(lambda: [decoder.step() for _ in range(steps)]) for _ in range(rounds)) / steps
 
 
 def decode_bytes(c, distinct_experts: float) -> float:
@@ -409,9 +418,8 @@ def run_timeline(c, cached: list[int], as_json: bool) -> int:
     timeline.enable()
     s, rng, result = random_state(c), np.random.default_rng(1), {}
     for n in cached:
-        cache = KVCache(c, n + 112, xp=cp)
-        first = int(forward_on_device(s, rng.integers(0, c.vocab_size, n), [(0, n, 0)], [cache])[0])
-        result[n] = timeline.greedy_step(s, cache, n, first)
+        decoder, result[n] = timeline.greedy_step(s, *prefilled(s, n, rng))
+        result[n]["step_us"] = 1e6 * replayed_step_s(decoder)  # the marks compiled in, not recording
     if as_json:
         print(json.dumps(result, indent=1))
         return 0

@@ -19,7 +19,6 @@ shapes, with the weight bytes each reads and the rate that makes.
 from __future__ import annotations
 
 import os
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -174,21 +173,13 @@ def batch_one_weight_bytes(s: State) -> dict[str, int]:
     return nbytes
 
 
-def greedy_step(s: State, cache, pos: int, token: int, steps: int = 3) -> dict:
-    """The timeline of a ``GreedyDecoder``'s captured step over ``cache`` (holding ``pos`` positions), averaged over
-    ``steps`` replays after 12 of warm-up; with ``step_us``, the replayed step's time with the marks compiled in but
-    not recording (the best of 3 rounds of 8 steps)."""
+def greedy_step(s: State, cache, pos: int, token: int, steps: int = 3) -> tuple:
+    """A ``GreedyDecoder`` over ``cache`` (holding ``pos`` positions), and the timeline of its captured step averaged
+    over ``steps`` replays after 12 of warm-up."""
     from . import cupy_backend as cb
 
     decoder, labels = labelled_capture(s, lambda: cb.GreedyDecoder(s, cache, pos, token))
     for _ in range(12):
         decoder.step()
-    replayed = []
-    for _ in range(3):
-        decoder.stream.synchronize()
-        start = time.perf_counter()
-        for _ in range(8):
-            decoder.step()
-        replayed.append((time.perf_counter() - start) / 8 * 1e6)
     recorded = [group(record_step(decoder.step, decoder.stream), labels) for _ in range(steps)]
-    return {**summary(recorded, batch_one_weight_bytes(s)), "step_us": min(replayed)}
+    return decoder, summary(recorded, batch_one_weight_bytes(s))
