@@ -13,6 +13,7 @@ Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) ar
     linear_streamed       the same at one token, rows streamed by the copy engine (Hopper)   lm_head
     qk_norm_rope_cache    q/k RMSNorm, RoPE, K/V written into the sequence's cache
     attention             grouped-query attention, keys split across blocks and merged by the last (flash-decoding)
+    attention_heads       the same at one token per sequence over short caches, a block per query head
     attention_mma         prefill attention on the tensor cores (attention_mma.cu)
     linear + route_topk   RMSNorm + router GEMV; softmax + top-k (+ renormalise) + the experts' normalised input
     group_by_expert       a counting sort of the (token, slot) picks by expert (not needed for a single token)
@@ -78,6 +79,13 @@ ATTENTION_MMA_MIN_TOKENS = 16  # a step with a segment this long (a prefill) run
 # cache of 144 positions 3.438 -> 3.370, of 1136 3.602 -> 3.543, of 2160 3.714 -> 3.739, and of 2160 again once no
 # kernel asked for memory before its wait (common.cuh) 3.609 -> 3.620.
 NORM_ROPE_INSIDE_MAX_KEYS = 1536
+# A step of one token per sequence whose caches hold at most this many positions in all (sequences x capacity) runs
+# attention.cu's attention_heads (a block per query head, not per kv head: G times the blocks, each key's dot
+# product over 8 lanes; and G times the reads of each key, from L2) where head_dim is one of these. H200, captured
+# batch-1 step of Qwen3-30B-A3B shapes, ms a token, attention -> attention_heads (docs/benchmarks.md): 144 positions
+# 3.29 -> 2.99, 1136 3.47 -> 3.25, 2160 3.64 -> 3.38, 4208 3.90 -> 3.88, 8304 4.23 -> 4.92.
+QUERY_HEADS_MAX_KEYS = 3072
+QUERY_HEADS_HEAD_DIMS = (64, 128)
 MMA_ATTENTION_TOKENS = 64  # query tokens per block of attention_mma.cu
 GEMV_MAX_TOKENS = 16  # projections of fewer tokens that mma_batch.cu does not take run on linear.cu's GEMV
 FEW_TOKENS = 64  # projections of up to this many tokens (that mma_batch.cu does not take) run on mma_few.cu ...
@@ -648,7 +656,9 @@ class AttentionPlan:
     (attention_mma.cu: tiles of 64 tokens, all keys in one pass) where head_dim allows; otherwise attention.cu's
     kernel (tiles of up to 32 (token, head) rows, keys split across blocks and merged) serves decoding. Where every
     sequence's tokens fit in one tile (a decoding step) and the caches are short (NORM_ROPE_INSIDE_MAX_KEYS), that
-    kernel also normalises and rotates the queries and keys and writes the cache (``norm_rope_inside``)."""
+    kernel also normalises and rotates the queries and keys and writes the cache (``norm_rope_inside``). A step of
+    one token per sequence over caches of at most QUERY_HEADS_MAX_KEYS positions in all takes attention_heads instead
+    (``query_heads``: a block per (split, query head, token)), which does that work too."""
 
     tok_pos: cp.ndarray  # (T,) int32
     tok_seq: cp.ndarray  # (T,) int32
@@ -660,16 +670,23 @@ class AttentionPlan:
     rows: int  # the most (token, head) rows of a tile
     tensor_cores: bool = False  # attention_mma.cu
     norm_rope_inside: bool = False  # attention.cu does qk_norm_rope_cache's work too
+    query_heads: bool = False  # attention.cu's attention_heads
 
     @staticmethod
     def build(c: Qwen3MoeConfig, segments: list[tuple[int, int, int]], max_keys: int,
-              tensor_cores: bool | None = None) -> "AttentionPlan":
+              tensor_cores: bool | None = None, query_heads: bool | None = None) -> "AttentionPlan":
         """``segments``: (first row, end row, first position) per sequence; ``max_keys``: the most keys any query
-        may see (the grid is sized for it: a captured step passes the cache capacity); ``tensor_cores``: which
-        kernel (None: chosen by the step's shape, as above; the kernel ladder compares both)."""
+        may see (the grid is sized for it: a captured step passes the cache capacity); ``tensor_cores`` and
+        ``query_heads``: which kernel (None: chosen by the step's shape, as above; the kernel ladder and the tests
+        compare them)."""
         longest = max(stop - start for start, stop, _ in segments)
         mma = tensor_cores if tensor_cores is not None else (
             c.head_dim in ATTENTION_MMA_HEAD_DIMS and longest >= ATTENTION_MMA_MIN_TOKENS)
+        heads = not mma and longest == 1 and c.head_dim in QUERY_HEADS_HEAD_DIMS and (
+            query_heads if query_heads is not None else len(segments) * max_keys <= QUERY_HEADS_MAX_KEYS)
+        if query_heads and not heads:
+            raise ValueError(f"attention_heads takes steps of one token per sequence with head_dim in "
+                             f"{QUERY_HEADS_HEAD_DIMS}, not this one (head_dim {c.head_dim}, {longest} tokens)")
         per_tile = MMA_ATTENTION_TOKENS if mma else max(
             1, MAX_ATTENTION_ROWS // (c.num_attention_heads // c.num_key_value_heads))
         pos, seq, tiles = [], [], []
@@ -677,7 +694,7 @@ class AttentionPlan:
             pos += range(first, first + stop - start)
             seq += [j] * (stop - start)
             tiles += [(j, r, min(per_tile, stop - r)) for r in range(start, stop, per_tile)]
-        blocks = len(tiles) * c.num_key_value_heads
+        blocks = len(tiles) * (c.num_attention_heads if heads else c.num_key_value_heads)
         enough = math.ceil(TARGET_BLOCKS / blocks)
         if longest == 1:  # decoding: partial results stay small
             enough = max(enough, math.ceil(max_keys / MAX_KEYS_PER_SPLIT))
@@ -687,7 +704,8 @@ class AttentionPlan:
         tile_seq, tile_row, tile_rows = zip(*tiles)
         return AttentionPlan(a(pos), a(seq), a(tile_seq), a(tile_row), a(tile_rows), math.ceil(max_keys / chunk),
                              chunk, max(tile_rows) * c.num_attention_heads // c.num_key_value_heads, mma,
-                             not mma and len(tiles) == len(segments) and max_keys <= NORM_ROPE_INSIDE_MAX_KEYS)
+                             heads or (not mma and len(tiles) == len(segments)
+                                       and max_keys <= NORM_ROPE_INSIDE_MAX_KEYS), heads)
 
     def shared_bytes(self, c: Qwen3MoeConfig) -> int:
         """Dynamic shared memory of attention.cu's kernel: the tile's queries, then two stages of 32 keys and values
@@ -710,14 +728,14 @@ class AttentionBuffers:
     part_l: cp.ndarray  # (splits, T, Hq)
     attn: cp.ndarray  # (T, Hq D)
     xn: cp.ndarray  # (T, H) the normalised input, where the projection does not fuse the norm
-    arrivals: cp.ndarray  # (T, Hkv) uint32: blocks of a (tile, kv head) done, zero between launches
+    arrivals: cp.ndarray  # (T, Hq) uint32: blocks of a (tile, kv head) or (token, head) done, zero between launches
 
     @staticmethod
     def empty(T: int, c: Qwen3MoeConfig, splits: int) -> "AttentionBuffers":
         Hq, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         f = lambda *shape: cp.empty(shape, dtype=cp.float32)
         return AttentionBuffers(f(T, (Hq + 2 * Hkv) * D), f(T, Hq, D), f(splits, T, Hq, D), f(splits, T, Hq),
-                                f(splits, T, Hq), f(T, Hq * D), f(T, c.hidden_size), cp.zeros((T, Hkv), cp.uint32))
+                                f(splits, T, Hq), f(T, Hq * D), f(T, c.hidden_size), cp.zeros((T, Hq), cp.uint32))
 
 
 def attention_into(s: State, layer: Layer, x: cp.ndarray, plan: AttentionPlan, k_caches: cp.ndarray,
@@ -751,7 +769,7 @@ def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_cache
     """b.attn = grouped-query attention of the queries b.q over the caches (the key splits, merged by the last);
     ``precision`` (PRECISIONS): what attention_mma.cu's products take; ``out``: where it writes instead of b.attn
     (uint16: rounded to bf16, attention_mma.cu only); ``norms`` (qkv, q_norm, k_norm, inv_freq), under a plan
-    ``norm_rope_inside``: the queries are normalised and rotated from the projection's output qkv instead, and the
+    ``norm_rope_inside`` (as every ``query_heads`` plan is): the queries are normalised and rotated from the projection's output qkv instead, and the
     step's keys and values written into the caches first (qk_norm_rope_cache's work)."""
     out = b.attn if out is None else out
     T, Hq, Hkv, D = b.q.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -765,10 +783,17 @@ def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_cache
             (b.q, i32(Hq), i32(Hkv), k_caches, v_caches, plan.tile_seq, plan.tile_row, plan.tile_rows, plan.tok_pos,
              np.float32(D ** -0.5), out), shared_mem=smem)
         return
-    attention = kernel("attention.cu", f"attention<{1 if D <= 128 else 2}, {'false' if norms is None else 'true'}>")
-    if norms is not None and not plan.norm_rope_inside:
-        raise ValueError("attention.cu normalises and rotates the keys itself only under a plan that says so")
+    if norms is not None and not plan.norm_rope_inside or plan.query_heads and norms is None:
+        raise ValueError("attention.cu normalises and rotates the keys itself under a plan that says so, and only then")
     qkv, q_norm, k_norm, inv_freq = norms or (NULL,) * 4
+    if plan.query_heads:
+        kernel("attention.cu", f"attention_heads<{D}>")(
+            (plan.splits, Hq, T), (BLOCK,),
+            (qkv, i32(Hq), i32(Hkv), k_caches, v_caches, plan.tok_seq, plan.tok_pos, i32(plan.chunk),
+             np.float32(D ** -0.5), q_norm, k_norm, np.float32(c.rms_norm_eps), inv_freq, b.part_acc, b.part_m,
+             b.part_l, b.arrivals, out))
+        return
+    attention = kernel("attention.cu", f"attention<{1 if D <= 128 else 2}, {'false' if norms is None else 'true'}>")
     attention((plan.splits, Hkv, plan.tile_seq.shape[0]), (BLOCK,),
               (b.q, i32(Hq), i32(Hkv), i32(D), k_caches, v_caches, plan.tile_seq, plan.tile_row, plan.tile_rows,
                plan.tok_pos, i32(T), i32(plan.chunk), np.float32(D ** -0.5), b.part_acc, b.part_m, b.part_l,

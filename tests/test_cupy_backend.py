@@ -472,6 +472,60 @@ def test_decoding_attention_block_matches_the_reference(cb, tmp_path, heads, hea
             close(v, ref_v, "values in the cache")
 
 
+@pytest.mark.parametrize("capacity", [300, 1500])
+@pytest.mark.parametrize("heads, head_dim", [((32, 4), 128), ((8, 2), 64)])
+def test_attention_over_query_heads_matches_the_reference(cb, tmp_path, heads, head_dim, capacity):
+    """attention_heads (a block per (split, query head, token), for steps of one token per sequence over short caches)
+    against the reference's attention block, on fresh random caches: new keys that are the first of a split, the last
+    of one, the first of a warp's round past the block's first, at position 0 and at the cache's end; each block of a
+    split computes the new key itself and the first query head's block writes it, so the caches must match too. Run
+    twice: the arrival counters must be back at zero. Also which plans take it."""
+    import cupy as cp
+    from qwen3moe.config import config_from_dict
+
+    config = dict(TINY_CONFIG, num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=head_dim,
+                  num_hidden_layers=1, mlp_only_layers=[0])
+    c = config_from_dict(config)
+    weights = load_weights(write_checkpoint(tmp_path / "m", config, random_weights(config)), c)
+    s, r = cb.prepare(weights, c), ref.prepare(weights, c)
+    B = 7
+    chunk = cb.AttentionPlan.build(c, [(j, j + 1, 0) for j in range(B)], capacity, query_heads=True).chunk
+    firsts = [chunk, chunk - 1, 0, capacity - 1, chunk + 32, chunk + 63, min(2 * chunk + 5, capacity - 2)]
+    segments = [(j, j + 1, p) for j, p in enumerate(firsts)]
+    plan = cb.AttentionPlan.build(c, segments, capacity, query_heads=True)
+    assert plan.query_heads and plan.norm_rope_inside and plan.chunk == chunk and plan.splits >= 2
+    # which plans take it by themselves: steps of one token per sequence up to QUERY_HEADS_MAX_KEYS cached positions
+    # in all, not more, nor a step with more than one token of a sequence
+    most = cb.QUERY_HEADS_MAX_KEYS
+    assert cb.AttentionPlan.build(c, [(0, 1, 0), (1, 2, 0)], most // 2).query_heads
+    assert not cb.AttentionPlan.build(c, [(0, 1, 0), (1, 2, 0)], most // 2 + 1).query_heads
+    assert not cb.AttentionPlan.build(c, [(0, 2, 0)], capacity).query_heads
+    with pytest.raises(ValueError, match="one token per sequence"):
+        cb.AttentionPlan.build(c, [(0, 2, 0)], capacity, query_heads=True)
+    rng = np.random.default_rng()
+    Hkv, D = c.num_key_value_heads, c.head_dim
+    caches = [(rng.standard_normal((capacity, Hkv, D), dtype=np.float32),
+               rng.standard_normal((capacity, Hkv, D), dtype=np.float32)) for _ in segments]
+    x = rng.standard_normal((B, c.hidden_size), dtype=np.float32)
+    ref_caches = [(k.copy(), v.copy()) for k, v in caches]
+    expected = ref.attention_block(r, 0, x, *rope_cos_sin(np.array(firsts), D, c.rope_theta),
+                                   [AttentionSegment(a, b, p, k, v) for (a, b, p), (k, v) in zip(segments, ref_caches)])
+    device = [(cp.asarray(k), cp.asarray(v)) for k, v in caches]
+    addr = lambda arrays: cp.asarray(np.array([a.data.ptr for a in arrays], np.uint64))
+    buffers = cb.AttentionBuffers.empty(B, c, plan.splits)
+    for _ in range(2):
+        for a in vars(buffers).values():
+            if a.dtype == cp.float32:
+                a.fill(np.nan)
+        y = cp.asarray(x)
+        cb.attention_into(s, s.layers[0], y, plan, addr([k for k, _ in device]), addr([v for _, v in device]),
+                          buffers)
+        close(y, expected, "attention block")
+        for (k, v), (ref_k, ref_v) in zip(device, ref_caches):
+            close(k, ref_k, "keys in the cache")
+            close(v, ref_v, "values in the cache")
+
+
 @pytest.mark.parametrize("T", [1, 7])
 def test_a_rank_adds_only_the_picks_of_its_own_experts(cb, tiny_model_dir, T):
     """Expert parallelism: each rank's MoE block adds only the picks of its block of experts (the others' rows of the
@@ -641,7 +695,7 @@ def test_attention_kernel_matches_float64_attention(cb, heads, head_dim, decode)
     caches = [(rng.standard_normal((capacity, Hkv, D), dtype=np.float32),
                rng.standard_normal((capacity, Hkv, D), dtype=np.float32)) for _ in segments]
     q = rng.standard_normal((row, Hq, D), dtype=np.float32)
-    plan = cb.AttentionPlan.build(c, segments, capacity, tensor_cores=False)
+    plan = cb.AttentionPlan.build(c, segments, capacity, tensor_cores=False, query_heads=False)
     assert plan.splits >= 4 and (decode or 320 % plan.chunk == 0)  # the 5-token chunk straddles a split
     b = cb.AttentionBuffers.empty(row, c, plan.splits)
     for a in vars(b).values():

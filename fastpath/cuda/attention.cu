@@ -386,3 +386,193 @@ __global__ void __launch_bounds__(256, 2) attention(const float* __restrict__ q,
     }
     if (threadIdx.x == 0) arrivals[tile * Hkv + h] = 0;  // ready for the next launch
 }
+
+// A decoding step over short caches: a block per (key split, query head, token), where ``attention`` has a block per
+// (key split, kv head, tile).
+// With one token per sequence and a short cache, ``attention`` has few blocks (8 at 32 cached positions of
+// Qwen3-30B-A3B: 2 splits x 4 kv heads), and in each a warp scores one query head's row with a whole D-long dot
+// product per lane and key: a long chain of dependent steps on a few multiprocessors (H200, Nsight Compute: one
+// instruction issued every ~9 cycles a warp). Here the G query heads of a kv head take G blocks, which read the same
+// keys and values (the G - 1 after the first from L2), and each key's dot product is spread over LANES_PER_KEY lanes:
+// G times the blocks, each with an eighth of the chain. A warp scores WARP_KEYS keys at once and keeps its own online
+// softmax over its keys (running max m, sum l, unnormalised output acc: a lane holds D / 32 of the outputs); the
+// block's warps are merged through shared memory, its splits by the last block of the (token, head) to finish, as in
+// ``attention``. The next round's keys and values are loaded into registers while the warp computes on this round's.
+// Every block normalises and rotates its own query from the projection's output. The token's new key and value: the
+// blocks of the split that holds its position compute them from qkv themselves, into shared memory, instead of
+// waiting for one block to write them into the cache; the block of the kv head's first query head writes them there
+// for the steps to come. No block reads that row of the cache in this step.
+// D: 64 or 128 (a lane's share of a key row is whole float4s); the cache capacity is up to the plan
+// (cupy_backend.QUERY_HEADS_MAX_KEYS): past it the G-fold reads of the keys from L2 cost more than the chains.
+//                                                              grid (splits, Hq, T), block 256
+constexpr int LANES_PER_KEY = 8;
+constexpr int WARP_KEYS = 32 / LANES_PER_KEY;  // keys a warp scores at once
+constexpr int ROUND_KEYS = WARPS * WARP_KEYS;  // keys a block scores at once
+
+template <int N>  // N consecutive floats at p (N * 4 bytes aligned) as float4s, float2s or floats
+__device__ __forceinline__ void load_floats(const float* p, float (&v)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i += N % 4 == 0 ? 4 : N % 2 == 0 ? 2 : 1) {
+        if (N % 4 == 0) {
+            const float4 f = *reinterpret_cast<const float4*>(p + i);
+            v[i] = f.x, v[i + 1] = f.y, v[i + 2] = f.z, v[i + 3] = f.w;
+        } else if (N % 2 == 0) {
+            const float2 f = *reinterpret_cast<const float2*>(p + i);
+            v[i] = f.x, v[i + 1] = f.y;
+        } else {
+            v[i] = p[i];
+        }
+    }
+}
+
+template <int D>
+struct RoundRows {  // what a lane loads for a round: its part of its key's row, and its outputs' part of the 4 values
+    float4 k[D / (4 * LANES_PER_KEY)];
+    float v[WARP_KEYS][D / 32];
+};
+
+template <int D>
+__global__ void __launch_bounds__(256) attention_heads(const float* __restrict__ qkv, int Hq, int Hkv,
+                                                       float* const* k_caches, float* const* v_caches,
+                                                       const int* __restrict__ tok_seq, const int* __restrict__ tok_pos,
+                                                       int chunk, float scale, const float* __restrict__ q_norm,
+                                                       const float* __restrict__ k_norm, float eps,
+                                                       const float* __restrict__ inv_freq, float* __restrict__ part_acc,
+                                                       float* __restrict__ part_m, float* __restrict__ part_l,
+                                                       unsigned* __restrict__ arrivals, float* __restrict__ out) {
+    constexpr int K4 = D / (4 * LANES_PER_KEY), VD = D / 32, half = D / 2;
+    __shared__ __align__(16) float q_s[D], new_k[D], new_v[D], angles[D];  // angles: cosines, then sines
+    __shared__ __align__(16) float warp_acc[WARPS][D];
+    __shared__ float warp_m[WARPS], warp_l[WARPS];
+    __shared__ bool is_last;
+    // Before the wait: the position, the cache and the rotation's angles (none written by the kernel ahead).
+    const int split = blockIdx.x, head = blockIdx.y, t = blockIdx.z, T = gridDim.z;
+    const int h = head / (Hq / Hkv), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int pos = tok_pos[t], used = min(static_cast<int>(gridDim.x), pos / chunk + 1);  // splits it sees keys of
+    if (split >= used) return;  // past the sequence's length (the grid is sized for the longest cache)
+    const int key_begin = split * chunk, key_end = min(key_begin + chunk, pos + 1);
+    const bool holds_new = key_end == pos + 1;
+    float* kc = k_caches[tok_seq[t]];
+    float* vc = v_caches[tok_seq[t]];
+    for (int i = threadIdx.x; i < half; i += blockDim.x)
+        sincosf(static_cast<float>(pos) * inv_freq[i], &angles[half + i], &angles[i]);
+    __syncthreads();
+    wait_for_previous();
+    const float* row = qkv + static_cast<long long>(t) * (Hq + 2 * Hkv) * D;
+    if (warp == 0) norm_rope_head(row + head * D, D, q_norm, eps, angles, angles + half, q_s, q_s);
+    if (holds_new && warp == 1) norm_rope_head(row + (Hq + h) * D, D, k_norm, eps, angles, angles + half, new_k, new_k);
+    if (holds_new && warp == 2)
+        for (int d = lane; d < D; d += 32) new_v[d] = row[(Hq + Hkv + h) * D + d];
+    __syncthreads();
+    if (holds_new && head % (Hq / Hkv) == 0 && warp < 2) {  // the first query head's block keeps them for later steps
+        float* dst = (warp ? vc : kc) + (static_cast<long long>(pos) * Hkv + h) * D;
+        for (int d = lane; d < D; d += 32) dst[d] = warp ? new_v[d] : new_k[d];
+    }
+
+    // A lane takes key (lane / LANES_PER_KEY) of its warp's WARP_KEYS in a round, and of its row the float4s
+    // sub, sub + LANES_PER_KEY, ... (the key's LANES_PER_KEY lanes read 128 contiguous bytes at a time).
+    const int group = lane / LANES_PER_KEY, sub = lane % LANES_PER_KEY;
+    float4 q4[K4];
+#pragma unroll
+    for (int i = 0; i < K4; ++i) q4[i] = *reinterpret_cast<const float4*>(q_s + 4 * (sub + LANES_PER_KEY * i));
+    auto load = [&](int k0, RoundRows<D>& rows) {  // the round whose warp's first key is k0
+        const int key = min(k0 + group, key_end - 1);  // (past key_end: a key that is there, masked below)
+        const float* k_row = key == pos ? new_k : kc + (static_cast<long long>(key) * Hkv + h) * D;
+#pragma unroll
+        for (int i = 0; i < K4; ++i) rows.k[i] = *reinterpret_cast<const float4*>(k_row + 4 * (sub + LANES_PER_KEY * i));
+#pragma unroll
+        for (int g = 0; g < WARP_KEYS; ++g) {
+            const int key_g = min(k0 + g, key_end - 1);
+            load_floats<VD>((key_g == pos ? new_v : vc + (static_cast<long long>(key_g) * Hkv + h) * D) + lane * VD,
+                            rows.v[g]);
+        }
+    };
+    float m = -INFINITY, l = 0.0f, acc[VD] = {};
+    RoundRows<D> cur, next;
+    const int first = key_begin + warp * WARP_KEYS;
+    if (first < key_end) load(first, cur);
+    else let_next_start();  // (as the warps with keys do after their first round, below)
+    for (int k0 = first; k0 < key_end; k0 += ROUND_KEYS) {
+        if (k0 + ROUND_KEYS < key_end) load(k0 + ROUND_KEYS, next);  // in flight while this round is computed
+        float dot[4] = {};
+#pragma unroll
+        for (int i = 0; i < K4; ++i)
+            dot[0] += q4[i].x * cur.k[i].x, dot[1] += q4[i].y * cur.k[i].y, dot[2] += q4[i].z * cur.k[i].z,
+                dot[3] += q4[i].w * cur.k[i].w;
+        float score = (dot[0] + dot[1]) + (dot[2] + dot[3]);
+#pragma unroll
+        for (int offset = LANES_PER_KEY / 2; offset > 0; offset >>= 1)  // over the key's lanes
+            score += __shfl_xor_sync(0xffffffffu, score, offset);
+        const bool visible = k0 + group < key_end;
+        score = visible ? score * scale : -INFINITY;
+        float round_max = score;
+#pragma unroll
+        for (int offset = LANES_PER_KEY; offset < 32; offset <<= 1)  // over the warp's keys
+            round_max = fmaxf(round_max, __shfl_xor_sync(0xffffffffu, round_max, offset));
+        const float m_new = fmaxf(m, round_max);  // finite: the round's first key is visible
+        const float p = visible ? expf(score - m_new) : 0.0f, alpha = expf(m - m_new);
+        float p_sum = p;
+#pragma unroll
+        for (int offset = LANES_PER_KEY; offset < 32; offset <<= 1) p_sum += __shfl_xor_sync(0xffffffffu, p_sum, offset);
+        l = l * alpha + p_sum;
+        m = m_new;
+#pragma unroll
+        for (int d = 0; d < VD; ++d) acc[d] *= alpha;
+#pragma unroll
+        for (int g = 0; g < WARP_KEYS; ++g) {
+            const float p_g = __shfl_sync(0xffffffffu, p, g * LANES_PER_KEY);
+#pragma unroll
+            for (int d = 0; d < VD; ++d) acc[d] += p_g * cur.v[g][d];
+        }
+        cur = next;
+        // The kernel behind (o_proj) loads its first rows before its wait: let it start once this block's first
+        // keys are in, so that those loads do not delay them (as ``attention`` does).
+        if (k0 == first) let_next_start();
+    }
+
+    // The block's warps merged: out = sum_w exp(m_w - M) acc_w / sum_w exp(m_w - M) l_w; a warp without keys has
+    // m_w = -inf and weighs nothing. With one split that is the output, otherwise this split's partial result.
+    if (lane == 0) warp_m[warp] = m, warp_l[warp] = l;
+#pragma unroll
+    for (int d = 0; d < VD; ++d) warp_acc[warp][lane * VD + d] = acc[d];
+    __syncthreads();
+    const long long th = static_cast<long long>(t) * Hq + head, stride = static_cast<long long>(T) * Hq;
+    if (threadIdx.x < D) {
+        float M = -INFINITY, sum = 0.0f, num = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) M = fmaxf(M, warp_m[w]);
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const float weight = warp_m[w] == -INFINITY ? 0.0f : expf(warp_m[w] - M);
+            sum += weight * warp_l[w], num += weight * warp_acc[w][threadIdx.x];
+        }
+        if (used == 1) {
+            out[th * D + threadIdx.x] = num / sum;
+        } else {
+            part_acc[(split * stride + th) * D + threadIdx.x] = num;
+            if (threadIdx.x == 0) part_m[split * stride + th] = M, part_l[split * stride + th] = sum;
+        }
+    }
+    if (used == 1) return;
+
+    // The last block of this (token, head) to arrive merges the splits, in split order, one pass: each split's m, l
+    // and output are loaded at once, the running maximum rescales what came before (every split has keys: m finite).
+    __threadfence();  // this block's partial result is visible to the block that merges
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(arrivals + th, 1u) == used - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    if (threadIdx.x < D) {
+        float M = -INFINITY, sum = 0.0f, num = 0.0f;
+#pragma unroll 4
+        for (int s = 0; s < used; ++s) {
+            const float m_s = __ldcg(part_m + s * stride + th), l_s = __ldcg(part_l + s * stride + th);
+            const float a_s = __ldcg(part_acc + (s * stride + th) * D + threadIdx.x);
+            const float M_new = fmaxf(M, m_s), rescale = expf(M - M_new), weight = expf(m_s - M_new);
+            sum = sum * rescale + weight * l_s, num = num * rescale + weight * a_s, M = M_new;
+        }
+        out[th * D + threadIdx.x] = num / sum;
+    }
+    if (threadIdx.x == 0) arrivals[th] = 0;  // ready for the next launch
+}
