@@ -25,7 +25,8 @@ WG_TILE = 2  # warpgroups (64 rows each) of a wgmma_tiles.cu block
 KERNELS = {
     "linear.cu": ["embed<{W}>", "rms_norm<float>", "rms_norm<bf16_t>", *(f"linear<{{W}}, {m}>" for m in MAXT),
                   "linear_streamed<{W}>"],
-    "moe.cu": [*(f"route_topk<{c}>" for c in (4, 8, 16)), "group_by_expert", "moe_combine",
+    "moe.cu": [*(f"route_topk<{c}>" for c in (4, 8, 16)), *(f"route_gate_up<{{W}}, {c}>" for c in (4, 8, 16)),
+               "group_by_expert", "moe_combine",
                *(f"expert_{p}<{{W}}, {m}>" for p in ("gate_up", "down") for m in MAXT), "expert_down_sum<{W}, 8>"],
     "mma_few.cu": ["mma_few<LINEAR>", "mma_few<GATE_UP>", "mma_few<DOWN>"],
     "mma_batch.cu": ["mma_batch"],

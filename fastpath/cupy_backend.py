@@ -16,6 +16,7 @@ Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) ar
     attention_heads       the same at one token per sequence over short caches, a block per query head
     attention_mma         prefill attention on the tensor cores (attention_mma.cu)
     linear + route_topk   RMSNorm + router GEMV; softmax + top-k (+ renormalise) + the experts' normalised input
+    route_gate_up         at one token (every expert held): route_topk's routing and expert_gate_up in one kernel
     group_by_expert       a counting sort of the (token, slot) picks by expert (not needed for a single token)
     expert_gate_up        SiLU(gate . x) * (up . x), only for the chosen experts, each expert's rows read once
     expert_down           down . act, scaled by the routing weight
@@ -229,7 +230,7 @@ def tile_splits(K: int, N: int, T: int, rows: int = TILE, room: int | None = Non
     where its tiles are fewer (batched decoding), each at least TILE_MIN_SPLIT_STEPS k-steps, and (``room``: the
     workspace's floats) all of their partial sums in the workspace. Rounded so that no split is left without steps."""
     steps, tiles_ = K // TILE_K, math.ceil(N / TILE_OUTPUTS["LINEAR"]) * math.ceil(T / rows)
-    if (T * N) % 4:  # add_split_sums takes float4s
+    if (T * N) % 4 or steps == 0:  # add_split_sums takes float4s; a K under TILE_K never runs on the tiles
         return 1
     splits = max(1, min(TILE_SPLIT_BLOCKS // tiles_, steps // TILE_MIN_SPLIT_STEPS,
                         room // (T * N) if room is not None else steps))
@@ -464,8 +465,11 @@ class Grouping:
     def empty(P: int, E: int) -> "Grouping":
         slots, tiles = min(P, E), math.ceil(P / TILE) + min(P, E)
         z = lambda n: cp.zeros(n, dtype=cp.int32)
-        return Grouping(z(slots), z(slots + 1), z(P), z(P), z(1), cp.zeros(P, dtype=cp.float32), z(tiles), z(tiles),
-                        z(1))
+        # n_slots starts at min(P, E): a single token's picks are each a slot of their own, and route_gate_up (moe.cu),
+        # which lists them so, leaves n_slots as it is (expert_down_sum reads it before its wait); every other kernel
+        # that groups picks writes it
+        return Grouping(z(slots), z(slots + 1), z(P), z(P), cp.full(1, slots, dtype=cp.int32),
+                        cp.zeros(P, dtype=cp.float32), z(tiles), z(tiles), z(1))
 
     @staticmethod
     def dense(T: int) -> "Grouping":
@@ -536,11 +540,7 @@ def swiglu_experts_into(s: State, layer: Layer, xn: cp.ndarray, g: Grouping, act
             (xn, i32(H), layer.gate_up, up, np.int64(two_i * H), i32(I), i32(GATE_UP_ROWS[m]), g.slot_expert,
              g.slot_offset, g.pair_token, g.n_slots, act))
         if sum_into is not None and m == 1:
-            x, _ = sum_into
-            kernel("moe.cu", f"expert_down_sum<{s.wtype}, {DOWN_SUM_ROWS}>")(
-                (math.ceil(H / DOWN_SUM_ROWS),), (BLOCK,),
-                (act, i32(I), layer.down, np.int64(H * I), i32(H), g.slot_expert, g.pair_src, pair_weight,
-                 g.n_slots, i32(s.residual), x), shared_mem=4 * max_slots * DOWN_SUM_ROWS)
+            down_sum(s, layer, act, g, max_slots, sum_into[0])
             return
         kernel("moe.cu", f"expert_down<{s.wtype}, {m}>")(
             (math.ceil(H / 8), max_slots), (BLOCK,),
@@ -550,6 +550,16 @@ def swiglu_experts_into(s: State, layer: Layer, xn: cp.ndarray, g: Grouping, act
         combine(s, sum_into[0], out, sum_into[1])
 
 
+def down_sum(s: State, layer: Layer, act: cp.ndarray, g: Grouping, max_slots: int, x: cp.ndarray) -> None:
+    """x += the weighted sum of one token's picks' down products (expert_down_sum)."""
+    E, H, I = layer.down.shape
+    kernel("moe.cu", f"expert_down_sum<{s.wtype}, {DOWN_SUM_ROWS}>")(
+        (math.ceil(H / DOWN_SUM_ROWS),), (BLOCK,),
+        (act, i32(I), layer.down, np.int64(H * I), i32(H), g.slot_expert, g.pair_src,
+         NULL if g.pair_weight is None else g.pair_weight, g.n_slots, i32(s.residual), x),
+        shared_mem=4 * max_slots * DOWN_SUM_ROWS)
+
+
 def moe_into(s: State, layer: Layer, x: cp.ndarray, top_k: int, disabled: cp.ndarray | None, b: MoeBuffers,
              stats: tuple | None = None, normed: bool = False, sum_picks: bool = True) -> None:
     """x += MoE(post_attention_layernorm(x)), in place; the routing lands in b.probs, b.topk_ids, b.grouping.
@@ -557,6 +567,10 @@ def moe_into(s: State, layer: Layer, x: cp.ndarray, top_k: int, disabled: cp.nda
     left in b.out, for the all-reduce of a split model to add (``reduce_over_ranks``), and x is unchanged."""
     c, T = s.config, x.shape[0]
     E, g = c.num_experts, b.grouping
+    if T == 1 and not normed and sum_picks and s.expert_lo == 0 and s.expert_hi >= E:
+        route_and_gate_up(s, layer, x, top_k, disabled, b, stats)
+        down_sum(s, layer, b.act, g, top_k, x)
+        return
     route(s, layer.router, layer.post_norm, x, top_k, disabled, b, stats, normed)
     P = T * top_k
     if T > 1:  # a single token's picks are grouped already (route_topk wrote them as slots)
@@ -588,7 +602,26 @@ def route(s: State, gate: cp.ndarray, norm: cp.ndarray, x: cp.ndarray, top_k: in
         (T,), (BLOCK,),
         (b.logits, x, i32(H), NULL if normed else norm, np.float32(c.rms_norm_eps), i32(E), i32(top_k),
          i32(c.norm_topk_prob), NULL if disabled is None else disabled, b.xn, b.probs, b.topk_ids, g.pair_weight,
-         *(stats or (NULL, NULL, NULL)), *slots, i32(s.expert_lo), i32(min(s.expert_hi, E))), shared_mem=4 * top_k)
+         *(stats or (NULL, NULL, NULL)), *slots, i32(s.expert_lo), i32(min(s.expert_hi, E))), shared_mem=8 * top_k)
+
+
+def route_and_gate_up(s: State, layer: Layer, x: cp.ndarray, top_k: int, disabled: cp.ndarray | None, b: MoeBuffers,
+                      stats: tuple | None = None) -> None:
+    """One token on a state that holds every expert: the router's logits (linear), then the routing and the chosen
+    experts' gate/up products in one kernel (route_gate_up, moe.cu), which writes b.probs, b.topk_ids and b.grouping
+    as route_topk does, and b.act; b.xn is not written (each block normalises x in its shared memory)."""
+    c, g = s.config, b.grouping
+    E, two_i, H = layer.gate_up.shape  # (a rank of a split model may hold part of each expert's rows)
+    I = two_i // 2
+    linear(s, x, layer.router, b.logits, norm=layer.post_norm, scratch=b.xn, precision="float32")
+    up = np.uint64(layer.gate_up.data.ptr + I * H * layer.gate_up.itemsize)  # expert 0's up rows
+    chunks = next(n for n in (4, 8, 16) if 32 * n >= E)
+    kernel("moe.cu", f"route_gate_up<{s.wtype}, {chunks}>")(
+        (math.ceil(I / GATE_UP_ROWS[1]), top_k), (BLOCK,),
+        (b.logits, x, i32(H), layer.post_norm, np.float32(c.rms_norm_eps), i32(E), i32(top_k), i32(c.norm_topk_prob),
+         NULL if disabled is None else disabled, b.probs, b.topk_ids, g.pair_weight, *(stats or (NULL, NULL, NULL)),
+         g.slot_expert, g.slot_offset, g.pair_src, g.pair_token, layer.gate_up, up, np.int64(2 * I * H), i32(I),
+         i32(GATE_UP_ROWS[1]), b.act), shared_mem=4 * H + 8 * top_k)
 
 
 def combine(s: State, x: cp.ndarray, out: cp.ndarray, topk_ids: cp.ndarray | None) -> None:

@@ -351,6 +351,7 @@ def test_one_token_down_sum_gives_the_bits_of_expert_down_and_moe_combine(cb, ti
     assert b.topk_ids.get().tolist() == routing.experts.tolist()
 
     d = cb.DenseBuffers.empty(1, config)
+    cb.rms_norm(s, cp.asarray(x), s.layers[i].post_norm, b.xn)  # (route_gate_up normalised x in shared memory only)
     cb.rms_norm(s, cp.asarray(x), s.layers[0].post_norm, d.xn)
     for layer, xn, g, slots, ids, act, out in ((s.layers[i], b.xn, b.grouping, K, b.topk_ids, b.act, b.out),
                                                (s.layers[0], d.xn, d.grouping, 1, None, d.act, d.out)):
@@ -416,6 +417,62 @@ def test_one_token_router_matches_the_reference_router(cb, E, top_k, H, variant)
         prob_sum += expected.probs[0]
         p = expected.probs[0]
         entropy -= float(np.sum(p * np.log(np.maximum(p, 1e-30))))
+    assert stats[0].get().tolist() == counts.tolist()
+    np.testing.assert_allclose(stats[1].get(), prob_sum, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(stats[2].get()[0], entropy, rtol=1e-5)
+
+
+@pytest.mark.parametrize("E, top_k, H", [(128, 8, 256), (60, 4, 72), (8, 2, 20)])
+@pytest.mark.parametrize("variant", ["whole", "disabled"])
+def test_one_token_routing_and_gate_up_in_one_kernel(cb, tmp_path, E, top_k, H, variant):
+    """The MoE block of one token on a model that holds every expert: the router's projection, then route_gate_up
+    (every block routes the token itself and computes its pick's gate/up rows; block (0, 0) writes the routing out),
+    then expert_down_sum. Against the reference on fresh random inputs, twice in a row: the block's output, the
+    probabilities, the chosen experts and their weights, the picks as slots (n_slots is not written by the kernel and
+    must hold top_k from the buffers' creation), and the device-side statistics summed over both. E = 60 leaves the
+    last projection block part of its experts; "disabled": masked experts, among them the favourite, and
+    norm_topk_prob off."""
+    import cupy as cp
+    from qwen3moe.config import config_from_dict
+
+    config = dict(TINY_CONFIG, hidden_size=H, num_experts=E, num_experts_per_tok=top_k, num_hidden_layers=1,
+                  mlp_only_layers=[], norm_topk_prob=variant != "disabled")
+    c = config_from_dict(config)
+    weights = load_weights(write_checkpoint(tmp_path / "m", config, random_weights(config)), c)
+    s, r = cb.prepare(weights, c), ref.prepare(weights, c)
+    launched = []
+    real_kernel = cb.kernel
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cb, "kernel", lambda file, name: launched.append(name) or real_kernel(file, name))
+        rng = np.random.default_rng()
+        stats = (cp.zeros(E, cp.uint64), cp.zeros(E, cp.float64), cp.zeros(1, cp.float64))
+        b = cb.MoeBuffers.empty(1, c, top_k)
+        counts, prob_sum, entropy = np.zeros(E), np.zeros(E), 0.0
+        for _ in range(2):
+            x = rng.standard_normal((1, H), dtype=np.float32)
+            disabled = None
+            if variant == "disabled":
+                disabled = rng.random(E) < 0.3
+                disabled[ref.feed_forward_block(r, 0, x, top_k, None)[1].experts[0][0]] = True
+            expected, routing = ref.feed_forward_block(r, 0, x, top_k, disabled)
+            for a in (b.probs, b.act, b.grouping.pair_weight):
+                a.fill(np.nan)
+            y = cp.asarray(x)
+            cb.moe_into(s, s.layers[0], y, top_k, None if disabled is None else cp.asarray(disabled.astype(np.uint8)),
+                        b, stats)
+            close(y, expected, "MoE block of one token")
+            close(b.probs, routing.probs, "router probabilities")
+            picks = routing.experts[0].tolist()
+            assert b.topk_ids.get()[0].tolist() == picks
+            close(b.grouping.pair_weight, routing.weights[0], "routing weights")
+            g = b.grouping
+            assert int(g.n_slots.get()[0]) == top_k
+            assert g.slot_expert.get().tolist() == picks
+            assert g.pair_src.get().tolist() == g.slot_offset.get()[:top_k].tolist() == list(range(top_k))
+            np.add.at(counts, picks, 1)
+            prob_sum += routing.probs[0]
+            entropy -= float(np.sum(routing.probs[0] * np.log(np.maximum(routing.probs[0], 1e-30))))
+    assert "route_topk" not in " ".join(launched) and any(name.startswith("route_gate_up") for name in launched)
     assert stats[0].get().tolist() == counts.tolist()
     np.testing.assert_allclose(stats[1].get(), prob_sum, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(stats[2].get()[0], entropy, rtol=1e-5)
@@ -840,7 +897,7 @@ def test_the_timeline_sees_every_launch_of_the_step_wait_for_the_one_ahead(tmp_p
     """``bench --nvidia --timeline`` (fastpath/timeline.py): with the kernels compiled with the marks (in a process of
     its own, since they are compiled once per process), one replay of a captured batch-1 step records every launch the
     capture made, in the order captured -- the embedding, per layer q/k/v, attention (which normalises and rotates
-    itself over a short cache), o_proj, the router, its top-k, the experts' gate/up and down with the sum, then the
+    itself over a short cache), o_proj, the router, its top-k with the experts' gate/up, down with the sum, then the
     lm_head and the greedy choice -- and the GPU clock shows the chain that programmatic launch must keep: no block
     of a launch gets past its wait before every block of the launch ahead has ended."""
     import json
@@ -853,7 +910,7 @@ def test_the_timeline_sees_every_launch_of_the_step_wait_for_the_one_ahead(tmp_p
     done = subprocess.run([sys.executable, "-c", TIMELINE_SCRIPT], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    layer = ["q/k/v", "attention", "o_proj", "router", "route_topk", "expert_gate_up", "expert_down_sum"]
+    layer = ["q/k/v", "attention", "o_proj", "router", "route_gate_up", "expert_down_sum"]
     for step in json.loads(done.stdout):
         assert [label for label, *_ in step] == ["embed", *layer, *layer, "lm_head", "argmax_partial",
                                                  "greedy_advance"]

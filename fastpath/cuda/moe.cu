@@ -8,57 +8,26 @@
 
 constexpr int WARPS = 8;  // every block is 256 threads
 
-// Per token (one block each), after the router logits (T, E) were computed by the projection kernel (linear.cu, with
-// the RMSNorm fused): mask ``disabled`` experts; softmax over all experts in float32; the top_k experts, ties to the
-// lower id; their weights, renormalised if norm_topk_prob. Also writes xn = RMSNorm(x), the experts' input (unless
-// ``norm_weight`` is null: then xn holds it already).
-// ``stat_*`` (may be null) accumulate router statistics on the device: picks and the sum of probabilities per
-// expert, and the entropy sum, so that a captured decode step never needs the host to count.
-// With one token (``slots`` non-null) the K picks are already grouped -- each is its own slot -- and written as such,
-// which saves the grouping kernel at batch-1 decode. On a rank of a split model that holds experts [expert_lo,
-// expert_hi) (expert parallelism), only the picks of those experts become slots, numbered from expert_lo.
-//
-// The routing is a chain of dependent steps in one warp (a batch-1 step waits for it), so it is kept short: warp 0
-// starts on it at once while the other warps compute xn, and CHUNKS = ceil(E / 32) rounded up to 4, 8 or 16 sizes
-// its unrolled loops to the experts there are.       grid (T), block 256, dynamic smem top_k floats
+// One token's routing, by one warp: mask ``disabled`` experts; softmax over all E experts' logits in float32; the
+// top_k experts, ties to the lower id, into chosen_id and their weights, renormalised if norm_topk_prob, into
+// chosen_weight (top_k each, shared memory). ``probs`` (may be null) gets the probabilities; ``stat_*`` (may be null)
+// accumulate router statistics on the device: picks and the sum of probabilities per expert, and the entropy sum,
+// so that a captured decode step never needs the host to count.
+// It is a chain of dependent steps (a batch-1 step waits for it), so it is kept short: CHUNKS = ceil(E / 32) rounded
+// up to 4, 8 or 16 sizes its unrolled loops to the experts there are.
 template <int CHUNKS>
-__global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logits, const float* __restrict__ x, int H,
-                                                  const float* __restrict__ norm_weight, float eps, int E, int top_k,
-                                                  int norm_topk_prob, const unsigned char* __restrict__ disabled,
-                                                  float* __restrict__ xn, float* __restrict__ probs,
-                                                  int* __restrict__ topk_ids, float* __restrict__ topk_weights,
-                                                  unsigned long long* stat_counts, double* stat_prob_sum,
-                                                  double* stat_entropy_sum, int* slot_expert, int* slot_offset,
-                                                  int* pair_src, int* pair_token, int* n_slots, int expert_lo,
-                                                  int expert_hi) {
-    extern __shared__ float chosen_weight[];  // (top_k,)
-    __shared__ float partial[32];
-    begin_after_previous();
-    const long long t = blockIdx.x;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-
-    if (warp != 0) {  // warps 1, 2, ...: xn = RMSNorm(x), synchronised among themselves only (barrier 1)
-        if (!norm_weight) return;  // xn was written already (by the all-reduce ahead)
-        const int threads = blockDim.x - 32;
-        float ss = 0.0f;
-        for (int k = threadIdx.x - 32; k < H; k += threads) ss += x[t * H + k] * x[t * H + k];
-        ss = warp_sum(ss);
-        if (lane == 0) partial[warp] = ss;
-        asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
-        ss = 0.0f;
-        for (int w = 1; w < blockDim.x / 32; ++w) ss += partial[w];
-        const float inv = 1.0f / sqrtf(ss / H + eps);
-        for (int k = threadIdx.x - 32; k < H; k += threads) xn[t * H + k] = norm_weight[k] * (x[t * H + k] * inv);
-        return;
-    }
-
+__device__ __forceinline__ void route_token(const float* __restrict__ logits, int E, int top_k, int norm_topk_prob,
+                                            const unsigned char* __restrict__ disabled, float* __restrict__ probs,
+                                            unsigned long long* stat_counts, double* stat_prob_sum,
+                                            double* stat_entropy_sum, int* chosen_id, float* chosen_weight) {
+    const int lane = threadIdx.x % 32;
     // lane holds experts lane, lane + 32, ...: every loop over i below is unrolled, so p stays in registers
     float p[CHUNKS];
     float m = -INFINITY;
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
         const int e = lane + 32 * i;
-        p[i] = e < E && !(disabled && disabled[e]) ? logits[t * E + e] : -INFINITY;
+        p[i] = e < E && !(disabled && disabled[e]) ? logits[e] : -INFINITY;
         m = fmaxf(m, p[i]);
     }
     m = warp_max(m);
@@ -75,7 +44,7 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
             continue;
         }
         const float prob = expf(p[i] - m) / s;
-        probs[t * E + e] = prob;
+        if (probs) probs[e] = prob;
         if (stat_prob_sum) atomicAdd(stat_prob_sum + e, static_cast<double>(prob));
         entropy -= prob * logf(fmaxf(prob, 1e-30f));
         p[i] = disabled && disabled[e] ? -1.0f : prob;  // disabled experts are never chosen, even at p = 0
@@ -84,7 +53,6 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
     if (stat_entropy_sum && lane == 0) atomicAdd(stat_entropy_sum, static_cast<double>(entropy));
 
     float total = 0.0f;
-    int held = 0;  // slots written: the picks of this rank's experts
     // The j-th best: the largest probability not yet taken, lowest id on ties. A probability's bits read as an
     // unsigned integer keep its order (it is not negative), so the warp's largest is one integer max over the lanes
     // (redux.sync, sm_80 and later) and its lowest id one integer min: two instructions where a float max with ties
@@ -104,20 +72,70 @@ __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logi
         for (int i = 0; i < CHUNKS; ++i)
             if (lane + 32 * i == best_e) p[i] = -1.0f;  // taken
         if (lane == 0) {
-            chosen_weight[j] = best;
-            topk_ids[t * top_k + j] = best_e;
+            chosen_id[j] = best_e, chosen_weight[j] = best;
             if (stat_counts) atomicAdd(stat_counts + best_e, 1ull);
-            if (slot_expert && best_e >= expert_lo && best_e < expert_hi) {
-                slot_expert[held] = best_e - expert_lo, slot_offset[held] = held, pair_src[held] = j;
-                pair_token[held++] = 0;
-            }
         }
         total += best;
     }
     __syncwarp();
     for (int j = lane; j < top_k; j += 32)
-        topk_weights[t * top_k + j] = norm_topk_prob ? chosen_weight[j] / total : chosen_weight[j];
-    if (slot_expert && lane == 0) slot_offset[held] = held, n_slots[0] = held;
+        if (norm_topk_prob) chosen_weight[j] = chosen_weight[j] / total;
+    __syncwarp();
+}
+
+// Per token (one block each), after the router logits (T, E) were computed by the projection kernel (linear.cu, with
+// the RMSNorm fused): the routing (route_token) into probs, topk_ids and topk_weights. Also writes xn = RMSNorm(x),
+// the experts' input (unless ``norm_weight`` is null: then xn holds it already): warp 0 routes at once while the
+// other warps compute xn. ``stat_*`` (may be null): route_token's statistics.
+// With one token (``slots`` non-null) the K picks are already grouped -- each is its own slot -- and written as such,
+// which saves the grouping kernel at batch-1 decode. On a rank of a split model that holds experts [expert_lo,
+// expert_hi) (expert parallelism), only the picks of those experts become slots, numbered from expert_lo. (A
+// batch-1 step of a model that holds every expert takes route_gate_up instead.)
+//                                                     grid (T), block 256, dynamic smem 2 top_k words
+template <int CHUNKS>
+__global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logits, const float* __restrict__ x, int H,
+                                                  const float* __restrict__ norm_weight, float eps, int E, int top_k,
+                                                  int norm_topk_prob, const unsigned char* __restrict__ disabled,
+                                                  float* __restrict__ xn, float* __restrict__ probs,
+                                                  int* __restrict__ topk_ids, float* __restrict__ topk_weights,
+                                                  unsigned long long* stat_counts, double* stat_prob_sum,
+                                                  double* stat_entropy_sum, int* slot_expert, int* slot_offset,
+                                                  int* pair_src, int* pair_token, int* n_slots, int expert_lo,
+                                                  int expert_hi) {
+    extern __shared__ float chosen_weight[];  // (top_k,), then chosen_id (top_k,)
+    int* chosen_id = reinterpret_cast<int*>(chosen_weight + top_k);
+    __shared__ float partial[32];
+    begin_after_previous();
+    const long long t = blockIdx.x;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+    if (warp != 0) {  // warps 1, 2, ...: xn = RMSNorm(x), synchronised among themselves only (barrier 1)
+        if (!norm_weight) return;  // xn was written already (by the all-reduce ahead)
+        const int threads = blockDim.x - 32;
+        float ss = 0.0f;
+        for (int k = threadIdx.x - 32; k < H; k += threads) ss += x[t * H + k] * x[t * H + k];
+        ss = warp_sum(ss);
+        if (lane == 0) partial[warp] = ss;
+        asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
+        ss = 0.0f;
+        for (int w = 1; w < blockDim.x / 32; ++w) ss += partial[w];
+        const float inv = 1.0f / sqrtf(ss / H + eps);
+        for (int k = threadIdx.x - 32; k < H; k += threads) xn[t * H + k] = norm_weight[k] * (x[t * H + k] * inv);
+        return;
+    }
+    route_token<CHUNKS>(logits + t * E, E, top_k, norm_topk_prob, disabled, probs + t * E, stat_counts, stat_prob_sum,
+                        stat_entropy_sum, chosen_id, chosen_weight);
+    for (int j = lane; j < top_k; j += 32)
+        topk_ids[t * top_k + j] = chosen_id[j], topk_weights[t * top_k + j] = chosen_weight[j];
+    if (slot_expert && lane == 0) {
+        int held = 0;  // slots written: the picks of this rank's experts
+        for (int j = 0; j < top_k; ++j) {
+            if (chosen_id[j] < expert_lo || chosen_id[j] >= expert_hi) continue;
+            slot_expert[held] = chosen_id[j] - expert_lo, slot_offset[held] = held, pair_src[held] = j;
+            pair_token[held++] = 0;
+        }
+        slot_offset[held] = held, n_slots[0] = held;
+    }
 }
 
 // Group the P = T*K pairs by expert (a counting sort in one block): slot_expert, slot_offset (n_slots + 1 entries),
@@ -177,6 +195,25 @@ __global__ void group_by_expert(const int* __restrict__ topk_ids, int P, int K, 
     }
 }
 
+// act[t, r] = silu(gate[r] . x_t) * (up[r] . x_t) for rows r = first, first + WARPS, ... < row_end of one expert
+// (its rows at gate, up), by one warp each, for the nt inputs x_t.
+template <typename W, int MAXT>
+__device__ __forceinline__ void gate_up_rows(const W* gate, const W* up, int H, int I, int first, int row_end,
+                                             const float* const (&xt)[MAXT], int nt, float* act) {
+    const int lane = threadIdx.x % 32;
+    for (int r = first; r < row_end; r += WARPS) {
+        const W* rows[2] = {gate + static_cast<long long>(r) * H, up + static_cast<long long>(r) * H};
+        float gu[2][MAXT] = {};  // gate and up rows read together: their loads are in flight at once
+        warp_dot_rows_n<W, MAXT, 2>(rows, H, xt, nt, nullptr, gu);
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) {
+            if (t >= nt) break;
+            const float gs = warp_sum(gu[0][t]), us = warp_sum(gu[1][t]);
+            if (lane == 0) act[static_cast<long long>(t) * I + r] = gs / (1.0f + expf(-gs)) * us;
+        }
+    }
+}
+
 // act[q, r] = silu(gate_e[r] . xn[tok]) * (up_e[r] . xn[tok]) for every pair q of slot s (expert e, token tok).
 // Expert e's gate rows start at gate + e * expert_stride, its up rows at up + e * expert_stride. Pairs of a slot are
 // taken MAXT at a time, so an expert's rows are read once per MAXT of its tokens.  grid (ceil(I / rows_per_block), slots)
@@ -191,26 +228,63 @@ __global__ void __launch_bounds__(256) expert_gate_up(const float* __restrict__ 
     const int s = blockIdx.y;
     if (s >= n_slots[0]) return;
     const long long e = slot_expert[s];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
     const int row_end = min(I, (blockIdx.x + 1) * rows_per_block);
     for (int q0 = slot_offset[s]; q0 < slot_offset[s + 1]; q0 += MAXT) {
         const int nt = min(MAXT, slot_offset[s + 1] - q0);
         const float* xt[MAXT];
 #pragma unroll
         for (int t = 0; t < MAXT; ++t) xt[t] = xn + static_cast<long long>(pair_token[q0 + min(t, nt - 1)]) * H;
-        for (int r = blockIdx.x * rows_per_block + warp; r < row_end; r += WARPS) {
-            const W* rows[2] = {gate + e * expert_stride + static_cast<long long>(r) * H,
-                                up + e * expert_stride + static_cast<long long>(r) * H};
-            float gu[2][MAXT] = {};  // gate and up rows read together: their loads are in flight at once
-            warp_dot_rows_n<W, MAXT, 2>(rows, H, xt, nt, nullptr, gu);
-#pragma unroll
-            for (int t = 0; t < MAXT; ++t) {
-                if (t >= nt) break;
-                const float gs = warp_sum(gu[0][t]), us = warp_sum(gu[1][t]);
-                if (lane == 0) act[static_cast<long long>(q0 + t) * I + r] = gs / (1.0f + expf(-gs)) * us;
-            }
-        }
+        gate_up_rows<W, MAXT>(gate + e * expert_stride, up + e * expert_stride, H, I,
+                              blockIdx.x * rows_per_block + warp, row_end, xt, nt, act + static_cast<long long>(q0) * I);
     }
+}
+
+// Batch-1 decode of a model that holds every expert: route_topk and expert_gate_up in one kernel, one launch and one
+// wait fewer a layer. Every block routes the token itself (route_token: a short chain in one warp, over E logits)
+// and computes rows of the expert of its slot s = blockIdx.y, the token's s-th pick; block (0, 0) also writes what
+// route_topk writes for the kernels after it and for the host (probs, topk_ids, the picks as slots and their
+// weights, the statistics). It does not write n_slots, which expert_down_sum reads before its wait: a single
+// token's buffers hold top_k there from the start (cupy_backend.Grouping.empty). The experts' input xn = RMSNorm(x)
+// is computed by every block into shared memory before the wait (x was written by o_proj, two kernels ahead), so the
+// products read it from there.
+//             grid (ceil(I / rows_per_block), top_k), block 256, dynamic smem H floats, then 2 top_k words
+template <typename W, int CHUNKS>
+__global__ void __launch_bounds__(256) route_gate_up(const float* __restrict__ logits, const float* __restrict__ x,
+                                                     int H, const float* __restrict__ norm_weight, float eps, int E,
+                                                     int top_k, int norm_topk_prob,
+                                                     const unsigned char* __restrict__ disabled,
+                                                     float* __restrict__ probs, int* __restrict__ topk_ids,
+                                                     float* __restrict__ topk_weights, unsigned long long* stat_counts,
+                                                     double* stat_prob_sum, double* stat_entropy_sum, int* slot_expert,
+                                                     int* slot_offset, int* pair_src, int* pair_token,
+                                                     const W* __restrict__ gate, const W* __restrict__ up,
+                                                     long long expert_stride, int I, int rows_per_block,
+                                                     float* __restrict__ act) {
+    extern __shared__ __align__(16) float xn[];  // (H,), then chosen_weight (top_k,) and chosen_id (top_k,)
+    float* chosen_weight = xn + H;
+    int* chosen_id = reinterpret_cast<int*>(chosen_weight + top_k);
+    const float inv = block_inv_rms(x, H, eps);
+    for (int k = threadIdx.x; k < H; k += blockDim.x) xn[k] = norm_weight[k] * (x[k] * inv);
+    begin_after_previous();
+    const bool first = blockIdx.x == 0 && blockIdx.y == 0;  // the block that writes the routing out
+    if (threadIdx.x < 32)
+        route_token<CHUNKS>(logits, E, top_k, norm_topk_prob, disabled, first ? probs : nullptr,
+                            first ? stat_counts : nullptr, first ? stat_prob_sum : nullptr,
+                            first ? stat_entropy_sum : nullptr, chosen_id, chosen_weight);
+    __syncthreads();  // (also: xn written by every thread)
+    if (first) {
+        for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
+            topk_ids[j] = chosen_id[j], topk_weights[j] = chosen_weight[j];
+            slot_expert[j] = chosen_id[j], slot_offset[j] = j, pair_src[j] = j, pair_token[j] = 0;
+        }
+        if (threadIdx.x == 0) slot_offset[top_k] = top_k;
+    }
+    const long long e = chosen_id[blockIdx.y];
+    const float* xt[1] = {xn};
+    gate_up_rows<W, 1>(gate + e * expert_stride, up + e * expert_stride, H, I,
+                       blockIdx.x * rows_per_block + threadIdx.x / 32, min(I, (blockIdx.x + 1) * rows_per_block), xt,
+                       1, act + static_cast<long long>(blockIdx.y) * I);
 }
 
 // out[pair_src[q], n] = weight(pair) * (down_e[n] . act[q]): each pair's expert output already scaled by its routing
