@@ -487,14 +487,7 @@ def test_decoding_attention_block_matches_the_reference(cb, tmp_path, heads, hea
     block against the reference's on fresh random caches, for sequences whose new key is the first of a split (the
     only one of its block), the last of one, at position 0, at the cache's end, and a few tokens in one tile that
     cross a split boundary; run twice (the arrival counters must be back at zero)."""
-    import cupy as cp
-    from qwen3moe.config import config_from_dict
-
-    config = dict(TINY_CONFIG, num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=head_dim,
-                  num_hidden_layers=1, mlp_only_layers=[0])
-    c = config_from_dict(config)
-    weights = load_weights(write_checkpoint(tmp_path / "m", config, random_weights(config)), c)
-    s, r = cb.prepare(weights, c), ref.prepare(weights, c)
+    c, s, r = one_attention_layer(cb, tmp_path, heads, head_dim)
     lengths = [1, 1, 1, 1, 1, 3]
     starts = np.cumsum([0] + lengths)
     chunk = cb.AttentionPlan.build(c, [(a, b, 0) for a, b in zip(starts, starts[1:])], capacity).chunk
@@ -504,8 +497,29 @@ def test_decoding_attention_block_matches_the_reference(cb, tmp_path, heads, hea
     assert plan.chunk == chunk and plan.splits > 2
     assert plan.norm_rope_inside == (capacity <= cb.NORM_ROPE_INSIDE_MAX_KEYS)
     assert not cb.AttentionPlan.build(c, [(0, 40, 0)], 700, tensor_cores=False).norm_rope_inside  # many tiles
-    rng = np.random.default_rng()
-    T, Hkv, D = starts[-1], c.num_key_value_heads, c.head_dim
+    attention_block_twice(cb, s, r, plan, segments, capacity)
+
+
+def one_attention_layer(cb, tmp_path, heads: tuple[int, int], head_dim: int):
+    """A one-layer model of (query, kv) ``heads`` and ``head_dim`` with random weights: (config, the cupy backend's
+    state, the reference's)."""
+    from qwen3moe.config import config_from_dict
+
+    config = dict(TINY_CONFIG, num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=head_dim,
+                  num_hidden_layers=1, mlp_only_layers=[0])
+    c = config_from_dict(config)
+    weights = load_weights(write_checkpoint(tmp_path / "m", config, random_weights(config)), c)
+    return c, cb.prepare(weights, c), ref.prepare(weights, c)
+
+
+def attention_block_twice(cb, s, r, plan, segments: list, capacity: int) -> None:
+    """Layer 0's attention block of ``plan`` over fresh random caches (one per segment) against the reference's, run
+    twice (the arrival counters must be back at zero): its output, and the keys and values it writes into the
+    caches."""
+    import cupy as cp
+
+    c, rng = s.config, np.random.default_rng()
+    T, Hkv, D = segments[-1][1], c.num_key_value_heads, c.head_dim
     caches = [(rng.standard_normal((capacity, Hkv, D), dtype=np.float32),
                rng.standard_normal((capacity, Hkv, D), dtype=np.float32)) for _ in segments]
     x = rng.standard_normal((T, c.hidden_size), dtype=np.float32)
@@ -537,14 +551,7 @@ def test_attention_over_query_heads_matches_the_reference(cb, tmp_path, heads, h
     of one, the first of a warp's round past the block's first, at position 0 and at the cache's end; each block of a
     split computes the new key itself and the first query head's block writes it, so the caches must match too. Run
     twice: the arrival counters must be back at zero. Also which plans take it."""
-    import cupy as cp
-    from qwen3moe.config import config_from_dict
-
-    config = dict(TINY_CONFIG, num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=head_dim,
-                  num_hidden_layers=1, mlp_only_layers=[0])
-    c = config_from_dict(config)
-    weights = load_weights(write_checkpoint(tmp_path / "m", config, random_weights(config)), c)
-    s, r = cb.prepare(weights, c), ref.prepare(weights, c)
+    c, s, r = one_attention_layer(cb, tmp_path, heads, head_dim)
     B = 7
     chunk = cb.AttentionPlan.build(c, [(j, j + 1, 0) for j in range(B)], capacity, query_heads=True).chunk
     firsts = [chunk, chunk - 1, 0, capacity - 1, chunk + 32, chunk + 63, min(2 * chunk + 5, capacity - 2)]
@@ -559,28 +566,7 @@ def test_attention_over_query_heads_matches_the_reference(cb, tmp_path, heads, h
     assert not cb.AttentionPlan.build(c, [(0, 2, 0)], capacity).query_heads
     with pytest.raises(ValueError, match="one token per sequence"):
         cb.AttentionPlan.build(c, [(0, 2, 0)], capacity, query_heads=True)
-    rng = np.random.default_rng()
-    Hkv, D = c.num_key_value_heads, c.head_dim
-    caches = [(rng.standard_normal((capacity, Hkv, D), dtype=np.float32),
-               rng.standard_normal((capacity, Hkv, D), dtype=np.float32)) for _ in segments]
-    x = rng.standard_normal((B, c.hidden_size), dtype=np.float32)
-    ref_caches = [(k.copy(), v.copy()) for k, v in caches]
-    expected = ref.attention_block(r, 0, x, *rope_cos_sin(np.array(firsts), D, c.rope_theta),
-                                   [AttentionSegment(a, b, p, k, v) for (a, b, p), (k, v) in zip(segments, ref_caches)])
-    device = [(cp.asarray(k), cp.asarray(v)) for k, v in caches]
-    addr = lambda arrays: cp.asarray(np.array([a.data.ptr for a in arrays], np.uint64))
-    buffers = cb.AttentionBuffers.empty(B, c, plan.splits)
-    for _ in range(2):
-        for a in vars(buffers).values():
-            if a.dtype == cp.float32:
-                a.fill(np.nan)
-        y = cp.asarray(x)
-        cb.attention_into(s, s.layers[0], y, plan, addr([k for k, _ in device]), addr([v for _, v in device]),
-                          buffers)
-        close(y, expected, "attention block")
-        for (k, v), (ref_k, ref_v) in zip(device, ref_caches):
-            close(k, ref_k, "keys in the cache")
-            close(v, ref_v, "values in the cache")
+    attention_block_twice(cb, s, r, plan, segments, capacity)
 
 
 @pytest.mark.parametrize("T", [1, 7])
