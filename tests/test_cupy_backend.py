@@ -817,21 +817,32 @@ def test_bf16_precision_prefill_stays_within_bf16_rounding_of_the_reference(cb, 
     errors of ~1e-2 are seen; a broken product is off by ~1), but not within 1e-5, or nothing was rounded. The
     router keeps float32 products, so the prompt's routing stays the reference's unless two experts are within
     bf16 rounding of each other. A float32 checkpoint's projections run on the GEMV kernels, which take float32
-    activations: only attention multiplies bf16 there, and its output must stay float32 for o_proj."""
+    activations: only attention multiplies bf16 there, and its output must stay float32 for o_proj.
+    Where some token's routing does differ (two experts within bf16 rounding: a routed token's output changes
+    wholly, and the logits with it; one draw in ~6 did), the comparison says nothing about rounding, and a new random
+    model and prompt are drawn, up to three times."""
     if wgmma and not cb.hopper():
         pytest.skip("wgmma_tiles.cu runs on compute capability 9.0 (H100, H200) only")
     if not wgmma:
         monkeypatch.setattr(cb, "hopper", lambda: False)
     config = dict(TINY_CONFIG, head_dim=64)
-    tensors = random_weights(config, seed=int(np.random.default_rng().integers(1 << 30)))
-    if dtype == "float32":
-        tensors = {name: t.astype(np.float32) for name, t in tensors.items()}
-    folder = write_checkpoint(tmp_path / "model", config, tensors)
-    prompt = np.random.default_rng().integers(0, 256, 100).tolist()
-    logits = {}
-    for name, precision in (("numpy", "float32"), ("cupy", "bf16")):
-        model = Qwen3MoeForCausalLM(folder, backend=name, precision=precision)
-        (logits[name],) = model.forward([Request(prompt, 0, Qwen3MoeKVCache(model, max_tokens=128))])
+    rng = np.random.default_rng()
+    for attempt in range(3):
+        tensors = random_weights(config, seed=int(rng.integers(1 << 30)))
+        if dtype == "float32":
+            tensors = {name: t.astype(np.float32) for name, t in tensors.items()}
+        folder = write_checkpoint(tmp_path / f"model{attempt}", config, tensors)
+        prompt = rng.integers(0, 256, 100).tolist()
+        logits, picks = {}, {}
+        for name, precision in (("numpy", "float32"), ("cupy", "bf16")):
+            model = Qwen3MoeForCausalLM(folder, backend=name, precision=precision)
+            model.router_stats.trace_enabled = True
+            (logits[name],) = model.forward([Request(prompt, 0, Qwen3MoeKVCache(model, max_tokens=128))])
+            picks[name] = [(r.layer, r.position, r.experts) for r in model.router_stats.trace]
+        if picks["cupy"] == picks["numpy"]:
+            break
+    else:
+        pytest.fail("three random models in a row routed some prompt token to other experts at precision bf16")
     scale = np.abs(logits["numpy"]).max()
     np.testing.assert_allclose(logits["cupy"], logits["numpy"], rtol=0, atol=5e-2 * scale)
     assert np.abs(logits["cupy"] - logits["numpy"]).max() > 1e-5 * scale, "no bf16 rounding took place"
