@@ -509,7 +509,7 @@ def swiglu_experts_into(s: State, layer: Layer, xn: cp.ndarray, g: Grouping, act
     ``combine``, or for one token by the down kernel itself (expert_down_sum, same bits; ``out`` is not written)."""
     E, two_i, H = layer.gate_up.shape
     I = two_i // 2
-    up = np.uint64(layer.gate_up.data.ptr + I * H * layer.gate_up.itemsize)  # expert 0's up rows
+    up = up_rows(layer)
     pair_weight = NULL if g.pair_weight is None else g.pair_weight
     path = expert_path(s, xn.shape[0], xn.shape[0] * top_k, E, H, I)
     if path == "few":
@@ -552,7 +552,7 @@ def swiglu_experts_into(s: State, layer: Layer, xn: cp.ndarray, g: Grouping, act
 
 def down_sum(s: State, layer: Layer, act: cp.ndarray, g: Grouping, max_slots: int, x: cp.ndarray) -> None:
     """x += the weighted sum of one token's picks' down products (expert_down_sum)."""
-    E, H, I = layer.down.shape
+    _, H, I = layer.down.shape
     kernel("moe.cu", f"expert_down_sum<{s.wtype}, {DOWN_SUM_ROWS}>")(
         (math.ceil(H / DOWN_SUM_ROWS),), (BLOCK,),
         (act, i32(I), layer.down, np.int64(H * I), i32(H), g.slot_expert, g.pair_src,
@@ -581,6 +581,32 @@ def moe_into(s: State, layer: Layer, x: cp.ndarray, top_k: int, disabled: cp.nda
     swiglu_experts_into(s, layer, b.xn, g, b.act, b.out, min(P, E), top_k, (x, b.topk_ids) if sum_picks else None)
 
 
+def router_logits(s: State, gate: cp.ndarray, norm: cp.ndarray, x: cp.ndarray, b: MoeBuffers,
+                  normed: bool = False) -> bool:
+    """b.logits = gate @ RMSNorm(x) (``normed``: b.xn holds RMSNorm(x) already); returns whether b.xn holds it now."""
+    T, H = x.shape
+    # the router's logits keep float32 products at any precision: a small matrix, and bf16 rounding would choose
+    # other experts wherever two are within ~1e-3 of each other
+    if normed:
+        linear(s, b.xn, gate, b.logits, precision="float32")
+        return True
+    linear(s, x, gate, b.logits, norm=norm, scratch=b.xn, precision="float32")
+    # only linear.cu's GEMV fuses the norm; the other kernels have had b.xn = RMSNorm(x) written for them
+    return linear_path(s, T, H, gate.shape[0]) != "gemv"
+
+
+def route_chunks(E: int) -> int:
+    """A lane's experts in the routing's warp (moe.cu's CHUNKS): ceil(E / 32) rounded up to 4, 8 or 16
+    (MAX_EXPERTS = 32 x 16)."""
+    return next(n for n in (4, 8, 16) if 32 * n >= E)
+
+
+def up_rows(layer: Layer) -> np.uint64:
+    """The address of expert 0's up rows in the layer's stacked (E, 2I, H) gate/up weights."""
+    _, two_i, H = layer.gate_up.shape
+    return np.uint64(layer.gate_up.data.ptr + two_i // 2 * H * layer.gate_up.itemsize)
+
+
 def route(s: State, gate: cp.ndarray, norm: cp.ndarray, x: cp.ndarray, top_k: int, disabled: cp.ndarray | None,
           b: MoeBuffers, stats: tuple | None = None, normed: bool = False) -> None:
     """The router: logits = gate @ RMSNorm(x), then softmax, top-k and weights (route_topk) into b; b.xn gets the
@@ -588,17 +614,9 @@ def route(s: State, gate: cp.ndarray, norm: cp.ndarray, x: cp.ndarray, top_k: in
     entropy) or None."""
     c, T = s.config, x.shape[0]
     H, E, g = c.hidden_size, c.num_experts, b.grouping
-    # the router's logits keep float32 products at any precision: a small matrix, and bf16 rounding would choose
-    # other experts wherever two are within ~1e-3 of each other
-    if normed:
-        linear(s, b.xn, gate, b.logits, precision="float32")
-    else:
-        linear(s, x, gate, b.logits, norm=norm, scratch=b.xn, precision="float32")
-        # only linear.cu's GEMV fuses the norm; the other kernels have had b.xn = RMSNorm(x) written for them
-        normed = linear_path(s, T, H, E) != "gemv"
+    normed = router_logits(s, gate, norm, x, b, normed)
     slots = (g.slot_expert, g.slot_offset, g.pair_src, g.pair_token, g.n_slots) if T == 1 else (NULL,) * 5
-    chunks = next(n for n in (4, 8, 16) if 32 * n >= E)  # a lane's experts (MAX_EXPERTS = 32 x 16)
-    kernel("moe.cu", f"route_topk<{chunks}>")(
+    kernel("moe.cu", f"route_topk<{route_chunks(E)}>")(
         (T,), (BLOCK,),
         (b.logits, x, i32(H), NULL if normed else norm, np.float32(c.rms_norm_eps), i32(E), i32(top_k),
          i32(c.norm_topk_prob), NULL if disabled is None else disabled, b.xn, b.probs, b.topk_ids, g.pair_weight,
@@ -613,15 +631,13 @@ def route_and_gate_up(s: State, layer: Layer, x: cp.ndarray, top_k: int, disable
     c, g = s.config, b.grouping
     E, two_i, H = layer.gate_up.shape  # (a rank of a split model may hold part of each expert's rows)
     I = two_i // 2
-    linear(s, x, layer.router, b.logits, norm=layer.post_norm, scratch=b.xn, precision="float32")
-    up = np.uint64(layer.gate_up.data.ptr + I * H * layer.gate_up.itemsize)  # expert 0's up rows
-    chunks = next(n for n in (4, 8, 16) if 32 * n >= E)
-    kernel("moe.cu", f"route_gate_up<{s.wtype}, {chunks}>")(
+    router_logits(s, layer.router, layer.post_norm, x, b)
+    kernel("moe.cu", f"route_gate_up<{s.wtype}, {route_chunks(E)}>")(
         (math.ceil(I / GATE_UP_ROWS[1]), top_k), (BLOCK,),
         (b.logits, x, i32(H), layer.post_norm, np.float32(c.rms_norm_eps), i32(E), i32(top_k), i32(c.norm_topk_prob),
          NULL if disabled is None else disabled, b.probs, b.topk_ids, g.pair_weight, *(stats or (NULL, NULL, NULL)),
-         g.slot_expert, g.slot_offset, g.pair_src, g.pair_token, layer.gate_up, up, np.int64(2 * I * H), i32(I),
-         i32(GATE_UP_ROWS[1]), b.act), shared_mem=4 * H + 8 * top_k)
+         g.slot_expert, g.slot_offset, g.pair_src, g.pair_token, layer.gate_up, up_rows(layer), np.int64(two_i * H),
+         i32(I), i32(GATE_UP_ROWS[1]), b.act), shared_mem=4 * H + 8 * top_k)
 
 
 def combine(s: State, x: cp.ndarray, out: cp.ndarray, topk_ids: cp.ndarray | None) -> None:
@@ -802,8 +818,9 @@ def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_cache
     """b.attn = grouped-query attention of the queries b.q over the caches (the key splits, merged by the last);
     ``precision`` (PRECISIONS): what attention_mma.cu's products take; ``out``: where it writes instead of b.attn
     (uint16: rounded to bf16, attention_mma.cu only); ``norms`` (qkv, q_norm, k_norm, inv_freq), under a plan
-    ``norm_rope_inside`` (as every ``query_heads`` plan is): the queries are normalised and rotated from the projection's output qkv instead, and the
-    step's keys and values written into the caches first (qk_norm_rope_cache's work)."""
+    ``norm_rope_inside`` (as every ``query_heads`` plan is): the queries are normalised and rotated from the
+    projection's output qkv instead, and the step's keys and values written into the caches first
+    (qk_norm_rope_cache's work)."""
     out = b.attn if out is None else out
     T, Hq, Hkv, D = b.q.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
     if plan.tensor_cores:

@@ -479,7 +479,8 @@ __global__ void __launch_bounds__(256) attention_heads(const float* __restrict__
         const int key = min(k0 + group, key_end - 1);  // (past key_end: a key that is there, masked below)
         const float* k_row = key == pos ? new_k : kc + (static_cast<long long>(key) * Hkv + h) * D;
 #pragma unroll
-        for (int i = 0; i < K4; ++i) rows.k[i] = *reinterpret_cast<const float4*>(k_row + 4 * (sub + LANES_PER_KEY * i));
+        for (int i = 0; i < K4; ++i)
+            rows.k[i] = *reinterpret_cast<const float4*>(k_row + 4 * (sub + LANES_PER_KEY * i));
 #pragma unroll
         for (int g = 0; g < WARP_KEYS; ++g) {
             const int key_g = min(k0 + g, key_end - 1);
@@ -513,7 +514,8 @@ __global__ void __launch_bounds__(256) attention_heads(const float* __restrict__
         const float p = visible ? expf(score - m_new) : 0.0f, alpha = expf(m - m_new);
         float p_sum = p;
 #pragma unroll
-        for (int offset = LANES_PER_KEY; offset < 32; offset <<= 1) p_sum += __shfl_xor_sync(0xffffffffu, p_sum, offset);
+        for (int offset = LANES_PER_KEY; offset < 32; offset <<= 1)
+            p_sum += __shfl_xor_sync(0xffffffffu, p_sum, offset);
         l = l * alpha + p_sum;
         m = m_new;
 #pragma unroll

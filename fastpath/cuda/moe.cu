@@ -79,7 +79,7 @@ __device__ __forceinline__ void route_token(const float* __restrict__ logits, in
     }
     __syncwarp();
     for (int j = lane; j < top_k; j += 32)
-        if (norm_topk_prob) chosen_weight[j] = chosen_weight[j] / total;
+        if (norm_topk_prob) chosen_weight[j] /= total;
     __syncwarp();
 }
 
@@ -235,8 +235,9 @@ __global__ void __launch_bounds__(256) expert_gate_up(const float* __restrict__ 
         const float* xt[MAXT];
 #pragma unroll
         for (int t = 0; t < MAXT; ++t) xt[t] = xn + static_cast<long long>(pair_token[q0 + min(t, nt - 1)]) * H;
-        gate_up_rows<W, MAXT>(gate + e * expert_stride, up + e * expert_stride, H, I,
-                              blockIdx.x * rows_per_block + warp, row_end, xt, nt, act + static_cast<long long>(q0) * I);
+        const int first = blockIdx.x * rows_per_block + warp;
+        gate_up_rows<W, MAXT>(gate + e * expert_stride, up + e * expert_stride, H, I, first, row_end, xt, nt,
+                              act + static_cast<long long>(q0) * I);
     }
 }
 
