@@ -168,7 +168,8 @@ def batch_one_weight_bytes(s: State) -> dict[str, int]:
     nbytes = {"q/k/v": layer.qkv.nbytes, "o_proj": layer.o_proj.nbytes, "lm_head": s.lm_head.nbytes}
     if len(c.moe_layers) == c.num_hidden_layers:
         k = c.num_experts_per_tok
-        nbytes.update({"router": layer.router.nbytes, "expert_gate_up": k * layer.gate_up[0].nbytes,
+        gate_up = k * layer.gate_up[0].nbytes  # (route_gate_up where the state holds every expert)
+        nbytes.update({"router": layer.router.nbytes, "expert_gate_up": gate_up, "route_gate_up": gate_up,
                        "expert_down_sum": k * layer.down[0].nbytes})
     return nbytes
 
