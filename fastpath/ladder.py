@@ -1,5 +1,5 @@
-"""Kernel ladders: ``python -m fastpath.ladder [moe_gemv|moe_down|lm_head|attention|router|batch_projection|
-attention_prefill|prefill_projection ...]``.
+"""Kernel ladders: ``python -m fastpath.ladder [moe_gemv|moe_down|lm_head|attention|attention_short|router|
+batch_projection|attention_prefill|prefill_projection ...]``.
 
 In the style of llm.c's dev/cuda: for each central kernel of batch-1 decode, a naive first version and then each
 optimisation on its own (``fastpath/cuda/ladder/*.cu``, each with a comment saying what it improves), ending with the
@@ -265,6 +265,63 @@ def ladder_attention(L: int = 8192) -> list[Row]:
     return rows
 
 
+def ladder_attention_short(L: int = 1024) -> list[Row]:
+    """The whole attention step of one new token at the end of a short cache (position L - 1): its q/k RMSNorm, RoPE
+    and cache write, then its attention over the L keys -- both production kernels do all of it, from the q/k/v
+    projection's output. Over a short cache the work is a chain of dependent steps rather than bytes: v4 has a block
+    per (split, kv head), only a few dozen blocks, each lane a whole 128-long dot product; v5 a block per (split,
+    query head), 8 lanes a key. (Over long caches v5 reads each key G = 8 times, and v4 stays: see ``attention``.)"""
+    c = CONFIG
+    Hq, Hkv, D, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
+    caches = [(cp.random.standard_normal((L, Hkv, D), dtype=cp.float32),
+               cp.random.standard_normal((L, Hkv, D), dtype=cp.float32)) for _ in range(3)]
+    qkv = cp.random.standard_normal((1, (Hq + 2 * Hkv) * D), dtype=cp.float32)
+    q_norm, k_norm = (1 + 0.1 * cp.random.standard_normal(D, dtype=cp.float32) for _ in range(2))
+    norms = (qkv, q_norm, k_norm, cb.rope_inv_freq(c))
+
+    # the angles rounded to float32 as the model defines them (position x float32 frequency), the rest in float64
+    angles = (np.float32(L - 1) * norms[3].get()).astype(np.float64)
+    cos, sin = np.tile(np.cos(angles), 2), np.tile(np.sin(angles), 2)
+
+    def norm_rope(x, weight):  # (heads, D): RMSNorm over D, then RoPE at position L - 1 (rotate-half form)
+        x = x / np.sqrt((x * x).mean(axis=1, keepdims=True) + eps) * weight.get()
+        return x * cos + np.concatenate([-x[:, D // 2:], x[:, :D // 2]], axis=1) * sin
+
+    raw = qkv.get()[0].astype(np.float64)
+    q = norm_rope(raw[:Hq * D].reshape(Hq, D), q_norm)
+    k, v = (a.get().astype(np.float64) for a in caches[0])
+    k[L - 1] = norm_rope(raw[Hq * D:(Hq + Hkv) * D].reshape(Hkv, D), k_norm)
+    v[L - 1] = raw[(Hq + Hkv) * D:].reshape(Hkv, D)
+    kv_of = np.arange(Hq) // (Hq // Hkv)
+    scores = np.einsum("hd,lhd->hl", q, k[:, kv_of]) / np.sqrt(D)  # (Hq, L)
+    p = np.exp(scores - scores.max(axis=1, keepdims=True))
+    ref = np.einsum("hl,lhd->hd", p / p.sum(axis=1, keepdims=True), v[:, kv_of])  # (Hq, D)
+    addr = lambda a: cp.asarray(np.array([a.data.ptr], np.uint64))
+    addresses = [(addr(kc), addr(vc)) for kc, vc in caches]
+
+    def production(query_heads: bool):
+        plan = cb.AttentionPlan.build(c, [(0, 1, L - 1)], L, query_heads=query_heads)
+        assert plan.norm_rope_inside
+        b = cb.AttentionBuffers.empty(1, c, plan.splits)
+        return plan, b, lambda i: cb.attend(c, plan, *addresses[i % 3], b, norms=norms)
+
+    (plan4, b4, run4), (plan5, b5, run5) = production(False), production(True)
+    versions = {
+        "v4": (f"production over long caches (attention): a block per (split, kv head), {plan4.splits} x {Hkv} "
+               "blocks, a lane per key, the new key normalised, rotated and written by its split's block", b4, run4),
+        "v5": (f"production over short caches (attention_heads): a block per (split, query head), {plan5.splits} x "
+               f"{Hq} blocks, 8 lanes a key (4 keys a warp at once, each warp its own online softmax), every block "
+               "of the new key's split computes it", b5, run5),
+    }
+    rows = []
+    for name, (why, b, run) in versions.items():
+        b.attn.fill(np.nan)
+        run(0)
+        error = relative_error(b.attn.reshape(Hq, D), ref)  # before the timing's runs over the other caches
+        rows.append(Row(name, why, median_us(run), error, 2 * L * Hkv * D * 4))
+    return rows
+
+
 def ladder_router() -> list[Row]:
     c = CONFIG
     E, H, K = c.num_experts, c.hidden_size, c.num_experts_per_tok
@@ -422,6 +479,8 @@ LADDERS = {"moe_gemv": ("MoE gate/up GEMV, 8 of 128 experts (50 MB)", ladder_moe
            "moe_down": ("MoE down GEMV and the weighted sum, 8 of 128 experts (25 MB)", ladder_moe_down, "GB/s"),
            "lm_head": ("lm_head at one token: 151936 x 2048 GEMV, the RMSNorm fused (622 MB)", ladder_lm_head, "GB/s"),
            "attention": ("attention decode, 8192 cached positions (33 MB of K/V)", ladder_attention, "GB/s"),
+           "attention_short": ("attention decode with q/k-norm, RoPE and the cache write, 1024 cached positions "
+                               "(4 MB of K/V)", ladder_attention_short, "GB/s"),
            "router": ("router: 128 x 2048 GEMV, softmax, top-8 (0.5 MB)", ladder_router, "GB/s"),
            "batch_projection": ("q/k/v projection of 8 tokens: 5120 x 2048 (21 MB)", ladder_batch_projection, "GB/s"),
            "attention_prefill": ("attention prefill, 1024 tokens (causal)", ladder_attention_prefill, "TFLOP/s"),
