@@ -20,6 +20,10 @@ the projection after it, q/k-norm + RoPE + cache write + attention is one call p
 experts are small is one call altogether. Calls that touch little memory run on one thread (``PARALLEL_MIN_BYTES``).
 Batch-1 greedy decoding (``GreedyDecoder``, which ``generate`` uses after the prefill) goes further: the whole step,
 lm_head and argmax included, is one compiled call.
+
+``precision="bf16"`` (bf16 checkpoints, CPUs with AVX512-BF16): that whole-step decoder rounds each product's input
+to bf16 and multiplies with ``vdpbf16ps``, as llama.cpp does (numba_kernels.py); the router keeps float32, and every
+other path (prefill, the model loop) stays float32.
 """
 
 import functools
@@ -78,6 +82,7 @@ class State:
     norm: np.ndarray  # (H,) f32
     lm_head: np.ndarray  # (V, H/2) words
     decoding: "DecodingWeights | None" = None  # the weights as K.decode_step takes them (GreedyDecoder)
+    precision: str = "float32"  # "bf16": GreedyDecoder's products take bf16 activations
 
 
 def words(w: np.ndarray) -> np.ndarray:
@@ -87,9 +92,17 @@ def words(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w, dtype=np.float32)
 
 
-def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig) -> State:
+def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig, precision: str = "float32") -> State:
     if config.hidden_size % 2 or config.head_dim % 2:
         raise ValueError("the numba backend needs an even hidden_size and head_dim")
+    if precision == "bf16":
+        if not K.bf16_supported():
+            raise ValueError("precision 'bf16' on the numba backend multiplies with AVX512-BF16 (vdpbf16ps), which "
+                             "this CPU lacks; use precision='float32'")
+        if weights.lm_head.dtype.name != "bfloat16" or any(
+                m.dtype.name != "bfloat16" for l in weights.layers for m in (l.self_attn.q_proj, l.self_attn.o_proj)):
+            raise ValueError("precision 'bf16' on the numba backend needs a bf16 checkpoint (this one's matrices are "
+                             f"{weights.lm_head.dtype.name}); use precision='float32'")
     populate([weights.embed_tokens, weights.lm_head] + [l.self_attn.q_proj for l in weights.layers] +
              [e.gate_proj for l in weights.layers if isinstance(l.mlp, SparseMoeBlock) for e in l.mlp.experts])
     layers = []
@@ -113,7 +126,7 @@ def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig) -> State:
                             gate_up, down, router, experts, expert_nbytes, no_disabled,
                             matrices if router is not None else None))
     return State(config, words(weights.embed_tokens), layers, np.asarray(weights.norm, np.float32),
-                 words(weights.lm_head))
+                 words(weights.lm_head), precision=precision)
 
 
 def joined(xe: np.ndarray, xo: np.ndarray) -> np.ndarray:
@@ -273,10 +286,11 @@ class GreedyDecoder:
             return
         cos, sin = rope_cos_sin(np.arange(cache.capacity), c.head_dim, c.rope_theta)  # (capacity, D) each
         d = s.decoding
+        activations = np.empty(0, np.uint32 if s.precision == "bf16" else np.float32)  # packed bf16, or float32
         self._args = (s.embed_tokens, s.lm_head, d.table, d.layer_norms, d.qk_norms, d.moe_slot, s.norm, cache.k,
                       cache.v, cos, sin, np.float32(c.rms_norm_eps), c.num_attention_heads, c.num_experts_per_tok,
                       bool(c.norm_topk_prob), np.zeros(E, np.bool_), self.logits, self._counts, self._prob_sum,
-                      self._entropy)
+                      self._entropy, activations)
         # One thread when the step reads less than PARALLEL_MIN_BYTES (waking the others would cost more).
         self._threads = numba.get_num_threads() if d.step_bytes >= PARALLEL_MIN_BYTES else 1
         # Recent step times in seconds, threaded and on one thread (see _decode); the first step runs on one thread.

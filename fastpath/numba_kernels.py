@@ -26,6 +26,11 @@ bandwidth, not arithmetic. The kernels are written for that:
   the lm_head and the argmax in one parallel region, its threads sharing each phase's work through atomic
   counters rather than one parallel region (~3 us to start) per kernel.
 
+* **Precision "bf16" for the greedy decoder** (``decode_step`` with packed activations): each product's input is
+  rounded to bf16 once and packed two to a word like the weights, and a row's dot product is AVX512-BF16's
+  ``vdpbf16ps`` (32 products and sums a instruction, ``_dpbf16_row``) instead of widening every weight. llama.cpp
+  multiplies bf16 weights so. The router keeps float32 products, as on the GPU: rounding would change its choices.
+
 Weights may also be float32 (an f32 checkpoint): ``_lo``/``_hi`` read a row's element pairs and Numba compiles one
 version per dtype. ``cache=True`` stores the compiled code next to this file, so a second process starts at once.
 """
@@ -61,6 +66,100 @@ def _as_float32(typingctx, bits):
     return types.float32(bits), codegen
 
 
+@intrinsic
+def _bits(typingctx, value):
+    """The bits of a float32 as a uint32 (the inverse of _as_float32)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(value), codegen
+
+
+class _BFloat(ir.types.Type):
+    """LLVM's bfloat type, which llvmlite does not name."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+DPBF16 = "llvm.x86.avx512bf16.dpbf16ps.512"  # vdpbf16ps zmm: 16 float32 sums += 32 bf16 x bf16 products
+CHAINS = 4  # independent vdpbf16ps accumulators: enough to hide its latency (~6 cycles) behind the loads
+GROUP_WORDS = CHAINS * 16  # words (pairs of bf16) of x and of a row one loop step takes
+
+
+@intrinsic
+def _dpbf16_row(typingctx, w_address, x_address, groups):
+    """sum_k w[k] x[k] over the first ``groups`` x GROUP_WORDS words of a bf16 weight row and of packed bf16
+    activations (addresses as int64), by vdpbf16ps into CHAINS accumulators of 16 float32 sums each, added up at the
+    end. Needs AVX512-BF16 (``bf16_supported``)."""
+    def codegen(context, builder, signature, args):
+        w_at, x_at, n = args
+        module, f32, i64 = builder.module, ir.FloatType(), ir.IntType(64)
+        sums, pairs = ir.VectorType(f32, 16), ir.VectorType(_BFloat(), 32)
+        dp = module.globals.get(DPBF16) or ir.Function(module, ir.FunctionType(sums, [sums, pairs, pairs]), DPBF16)
+        name = "llvm.vector.reduce.fadd.v16f32"
+        reduce = module.globals.get(name) or ir.Function(module, ir.FunctionType(f32, [f32, sums]), name)
+        w, x = builder.inttoptr(w_at, pairs.as_pointer()), builder.inttoptr(x_at, pairs.as_pointer())
+        before, loop, after = builder.block, builder.append_basic_block("dp_loop"), builder.append_basic_block("dp_end")
+        zero = ir.Constant(sums, [0.0] * 16)
+        builder.cbranch(builder.icmp_signed(">", n, ir.Constant(i64, 0)), loop, after)
+        builder.position_at_end(loop)
+        i = builder.phi(i64)
+        i.add_incoming(ir.Constant(i64, 0), before)
+        acc = [builder.phi(sums) for _ in range(CHAINS)]
+        stepped = []
+        for c, a in enumerate(acc):
+            a.add_incoming(zero, before)
+            at = builder.add(builder.mul(i, ir.Constant(i64, CHAINS)), ir.Constant(i64, c))
+            stepped.append(builder.call(dp, [a, builder.load(builder.gep(w, [at]), align=4),
+                                             builder.load(builder.gep(x, [at]), align=4)]))
+            a.add_incoming(stepped[-1], loop)
+        i_next = builder.add(i, ir.Constant(i64, 1))
+        i.add_incoming(i_next, loop)
+        builder.cbranch(builder.icmp_signed("<", i_next, n), loop, after)
+        builder.position_at_end(after)
+        final = [builder.phi(sums) for _ in range(CHAINS)]
+        for f, a in zip(final, stepped):
+            f.add_incoming(zero, before)
+            f.add_incoming(a, loop)
+        total = final[0]
+        for f in final[1:]:
+            total = builder.fadd(total, f)
+        return builder.call(reduce, [ir.Constant(f32, 0.0), total], fastmath=("reassoc",))
+
+    return types.float32(types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def _row_address(typingctx, matrix, r):
+    """The address of row r of a 2-D array, as an int64 (for _dpbf16_row)."""
+    if not (isinstance(matrix, types.Array) and matrix.ndim == 2):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        zero = ir.Constant(ir.IntType(64), 0)
+        at = cgutils.get_item_pointer(context, builder, signature.args[0], array, [args[1], zero])
+        return builder.ptrtoint(at, ir.IntType(64))
+
+    return types.int64(matrix, types.intp), codegen
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU has AVX512-BF16 (vdpbf16ps), which precision "bf16" decoding needs."""
+    from llvmlite import binding
+    return bool(binding.get_host_cpu_features().get("avx512bf16", False))
+
+
 def _lo(w, r, j):
     """Element 2j of row r of a weight matrix, as float32."""
 
@@ -85,13 +184,24 @@ def _hi_impl(w, r, j):
         return lambda w, r, j: w[r, 2 * j + 1]
 
 
-@njit(**FLAGS, inline="always")
-def _dot(w, r, xe, xo, t) -> np.float32:
-    """Row r of w times token t of x, with x given as its even (xe) and odd (xo) elements.
+def _dot(w, r, xe, xo, t):
+    """Row r of w times token t of x, with x given as its even (xe) and odd (xo) elements, or (xe of uint32 words,
+    precision bf16) as packed bf16 pairs, xo unused.
 
     Matrices and indices rather than row views: in a loop that runs millions of times per step, creating a view
     (with its reference-count updates) costs more than the 2 KB dot product it feeds.
     """
+
+
+def _dot2(w, r, v, s, xe, xo, t):
+    """Row r of w and row s of v times token t of x, in one pass: each load of x serves both rows, and the loop
+    overheads and final horizontal sums of the two overlap. ~15 % faster than two _dot calls on rows of 64-256 words
+    (a small model's), where those per-row costs are a large part of the work; but ~25 % slower on large matrices
+    streamed from DRAM, so only the small-step ``moe_block`` uses it. (Packed bf16 x: two _dot.)"""
+
+
+@njit(**FLAGS, inline="always")
+def _dot_f32(w, r, xe, xo, t) -> np.float32:
     acc = np.float32(0.0)
     for j in range(xe.shape[1]):
         acc += xe[t, j] * _lo(w, r, j) + xo[t, j] * _hi(w, r, j)
@@ -99,17 +209,57 @@ def _dot(w, r, xe, xo, t) -> np.float32:
 
 
 @njit(**FLAGS, inline="always")
-def _dot2(w, r, v, s, xe, xo, t) -> tuple[np.float32, np.float32]:
-    """Row r of w and row s of v times token t of x, in one pass: each load of x serves both rows, and the loop
-    overheads and final horizontal sums of the two overlap. ~15 % faster than two _dot calls on rows of 64-256 words
-    (a small model's), where those per-row costs are a large part of the work; but ~25 % slower on large matrices
-    streamed from DRAM, so only the small-step ``moe_block`` uses it."""
+def _dot_bf16(w, r, xe, t) -> np.float32:
+    words = xe.shape[1]
+    groups = words // GROUP_WORDS
+    acc = _dpbf16_row(_row_address(w, r), _row_address(xe, t), groups)
+    for j in range(groups * GROUP_WORDS, words):  # the rest of a row that is not whole groups
+        acc += _lo(xe, t, j) * _lo(w, r, j) + _hi(xe, t, j) * _hi(w, r, j)
+    return acc
+
+
+@njit(**FLAGS, inline="always")
+def _dot2_f32(w, r, v, s, xe, xo, t) -> tuple[np.float32, np.float32]:
     a = b = np.float32(0.0)
     for j in range(xe.shape[1]):
         e, o = xe[t, j], xo[t, j]
         a += e * _lo(w, r, j) + o * _hi(w, r, j)
         b += e * _lo(v, s, j) + o * _hi(v, s, j)
     return a, b
+
+
+@overload(_dot, inline="always")
+def _dot_impl(w, r, xe, xo, t):
+    if xe.dtype == types.uint32:
+        return lambda w, r, xe, xo, t: _dot_bf16(w, r, xe, t)
+    return lambda w, r, xe, xo, t: _dot_f32(w, r, xe, xo, t)
+
+
+@overload(_dot2, inline="always")
+def _dot2_impl(w, r, v, s, xe, xo, t):
+    if xe.dtype == types.uint32:
+        return lambda w, r, v, s, xe, xo, t: (_dot_bf16(w, r, xe, t), _dot_bf16(v, s, xe, t))
+    return lambda w, r, v, s, xe, xo, t: _dot2_f32(w, r, v, s, xe, xo, t)
+
+
+def _store_pair(xe, xo, t, j, a, b):
+    """Elements 2j and 2j + 1 of token t of an activation: into xe and xo, or (xe of uint32 words) rounded to bf16
+    (to nearest, ties to even) and packed into word j, the even element in the low half as in the weights."""
+
+
+@overload(_store_pair, inline="always")
+def _store_pair_impl(xe, xo, t, j, a, b):
+    if xe.dtype == types.uint32:
+        def pack(xe, xo, t, j, a, b):
+            ua, ub = _bits(np.float32(a)), _bits(np.float32(b))
+            ra = ((ua + np.uint32(0x7FFF) + ((ua >> SHIFT) & np.uint32(1))) >> SHIFT) & np.uint32(0xFFFF)
+            rb = (ub + np.uint32(0x7FFF) + ((ub >> SHIFT) & np.uint32(1))) & HIGH
+            xe[t, j] = np.uint32(ra) | np.uint32(rb)
+        return pack
+
+    def store(xe, xo, t, j, a, b):
+        xe[t, j], xo[t, j] = a, b
+    return store
 
 
 @njit(**FLAGS, inline="always")
@@ -130,6 +280,29 @@ def split_even_odd(x, norm_weight, eps, normalize):
     return xe, xo
 
 
+def _router_input(x, norm_weight, eps, xe, xo, re, ro):
+    """The router's input, RMSNorm(x) split even/odd in float32: xe, xo themselves where they are float32, else
+    (packed bf16) written into re, ro."""
+
+
+@overload(_router_input, inline="always")
+def _router_input_impl(x, norm_weight, eps, xe, xo, re, ro):
+    if xe.dtype == types.uint32:
+        def split(x, norm_weight, eps, xe, xo, re, ro):
+            split_into(x, norm_weight, eps, True, re, ro)
+            return re, ro
+        return split
+    return lambda x, norm_weight, eps, xe, xo, re, ro: (xe, xo)
+
+
+@njit(**FLAGS)
+def split_scaled_into(h, scale, he, ho):
+    """Row k of h times scale[k], split into he, ho as split_into does (a pick's h times its routing weight)."""
+    for k in range(h.shape[0]):
+        for j in range(h.shape[1] // 2):
+            _store_pair(he, ho, k, j, h[k, 2 * j] * scale[k], h[k, 2 * j + 1] * scale[k])
+
+
 @njit(**FLAGS)
 def split_into(x, norm_weight, eps, normalize, xe, xo):
     """split_even_odd into the caller's xe, xo (rows T and beyond left as they are)."""
@@ -145,7 +318,7 @@ def split_into(x, norm_weight, eps, normalize, xe, xo):
             a, b = x[t, 2 * j] * scale, x[t, 2 * j + 1] * scale
             if normalize:
                 a, b = a * norm_weight[2 * j], b * norm_weight[2 * j + 1]
-            xe[t, j], xo[t, j] = a, b
+            _store_pair(xe, xo, t, j, a, b)
 
 
 @njit(**FLAGS, parallel=True)
@@ -676,7 +849,7 @@ def _decode_buffers(n_threads, token, embed, lm_head, table, moe_slot, hidden, n
 
 @njit(**FLAGS)
 def _decode_worker(me, pos, embed, lm_head, table, layer_norms, qk_norms, moe_slot, final_norm, k_cache, v_cache,
-                   cos, sin, eps, n_heads, top_k, norm_topk_prob, no_disabled, logits, shared):
+                   cos, sin, eps, n_heads, top_k, norm_topk_prob, no_disabled, logits, shared, like):
     """Thread ``me``'s part of a decode step: every phase, in order, doing the items of it that it claims.
 
     Per layer: q|k|v rows; attention, one item per kv head (q/k-norm, RoPE, cache write, attention over positions
@@ -688,6 +861,7 @@ def _decode_worker(me, pos, embed, lm_head, table, layer_norms, qk_norms, moe_sl
     thread prepares for itself after the phase before has ended, and x is not written again before the phase that
     uses them has ended. So a thread that prepares them late, when others have already finished the phase, may hold
     a stale copy -- but then it finds no item left to claim, and the copy is never used.
+    The products' inputs have ``like``'s dtype: float32 (split even/odd), or uint32 (packed bf16: precision bf16).
     """
     x, sync, qkv_out, attn, h_dense, h_moe, chosen, pick_weights, router_probs, best_val, best_idx, bad = shared
     H, D = x.shape[1], qk_norms.shape[2]
@@ -697,8 +871,9 @@ def _decode_worker(me, pos, embed, lm_head, table, layer_norms, qk_norms, moe_sl
     n_moe = 0
     for i in range(n_layers):
         n_moe += moe_slot[i] >= 0
-    xe, xo = np.empty((1, H // 2), np.float32), np.empty((1, H // 2), np.float32)
-    ae, ao = np.empty((1, attn.shape[1] // 2), np.float32), np.empty((1, attn.shape[1] // 2), np.float32)
+    xe, xo = np.empty((1, H // 2), like.dtype), np.empty((1, H // 2), np.float32)
+    ae, ao = np.empty((1, attn.shape[1] // 2), like.dtype), np.empty((1, attn.shape[1] // 2), np.float32)
+    re, ro = np.empty((1, H // 2), np.float32), np.empty((1, H // 2), np.float32)  # the router's, always float32
     q = np.empty((1, n_heads, D), np.float32)
     probs, acc = np.empty((2, pos + 1), np.float32), np.empty((2, D), np.float32)
     y = np.empty(H, np.float32)
@@ -739,7 +914,7 @@ def _decode_worker(me, pos, embed, lm_head, table, layer_norms, qk_norms, moe_sl
                 item = _next_item(sync, phase, me, n_items)
             _wait_phase(sync, phase, n_items)
             phase += 1
-            he, ho = np.empty((1, inter // 2), np.float32), np.empty((1, inter // 2), np.float32)
+            he, ho = np.empty((1, inter // 2), like.dtype), np.empty((1, inter // 2), np.float32)
             split_into(h_dense[:, :inter], h_dense[0], 0.0, False, he, ho)
             phase = _project_phase(sync, phase, me, _matrix(table, 4 * i + DOWN, embed), he, ho, x[0], True)
             continue
@@ -747,7 +922,8 @@ def _decode_worker(me, pos, embed, lm_head, table, layer_norms, qk_norms, moe_sl
         # The router, computed by every thread for itself (a few kilobytes of weights: cheaper than a phase of its
         # own). The gate|up items publish the routing they used; the down phase and the statistics read that.
         router = _matrix(table, 4 * n_layers + m, embed)
-        probs_m, experts_m, weights_m = route(xe, xo, router, top_k, norm_topk_prob, no_disabled)
+        router_e, router_o = _router_input(x, layer_norms[i, 1], eps, xe, xo, re, ro)
+        probs_m, experts_m, weights_m = route(router_e, router_o, router, top_k, norm_topk_prob, no_disabled)
         inter = h_moe.shape[1]
         rows = max(1, _rows_per_item(_expert(table, embed, n_layers, n_moe, num_experts, m, 0, 0)) // 2)
         blocks = (inter + rows - 1) // rows
@@ -768,11 +944,8 @@ def _decode_worker(me, pos, embed, lm_head, table, layer_norms, qk_norms, moe_sl
         _wait_phase(sync, phase, top_k * blocks)
         phase += 1
 
-        he, ho = np.empty((top_k, inter // 2), np.float32), np.empty((top_k, inter // 2), np.float32)
-        split_into(h_moe, h_moe[0], 0.0, False, he, ho)
-        for k in range(top_k):  # each pick's h times its routing weight
-            he[k] *= pick_weights[m, k]
-            ho[k] *= pick_weights[m, k]
+        he, ho = np.empty((top_k, inter // 2), like.dtype), np.empty((top_k, inter // 2), np.float32)
+        split_scaled_into(h_moe, pick_weights[m], he, ho)  # each pick's h times its routing weight
         by_id = np.argsort(chosen[m])  # the picks in ascending expert id, the order the reference sums them in
         rows = _rows_per_item(_expert(table, embed, n_layers, n_moe, num_experts, m, 0, 2))
         n_items = (H + rows - 1) // rows
@@ -829,7 +1002,7 @@ def _decode_finish(shared, counts, prob_sum, entropy):
 @njit(**FLAGS, parallel=True)
 def decode_step(token, pos, n_threads, embed, lm_head, table, layer_norms, qk_norms, moe_slot, final_norm, k_cache,
                 v_cache, cos, sin, eps, n_heads, top_k, norm_topk_prob, no_disabled, logits, counts, prob_sum,
-                entropy):
+                entropy, like):
     """One greedy decode step of one sequence: ``token`` at position ``pos`` -> the next token (-1: NaN/+Inf logits).
 
     ``table`` lists the layers' weight matrices (see QKV above); ``moe_slot[i]`` is layer i's MoE index, -1 for a
@@ -837,11 +1010,13 @@ def decode_step(token, pos, n_threads, embed, lm_head, table, layer_norms, qk_no
     (capacity, D) the RoPE table. The step writes the keys and values of ``pos`` into k_cache/v_cache (L, capacity,
     Hkv, D), the logits (V,) into ``logits``, and adds its routing to counts/prob_sum/entropy (per MoE layer).
     ``n_threads`` workers run ``_decode_worker``, side by side as far as Numba's threads allow (call it under
-    numba.set_num_threads(1) for one thread without waking the others).
+    numba.set_num_threads(1) for one thread without waking the others). ``like``: an empty array whose dtype the
+    products' inputs take: float32, or uint32 for packed bf16 (precision bf16: bf16 weights and AVX512-BF16 only).
     """
     shared = _decode_buffers(n_threads, token, embed, lm_head, table, moe_slot, layer_norms.shape[2], n_heads,
                              qk_norms.shape[2], top_k, counts.shape[1])
     for me in prange(n_threads):
         _decode_worker(np.int64(me), pos, embed, lm_head, table, layer_norms, qk_norms, moe_slot, final_norm,
-                       k_cache, v_cache, cos, sin, eps, n_heads, top_k, norm_topk_prob, no_disabled, logits, shared)
+                       k_cache, v_cache, cos, sin, eps, n_heads, top_k, norm_topk_prob, no_disabled, logits, shared,
+                       like)
     return _decode_finish(shared, counts, prob_sum, entropy)

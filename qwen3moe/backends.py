@@ -52,7 +52,8 @@ class Backend:
 BACKENDS = {
     "numpy": Backend("qwen3moe.reference_backend", "cpu", "the NumPy reference: readable float32 code",
                      "qwen3moe.host_comm"),
-    "numba": Backend("fastpath.numba_backend", "cpu", "Numba kernels: bf16 weights, fused blocks, all cores", None),
+    "numba": Backend("fastpath.numba_backend", "cpu", "Numba kernels: bf16 weights, fused blocks, all cores", None,
+                     ("float32", "bf16")),
     "cupy": Backend("fastpath.cupy_backend", "nvidia", "CUDA kernels through CuPy, CUDA-graph decoding, NCCL across "
                     "GPUs", "fastpath.nccl_comm", ("float32", "bf16")),
 }
@@ -113,7 +114,8 @@ def prepare_options(name: str, precision: str) -> dict:
         return {}
     if precision not in BACKENDS[name].precisions:
         able = [n for n, b in BACKENDS.items() if precision in b.precisions]
-        offer = f"only the {', '.join(able)} backend offers it" if able else "no backend offers it"
+        offer = ("no backend offers it" if not able else f"only the {able[0]} backend offers it" if len(able) == 1
+                 else f"only the {', '.join(able[:-1])} and {able[-1]} backends offer it")
         raise ValueError(f"precision {precision!r} is not available on the {name} backend ({offer}); use "
                          "precision='float32'")
     return {"precision": precision}

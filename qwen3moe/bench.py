@@ -99,7 +99,10 @@ def step_bytes(model: Qwen3MoeForCausalLM, distinct_experts: dict[int, float], t
 
 
 def bench_backend(model_dir: Path, backend: str, prompt_len: int, steps: int, batches: list[int]) -> dict:
-    model = Qwen3MoeForCausalLM(model_dir, backend=backend, max_tokens=prompt_len + steps + 8)
+    """One backend's row; ``backend`` may name a precision too, as "numba:bf16" (default float32)."""
+    name, _, precision = backend.partition(":")
+    model = Qwen3MoeForCausalLM(model_dir, backend=name, max_tokens=prompt_len + steps + 8,
+                                precision=precision or "float32")
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
     prompt = rng.integers(0, min(vocab, 256), prompt_len).tolist()
@@ -215,13 +218,13 @@ def run(args) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"model {model_dir}\nmachine {machine}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
-    header = f"{'backend':<8} {'prefill tok/s':>13}"
+    header = f"{'backend':<10} {'prefill tok/s':>13}"
     for b in batches:
         header += f" {'decode b' + str(b) + ' tok/s':>17} {'GB/s':>6} {'of bw':>6}"
     header += f" {'greedy b1 tok/s':>16} {'GB/s':>6} {'of bw':>6}"
     print(header)
     for r in rows:
-        line = f"{r['backend']:<8} {r['prefill_tokens_per_s']:>13.1f}"
+        line = f"{r['backend']:<10} {r['prefill_tokens_per_s']:>13.1f}"
         for b in batches:
             line += (f" {r[f'decode_b{b}_tokens_per_s']:>17.1f} {r[f'decode_b{b}_GBps']:>6.2f}"
                      f" {100 * r[f'decode_b{b}_roofline_fraction']:>5.1f}%")

@@ -47,9 +47,10 @@ class Qwen3MoeForCausalLM:
         or "cupy" (NVIDIA GPU).
         ``ndev``: devices to split the model over; ``experts``: how they share the experts, "ep" (whole experts
         per device) or "etp" (a slice of every expert per device), see ``sharding.py``.
-        ``precision``: "float32" (every backend: results within ~1e-5 of the reference) or, on the cupy backend,
-        "bf16": the tensor cores take bf16 activations where they bound the time (prefill), as bf16 engines do --
-        a faster prefill, logits within bf16 rounding (~1e-2) of the reference.
+        ``precision``: "float32" (every backend: results within ~1e-5 of the reference) or "bf16": products take
+        bf16 activations where the arithmetic bounds the time, as bf16 engines do -- on the cupy backend the
+        tensor cores' prefill, on the numba backend the greedy decoder (AVX512-BF16, bf16 checkpoints) -- with
+        logits within bf16 rounding (~1e-3 to 1e-2) of the reference.
         """
         self.backend = resolve_backend(device, ndev, backend)
         options = backends.prepare_options(self.backend, precision)

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --nvidia: what each kernel adds to the captured batch-1 step after each of these "
                             "numbers of cached positions, timed inside the step (kernels compiled with timing marks; "
                             "fastpath/timeline.py), on the random weights of --step-ms")
-    bench.add_argument("--backends", help="comma-separated (default: every available backend)")
+    bench.add_argument("--backends", help="comma-separated, each with a precision if not float32, e.g. "
+                       "numpy,numba,numba:bf16 (default: every available backend)")
     bench.add_argument("--prompt-len", type=int, default=128, help="prefill length (default 128)")
     bench.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
     bench.add_argument("--batch", default="1,8", help="decode batch sizes (default 1,8)")
@@ -118,8 +119,9 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --nvidia N: whole experts per GPU (ep, default) or a slice of every expert (etp)")
     p.add_argument("--max-tokens", type=int, help="KV cache positions per sequence (default 4096)")
     p.add_argument("--precision", choices=["float32", "bf16"], default="float32",
-                   help="float32 (default): results within ~1e-5 of the reference; bf16 (cupy backend): bf16 "
-                        "activations into the tensor cores, a faster prefill at bf16 accuracy")
+                   help="float32 (default): results within ~1e-5 of the reference; bf16: bf16 activations, at "
+                        "bf16 accuracy, where they bound the time: the tensor cores' prefill (cupy), greedy "
+                        "decoding with AVX512-BF16 (numba)")
     p.add_argument("--debug", action="store_true", help="log every step, check for NaN/Inf, show expert choices")
 
 

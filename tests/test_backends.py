@@ -414,15 +414,15 @@ def test_an_uninstalled_backend_fails_with_one_sentence(monkeypatch):
 
 
 def test_a_precision_the_backend_lacks_is_refused_before_loading(tiny_model_dir):
-    """bf16 activations are the cupy backend's option: asked of a CPU backend, the constructor says which backend
-    has it and what to use instead; an unknown precision is refused as well. float32 needs no option anywhere."""
-    for name in ("numpy", "numba"):
-        if backends.unavailable_reason(name) is None:
-            with pytest.raises(ValueError, match="precision 'bf16' is not available on the .* backend \\(only the "
-                                                 "cupy backend offers it\\); use precision='float32'"):
-                Qwen3MoeForCausalLM(tiny_model_dir, backend=name, precision="bf16")
+    """bf16 activations are the cupy and numba backends' option: asked of the reference, the constructor says which
+    backends have it and what to use instead; an unknown precision is refused as well. float32 needs no option
+    anywhere."""
+    with pytest.raises(ValueError, match="precision 'bf16' is not available on the numpy backend \\(only the "
+                                         "numba and cupy backends offer it\\); use precision='float32'"):
+        Qwen3MoeForCausalLM(tiny_model_dir, backend="numpy", precision="bf16")
     with pytest.raises(ValueError, match="precision 'fp8' is not available on the numpy backend \\(no backend "
                                          "offers it\\)"):
         Qwen3MoeForCausalLM(tiny_model_dir, backend="numpy", precision="fp8")
     assert backends.prepare_options("numpy", "float32") == {} == backends.prepare_options("cupy", "float32")
-    assert backends.prepare_options("cupy", "bf16") == {"precision": "bf16"}
+    assert backends.prepare_options("cupy", "bf16") == {"precision": "bf16"} == backends.prepare_options("numba",
+                                                                                                         "bf16")
