@@ -184,24 +184,13 @@ def _hi_impl(w, r, j):
         return lambda w, r, j: w[r, 2 * j + 1]
 
 
-def _dot(w, r, xe, xo, t):
-    """Row r of w times token t of x, with x given as its even (xe) and odd (xo) elements, or (xe of uint32 words,
-    precision bf16) as packed bf16 pairs, xo unused.
+@njit(**FLAGS, inline="always")
+def _dot(w, r, xe, xo, t) -> np.float32:
+    """Row r of w times token t of x, with x given as its even (xe) and odd (xo) elements.
 
     Matrices and indices rather than row views: in a loop that runs millions of times per step, creating a view
     (with its reference-count updates) costs more than the 2 KB dot product it feeds.
     """
-
-
-def _dot2(w, r, v, s, xe, xo, t):
-    """Row r of w and row s of v times token t of x, in one pass: each load of x serves both rows, and the loop
-    overheads and final horizontal sums of the two overlap. ~15 % faster than two _dot calls on rows of 64-256 words
-    (a small model's), where those per-row costs are a large part of the work; but ~25 % slower on large matrices
-    streamed from DRAM, so only the small-step ``moe_block`` uses it. (Packed bf16 x: two _dot.)"""
-
-
-@njit(**FLAGS, inline="always")
-def _dot_f32(w, r, xe, xo, t) -> np.float32:
     acc = np.float32(0.0)
     for j in range(xe.shape[1]):
         acc += xe[t, j] * _lo(w, r, j) + xo[t, j] * _hi(w, r, j)
@@ -209,17 +198,11 @@ def _dot_f32(w, r, xe, xo, t) -> np.float32:
 
 
 @njit(**FLAGS, inline="always")
-def _dot_bf16(w, r, xe, t) -> np.float32:
-    words = xe.shape[1]
-    groups = words // GROUP_WORDS
-    acc = _dpbf16_row(_row_address(w, r), _row_address(xe, t), groups)
-    for j in range(groups * GROUP_WORDS, words):  # the rest of a row that is not whole groups
-        acc += _lo(xe, t, j) * _lo(w, r, j) + _hi(xe, t, j) * _hi(w, r, j)
-    return acc
-
-
-@njit(**FLAGS, inline="always")
-def _dot2_f32(w, r, v, s, xe, xo, t) -> tuple[np.float32, np.float32]:
+def _dot2(w, r, v, s, xe, xo, t) -> tuple[np.float32, np.float32]:
+    """Row r of w and row s of v times token t of x, in one pass: each load of x serves both rows, and the loop
+    overheads and final horizontal sums of the two overlap. ~15 % faster than two _dot calls on rows of 64-256 words
+    (a small model's), where those per-row costs are a large part of the work; but ~25 % slower on large matrices
+    streamed from DRAM, so only the small-step ``moe_block`` uses it."""
     a = b = np.float32(0.0)
     for j in range(xe.shape[1]):
         e, o = xe[t, j], xo[t, j]
@@ -228,18 +211,16 @@ def _dot2_f32(w, r, v, s, xe, xo, t) -> tuple[np.float32, np.float32]:
     return a, b
 
 
-@overload(_dot, inline="always")
-def _dot_impl(w, r, xe, xo, t):
-    if xe.dtype == types.uint32:
-        return lambda w, r, xe, xo, t: _dot_bf16(w, r, xe, t)
-    return lambda w, r, xe, xo, t: _dot_f32(w, r, xe, xo, t)
-
-
-@overload(_dot2, inline="always")
-def _dot2_impl(w, r, v, s, xe, xo, t):
-    if xe.dtype == types.uint32:
-        return lambda w, r, v, s, xe, xo, t: (_dot_bf16(w, r, xe, t), _dot_bf16(v, s, xe, t))
-    return lambda w, r, v, s, xe, xo, t: _dot2_f32(w, r, v, s, xe, xo, t)
+@njit(**FLAGS, inline="always")
+def _dot_bf16(w, r, words, t) -> np.float32:
+    """Row r of bf16 weights w times token t of x given as packed bf16 ``words`` (precision bf16): vdpbf16ps over
+    whole groups of GROUP_WORDS, the rest of the row by the scalar loop."""
+    n = words.shape[1]
+    groups = n // GROUP_WORDS
+    acc = _dpbf16_row(_row_address(w, r), _row_address(words, t), groups)
+    for j in range(groups * GROUP_WORDS, n):
+        acc += _lo(words, t, j) * _lo(w, r, j) + _hi(words, t, j) * _hi(w, r, j)
+    return acc
 
 
 def _store_pair(xe, xo, t, j, a, b):
@@ -762,20 +743,56 @@ def _rows_per_item(w):
     return max(2, ITEM_BYTES // (4 * w.shape[1]) // 2 * 2)
 
 
-@njit(**FLAGS)
+# The decoder's products take x split even/odd in float32, or packed bf16 (precision bf16): these two functions are
+# compiled once per kind, chosen by the dtype of xe (uint32: packed bf16, xo unused).
+JIT_OPTIONS = {k: v for k, v in FLAGS.items() if k != "cache"}
+
+
 def _dot_rows(w, r0, r1, xe, xo, t, out, add):
     """out[r] = (or, with ``add``, +=) row r of w times token t of x, for rows r0..r1-1. Short rows (a small model's)
     go in pairs through _dot2, which shares each load of x between two rows."""
-    r = r0
-    if w.shape[1] <= PAIR_WORDS:
-        while r + 1 < r1:
-            a, b = _dot2(w, r, w, r + 1, xe, xo, t)
-            out[r], out[r + 1] = out[r] + a if add else a, out[r + 1] + b if add else b
-            r += 2
-    while r < r1:
-        y = _dot(w, r, xe, xo, t)
-        out[r] = out[r] + y if add else y
-        r += 1
+
+
+def _gate_up_rows(gate, gate_row, up, up_row, r0, r1, xe, xo, h):
+    """h[r] = SiLU(row gate_row + r of gate . x) * (row up_row + r of up . x) for r in r0..r1-1 (x: token 0)."""
+
+
+@overload(_dot_rows, jit_options=JIT_OPTIONS)
+def _dot_rows_impl(w, r0, r1, xe, xo, t, out, add):
+    if xe.dtype == types.uint32:
+        def rows_bf16(w, r0, r1, xe, xo, t, out, add):
+            for r in range(r0, r1):
+                y = _dot_bf16(w, r, xe, t)
+                out[r] = out[r] + y if add else y
+        return rows_bf16
+
+    def rows(w, r0, r1, xe, xo, t, out, add):
+        r = r0
+        if w.shape[1] <= PAIR_WORDS:
+            while r + 1 < r1:
+                a, b = _dot2(w, r, w, r + 1, xe, xo, t)
+                out[r], out[r + 1] = out[r] + a if add else a, out[r + 1] + b if add else b
+                r += 2
+        while r < r1:
+            y = _dot(w, r, xe, xo, t)
+            out[r] = out[r] + y if add else y
+            r += 1
+    return rows
+
+
+@overload(_gate_up_rows, jit_options=JIT_OPTIONS)
+def _gate_up_rows_impl(gate, gate_row, up, up_row, r0, r1, xe, xo, h):
+    if xe.dtype == types.uint32:
+        def rows_bf16(gate, gate_row, up, up_row, r0, r1, xe, xo, h):
+            for r in range(r0, r1):
+                h[r] = _silu(_dot_bf16(gate, gate_row + r, xe, 0)) * _dot_bf16(up, up_row + r, xe, 0)
+        return rows_bf16
+
+    def rows(gate, gate_row, up, up_row, r0, r1, xe, xo, h):
+        for r in range(r0, r1):
+            g, u = _dot2(gate, gate_row + r, up, up_row + r, xe, xo, 0)
+            h[r] = _silu(g) * u
+    return rows
 
 
 @njit(**FLAGS)
@@ -907,9 +924,7 @@ def _decode_worker(me, pos, embed, lm_head, table, layer_norms, qk_norms, moe_sl
             n_items = (inter + rows - 1) // rows
             item = _next_item(sync, phase, me, n_items)
             while item < n_items:
-                for r in range(item * rows, min((item + 1) * rows, inter)):
-                    gate, up = _dot2(w, r, w, inter + r, xe, xo, 0)
-                    h_dense[0, r] = _silu(gate) * up
+                _gate_up_rows(w, 0, w, inter, item * rows, min((item + 1) * rows, inter), xe, xo, h_dense[0])
                 _item_done(sync, phase)
                 item = _next_item(sync, phase, me, n_items)
             _wait_phase(sync, phase, n_items)
@@ -936,9 +951,7 @@ def _decode_worker(me, pos, embed, lm_head, table, layer_norms, qk_norms, moe_sl
                     router_probs[m] = probs_m[0]
             gate_w = _expert(table, embed, n_layers, n_moe, num_experts, m, experts_m[0, k], 0)
             up_w = _expert(table, embed, n_layers, n_moe, num_experts, m, experts_m[0, k], 1)
-            for r in range(block * rows, min((block + 1) * rows, inter)):
-                gate, up = _dot2(gate_w, r, up_w, r, xe, xo, 0)
-                h_moe[k, r] = _silu(gate) * up
+            _gate_up_rows(gate_w, 0, up_w, 0, block * rows, min((block + 1) * rows, inter), xe, xo, h_moe[k])
             _item_done(sync, phase)
             item = _next_item(sync, phase, me, top_k * blocks)
         _wait_phase(sync, phase, top_k * blocks)
