@@ -99,10 +99,10 @@ def prepare(weights: Qwen3MoeWeights, config: Qwen3MoeConfig, precision: str = "
         if not K.bf16_supported():
             raise ValueError("precision 'bf16' on the numba backend multiplies with AVX512-BF16 (vdpbf16ps), which "
                              "this CPU lacks; use precision='float32'")
-        if weights.lm_head.dtype.name != "bfloat16" or any(
-                m.dtype.name != "bfloat16" for l in weights.layers for m in (l.self_attn.q_proj, l.self_attn.o_proj)):
+        other = {m.dtype.name for m in [weights.lm_head] + [l.self_attn.q_proj for l in weights.layers]} - {"bfloat16"}
+        if other:
             raise ValueError("precision 'bf16' on the numba backend needs a bf16 checkpoint (this one's matrices are "
-                             f"{weights.lm_head.dtype.name}); use precision='float32'")
+                             f"{', '.join(sorted(other))}); use precision='float32'")
     populate([weights.embed_tokens, weights.lm_head] + [l.self_attn.q_proj for l in weights.layers] +
              [e.gate_proj for l in weights.layers if isinstance(l.mlp, SparseMoeBlock) for e in l.mlp.experts])
     layers = []

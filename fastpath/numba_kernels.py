@@ -228,14 +228,18 @@ def _store_pair(xe, xo, t, j, a, b):
     (to nearest, ties to even) and packed into word j, the even element in the low half as in the weights."""
 
 
+@njit(**FLAGS, inline="always")
+def _rounded_to_bf16(v):
+    """The float32 v rounded to bf16 (to nearest, ties to even), as the upper 16 bits of a uint32."""
+    u = _bits(np.float32(v))
+    return np.uint32((u + np.uint32(0x7FFF) + ((u >> SHIFT) & np.uint32(1))) & HIGH)
+
+
 @overload(_store_pair, inline="always")
 def _store_pair_impl(xe, xo, t, j, a, b):
     if xe.dtype == types.uint32:
         def pack(xe, xo, t, j, a, b):
-            ua, ub = _bits(np.float32(a)), _bits(np.float32(b))
-            ra = ((ua + np.uint32(0x7FFF) + ((ua >> SHIFT) & np.uint32(1))) >> SHIFT) & np.uint32(0xFFFF)
-            rb = (ub + np.uint32(0x7FFF) + ((ub >> SHIFT) & np.uint32(1))) & HIGH
-            xe[t, j] = np.uint32(ra) | np.uint32(rb)
+            xe[t, j] = np.uint32(_rounded_to_bf16(a) >> SHIFT) | _rounded_to_bf16(b)
         return pack
 
     def store(xe, xo, t, j, a, b):
