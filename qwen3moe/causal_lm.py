@@ -29,7 +29,7 @@ from .model import Request, forward
 from .ranks import RankGroup
 from .router_stats import RouterStats
 from .sampling import check_sampling, is_greedy, sample
-from .sharding import format_rank_loads, plan_sharding, rank_loads
+from .sharding import PLACEMENTS, format_rank_loads, plan_sharding, rank_loads
 from .tokenizer import Qwen3Tokenizer, read_json
 from .weights import load_weights
 
@@ -52,6 +52,8 @@ class Qwen3MoeForCausalLM:
         tensor cores' prefill, on the numba backend the greedy decoder (AVX512-BF16, bf16 checkpoints) -- with
         logits within bf16 rounding (~1e-3 to 1e-2) of the reference.
         """
+        if experts not in PLACEMENTS:  # (checked before anything loads, also where ndev = 1 does not use it)
+            raise ValueError(f"experts must be 'ep' or 'etp', not {experts!r}")
         self.backend = resolve_backend(device, ndev, backend)
         options = backends.prepare_options(self.backend, precision)
         self.model_dir = Path(model_dir_path) if model_dir_path is not None else default_model_dir()

@@ -115,7 +115,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
                         help=argparse.SUPPRESS)
     p.add_argument("--backend", default="auto",
                    help=f"auto (the fastest here, or $QWEN3MOE_BACKEND) or one of: {', '.join(BACKENDS)}")
-    p.add_argument("--experts", choices=["ep", "etp"], default="ep",
+    p.add_argument("--experts", choices=["ep", "etp"],
                    help="with --nvidia N: whole experts per GPU (ep, default) or a slice of every expert (etp)")
     p.add_argument("--max-tokens", type=int, help="KV cache positions per sequence (default 4096)")
     p.add_argument("--precision", choices=["float32", "bf16"], default="float32",
@@ -126,9 +126,11 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args) -> Qwen3MoeForCausalLM:
+    if args.experts is not None and (args.ndev or 1) < 2:
+        raise ValueError(f"--experts {args.experts} places experts on several GPUs: give --nvidia N (N >= 2) as well")
     device = "nvidia" if args.ndev is not None else args.device  # None: the --backend's device (CPU for auto)
     return Qwen3MoeForCausalLM(args.model, device=device, ndev=args.ndev or 1, max_tokens=args.max_tokens,
-                               backend=args.backend, debug=args.debug, experts=args.experts,
+                               backend=args.backend, debug=args.debug, experts=args.experts or "ep",
                                precision=args.precision)
 
 

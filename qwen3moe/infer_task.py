@@ -46,6 +46,8 @@ class Qwen3MoeInferTask:
             raise ValueError("a task needs at least one prompt token")
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 or None, got {max_new_tokens}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise ValueError(f"seed must be a whole number >= 0 or None, got {seed!r}")
         self.prompt_len = len(self.tokens)
         self.temperature, self.topk, self.topp = temperature, topk, topp
         self.task_id = task_id

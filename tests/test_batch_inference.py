@@ -154,13 +154,21 @@ def test_weights_out_of_memory_say_how_large_they_are_and_to_split_the_model(tmp
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(temperature=-0.5), "temperature"), (dict(topk=-1), "topk"), (dict(topp=0.0), "topp"),
-    (dict(topp=1.5), "topp"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(topp=1.5), "topp"), (dict(max_new_tokens=0), "max_new_tokens"), (dict(seed=-1), "seed .* got -1"),
+    (dict(seed=1.5), "seed .* got 1.5"), (dict(seed="7"), "seed .* got '7'"), (dict(seed=True), "seed .* got True"),
 ])
 def test_invalid_task_settings(kwargs, words):
     with pytest.raises(ValueError, match=words):
         Qwen3MoeInferTask([1, 2], **kwargs)
     with pytest.raises(ValueError, match="at least one prompt token"):
         Qwen3MoeInferTask([])
+    for seed in (None, 0, np.int64(3)):  # what a seed may be
+        Qwen3MoeInferTask([1, 2], seed=seed)
+
+
+def test_an_unknown_expert_placement_is_refused_before_anything_loads(tmp_path):
+    with pytest.raises(ValueError, match="experts must be 'ep' or 'etp', not 'foo'"):
+        Qwen3MoeForCausalLM(tmp_path / "not-even-a-folder", experts="foo")
 
 
 def test_generate_streams_the_returned_text_and_stops_at_eos(model):

@@ -310,6 +310,8 @@ NO_GPU = pytest.mark.skipif(backends.unavailable_reason("cupy") is None, reason=
     (["--topk", "-3"], ["topk must be an integer >= 0", "got -3"]),
     (["--max-steps", "0"], ["max_steps must be >= 1"]),
     (["--max-tokens", "100000"], ["max_tokens must be in 1..512"]),
+    (["--seed", "-1"], ["seed must be a whole number >= 0", "got -1"]),
+    (["--experts", "etp"], ["--experts etp places experts on several GPUs", "--nvidia N (N >= 2)"]),
 ])
 def test_bad_generate_settings(tiny_model_dir, tmp_path, extra, words):
     line = assert_one_line_error(*cli("generate", "--model", tiny_model_dir, "--raw", "abc", *extra, cwd=tmp_path))
