@@ -8,6 +8,7 @@ another activation) are refused with a message instead of being silently ignored
 """
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +167,13 @@ def _check_consistent(c: Qwen3MoeConfig, source: str) -> None:
         problems.append(f"num_experts_per_tok must be in 1..{c.num_experts} (found {c.num_experts_per_tok})")
     if c.num_experts and c.moe_intermediate_size <= 0:
         problems.append(f"moe_intermediate_size must be positive (found {c.moe_intermediate_size})")
+    if c.decoder_sparse_step > 0 and len(c.moe_layers) < c.num_hidden_layers and c.intermediate_size <= 0:
+        problems.append(f"intermediate_size must be positive where a layer is dense (found {c.intermediate_size})")
+    if c.max_position_embeddings <= 0:
+        problems.append(f"max_position_embeddings must be positive (found {c.max_position_embeddings})")
+    for name in ("rms_norm_eps", "rope_theta"):  # (a norm of sqrt(mean + eps), frequencies theta^(-2i/d))
+        if not 0 < getattr(c, name) < math.inf:
+            problems.append(f"{name} must be a positive finite number (found {getattr(c, name)})")
     outside = [i for i in c.mlp_only_layers if not 0 <= i < c.num_hidden_layers]
     if outside:
         problems.append(f"mlp_only_layers lists {outside}, outside layers 0..{c.num_hidden_layers - 1}")

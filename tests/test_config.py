@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 
 import pytest
 
@@ -198,6 +199,20 @@ def test_top_k_outside_1_to_num_experts(top_k):
         config_from_dict(dict(RELEASED, num_experts=12, num_experts_per_tok=top_k))
     assert "num_experts_per_tok must be in 1..12" in str(e.value)
     assert f"found {top_k}" in str(e.value)
+
+
+@pytest.mark.parametrize("field, value", [("rms_norm_eps", -1e-6), ("rms_norm_eps", 0.0), ("rms_norm_eps", math.nan),
+                                          ("rope_theta", 0.0), ("rope_theta", math.inf),
+                                          ("max_position_embeddings", 0), ("intermediate_size", 0)])
+def test_non_positive_sizes_and_constants(field, value):
+    with pytest.raises(UnsupportedConfigError) as e:
+        config_from_dict(dict(RELEASED, **{field: value}))  # (with dense layers: their width counts)
+    assert f"{field} must be" in str(e.value) and f"found {value}" in str(e.value)
+
+
+def test_a_dense_width_is_not_needed_without_dense_layers():
+    every_layer_moe = dict(RELEASED, intermediate_size=0, mlp_only_layers=[], decoder_sparse_step=1)
+    assert config_from_dict(every_layer_moe).intermediate_size == 0
 
 
 def test_every_inconsistency_is_reported_at_once():
