@@ -200,6 +200,14 @@ def run_bench(args) -> int:
     """The CPU benchmark (qwen3moe/bench.py), or with --nvidia the GPU one, which lives with the CUDA backend."""
     import importlib
 
+    for flag, value, least in (("--layers", args.layers, 1), ("--prompt-len", args.prompt_len, 1),
+                               ("--steps", args.steps, 1), ("--interleave", args.interleave, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be a whole number >= {least}, got {value}")
+    for flag, text in (("--batch", args.batch), ("--ndev", args.ndev), ("--step-ms", args.step_ms),
+                       ("--timeline", args.timeline)):
+        if text is not None and not all(n.strip().isdigit() and int(n) >= 1 for n in text.split(",")):
+            raise ValueError(f"{flag} takes whole numbers >= 1 separated by commas (e.g. 1,8), got {text!r}")
     if args.nvidia and args.interleave:
         raise ValueError("--interleave times the CPU backends; the GPU bench (--nvidia) compares ours and "
                          "transformers in one process already")

@@ -253,6 +253,22 @@ def test_batch_one_step_timings_outside_one_gpu_are_refused_with_the_reason(tmp_
                                             "with --nvidia and without --ndev")
 
 
+@pytest.mark.parametrize("extra, words", [
+    (["--batch", "0"], "--batch takes whole numbers >= 1 separated by commas (e.g. 1,8), got '0'"),
+    (["--batch", "1,x"], "--batch takes whole numbers >= 1 separated by commas (e.g. 1,8), got '1,x'"),
+    (["--nvidia", "--step-ms", "32,-5"], "--step-ms takes whole numbers >= 1"),
+    (["--steps", "0"], "--steps must be a whole number >= 1, got 0"),
+    (["--prompt-len", "-5"], "--prompt-len must be a whole number >= 1, got -5"),
+    (["--synthetic", "qwen3-30b-a3b", "--layers", "0"], "--layers must be a whole number >= 1, got 0"),
+    (["--interleave", "-1"], "--interleave must be a whole number >= 0, got -1"),
+])
+def test_bad_bench_numbers_are_refused_before_anything_runs(tmp_path, extra, words):
+    """A batch of 0 tokens, no timed steps or an empty prompt have no speed to measure (they used to end in a
+    reshape error or a division by zero); --layers 0 used to run the default 2."""
+    line = assert_one_line_error(*cli("bench", *extra, cwd=tmp_path))
+    assert words in line
+
+
 def test_interleaved_bench_reports_each_round_and_the_medians(tiny_model_dir, tmp_path):
     """``bench --interleave 3``: one row per round (each backend in its own process), then the medians; the ratio
     column is each round's greedy speed over the reference's, and the median row the median of each column."""
