@@ -21,9 +21,11 @@ experts are small is one call altogether. Calls that touch little memory run on 
 Batch-1 greedy decoding (``GreedyDecoder``, which ``generate`` uses after the prefill) goes further: the whole step,
 lm_head and argmax included, is one compiled call.
 
-``precision="bf16"`` (bf16 checkpoints, CPUs with AVX512-BF16): that whole-step decoder rounds each product's input
-to bf16 and multiplies with ``vdpbf16ps``, as llama.cpp does (numba_kernels.py); the router keeps float32, and every
-other path (prefill, the model loop) stays float32.
+``precision="bf16"`` (bf16 checkpoints, CPUs with AVX512-BF16): the products of steps of fewer than MANY_TOKENS
+tokens -- the whole-step decoders' and the model loop's kernels (projections, experts, dense MLP) -- round their
+input to bf16 once and multiply with ``vdpbf16ps``, as llama.cpp does (numba_kernels.py). Those steps are bound by
+memory or, from a few tokens on (batch decoding), by the arithmetic, which the instruction halves. The router keeps
+float32, as do the BLAS products of longer steps (prefill) and a small model's one-call MoE block (``moe_block``).
 """
 
 import functools
@@ -165,6 +167,12 @@ def normed(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return joined(*K.split_even_odd(x, weight, eps, True))
 
 
+def activations(s: State, w: np.ndarray) -> np.ndarray:
+    """How a kernel's product with ``w`` takes its input (the kernels' ``like``): rounded to bf16 and packed
+    (K.PACKED) at precision bf16 where w holds bf16 pairs, else float32 (K.FLOAT32)."""
+    return K.PACKED if s.precision == "bf16" and w.dtype == np.uint32 else K.FLOAT32
+
+
 def run(kernel, nbytes: int, *args):
     """Run a threaded kernel, or its one-thread twin when the call touches fewer than PARALLEL_MIN_BYTES."""
     return (kernel if nbytes >= PARALLEL_MIN_BYTES else K.SERIAL[kernel])(*args)
@@ -179,7 +187,8 @@ def attention_block(s: State, i: int, x: np.ndarray, cos: np.ndarray, sin: np.nd
     c, layer = s.config, s.layers[i]
     T = x.shape[0]
     if T < MANY_TOKENS:  # qkv: (T, (Hq + 2 Hkv) D)
-        qkv = run(K.norm_project, layer.qkv.nbytes * T, x, layer.input_norm, c.rms_norm_eps, layer.qkv)
+        qkv = run(K.norm_project, layer.qkv.nbytes * T, x, layer.input_norm, c.rms_norm_eps, layer.qkv,
+                  activations(s, layer.qkv))
     else:
         qkv = matmul(normed(x, layer.input_norm, c.rms_norm_eps), layer.qkv)
     attn = np.empty((T, c.num_attention_heads * c.head_dim), np.float32)  # (T, Hq D)
@@ -197,7 +206,7 @@ def attention_block(s: State, i: int, x: np.ndarray, cos: np.ndarray, sin: np.nd
             with blas_threads(keys + 4 * c.num_attention_heads * n * (g.pos + n)):  # and of its scores
                 attn[rows] = attend(q, g.k_cache[:g.pos + n], g.v_cache[:g.pos + n], g.pos).reshape(n, -1)
     if T < MANY_TOKENS:  # o_proj adds into the residual
-        return run(K.project_residual, layer.o_proj.nbytes * T, attn, layer.o_proj, x)
+        return run(K.project_residual, layer.o_proj.nbytes * T, attn, layer.o_proj, x, activations(s, layer.o_proj))
     return x + matmul(attn, layer.o_proj)
 
 
@@ -207,8 +216,9 @@ def feed_forward_block(s: State, i: int, x: np.ndarray, top_k: int,
     T = x.shape[0]
     if layer.router is None:
         if T < MANY_TOKENS:
-            h = run(K.dense_gate_up, layer.gate_up.nbytes * T, x, layer.post_norm, c.rms_norm_eps, layer.gate_up)
-            return run(K.project_residual, layer.down.nbytes * T, h, layer.down, x), None  # h was (T, I)
+            h = run(K.dense_gate_up, layer.gate_up.nbytes * T, x, layer.post_norm, c.rms_norm_eps, layer.gate_up,
+                    activations(s, layer.gate_up))  # (T, I)
+            return run(K.project_residual, layer.down.nbytes * T, h, layer.down, x, activations(s, layer.down)), None
         gate_up = matmul(normed(x, layer.post_norm, c.rms_norm_eps), layer.gate_up)
         h = silu(gate_up[:, :gate_up.shape[1] // 2]) * gate_up[:, gate_up.shape[1] // 2:]  # (T, I)
         return x + matmul(h, layer.down), None
@@ -227,8 +237,10 @@ def feed_forward_block(s: State, i: int, x: np.ndarray, top_k: int,
     few = np.flatnonzero((picks > 0) & (picks < MANY_TOKENS))  # fused kernels: each row read once for its tokens
     if len(few):
         expert_bytes = len(few) * layer.expert_nbytes
-        h = run(K.experts_gate_up, expert_bytes, xe, xo, layer.experts, few, order, starts, top_k)  # (picks, I)
-        run(K.experts_down, expert_bytes, h, layer.experts, few, order, starts, weights, top_k, out)
+        like = activations(s, layer.expert_matrices[0][0])  # (the router above took float32 whatever it is)
+        pe, po = (xe, xo) if like is K.FLOAT32 else K.split_like(x, layer.post_norm, c.rms_norm_eps, True, like)
+        h = run(K.experts_gate_up, expert_bytes, pe, po, layer.experts, few, order, starts, top_k)  # (picks, I)
+        run(K.experts_down, expert_bytes, h, layer.experts, few, order, starts, weights, top_k, out, like)
     many = np.flatnonzero(picks >= MANY_TOKENS)  # BLAS on widened weights
     if len(many):
         xn = joined(xe, xo)
@@ -245,7 +257,8 @@ def feed_forward_block(s: State, i: int, x: np.ndarray, top_k: int,
 def final_logits(s: State, x: np.ndarray) -> np.ndarray:
     """lm_head(norm(x)): (T, H) -> (T, V)."""
     if x.shape[0] < MANY_TOKENS:
-        return run(K.norm_project, s.lm_head.nbytes * x.shape[0], x, s.norm, s.config.rms_norm_eps, s.lm_head)
+        return run(K.norm_project, s.lm_head.nbytes * x.shape[0], x, s.norm, s.config.rms_norm_eps, s.lm_head,
+                   activations(s, s.lm_head))
     return matmul(normed(x, s.norm, s.config.rms_norm_eps), s.lm_head)
 
 

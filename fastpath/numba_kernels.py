@@ -26,10 +26,11 @@ bandwidth, not arithmetic. The kernels are written for that:
   the lm_head and the argmax in one parallel region, its threads sharing each phase's work through atomic
   counters rather than one parallel region (~3 us to start) per kernel.
 
-* **Precision "bf16" for the greedy decoder** (``decode_step`` with packed activations): each product's input is
-  rounded to bf16 once and packed two to a word like the weights, and a row's dot product is AVX512-BF16's
-  ``vdpbf16ps`` (32 products and sums a instruction, ``_dpbf16_row``) instead of widening every weight. llama.cpp
-  multiplies bf16 weights so. The router keeps float32 products, as on the GPU: rounding would change its choices.
+* **Precision "bf16"** (``decode_step`` with packed activations, and the model loop's kernels with ``like`` =
+  PACKED): each product's input is rounded to bf16 once and packed two to a word like the weights, and a row's dot
+  product is AVX512-BF16's ``vdpbf16ps`` (32 products and sums a instruction, ``_dpbf16_row``) instead of widening
+  every weight. llama.cpp multiplies bf16 weights so. The router keeps float32 products, as on the GPU: rounding
+  would change its choices.
 
 Weights may also be float32 (an f32 checkpoint): ``_lo``/``_hi`` read a row's element pairs and Numba compiles one
 version per dtype. ``cache=True`` stores the compiled code next to this file, so a second process starts at once.
@@ -47,7 +48,11 @@ from numba.typed import List
 # fastmath without 'nnan'/'ninf': sums may be reordered (that is what lets LLVM vectorise them) but NaN and Inf
 # still propagate, so debug mode can find them; error_model="numpy": IEEE division, no zero checks in hot loops.
 FLAGS = dict(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp", "afn"}, nogil=True, error_model="numpy")
+JIT_OPTIONS = {k: v for k, v in FLAGS.items() if k != "cache"}  # (for overloads, which Numba does not cache apart)
 SHIFT, HIGH = np.uint32(16), np.uint32(0xFFFF0000)
+# The ``like`` argument of the kernels that multiply activations: products of float32 activations, or (precision bf16,
+# bf16 weights) of activations rounded to bf16 and packed two to a word, multiplied by vdpbf16ps.
+FLOAT32, PACKED = np.empty(0, np.float32), np.empty(0, np.uint32)
 
 
 @intrinsic
@@ -223,6 +228,19 @@ def _dot_bf16(w, r, words, t) -> np.float32:
     return acc
 
 
+def _dot_any(w, r, xe, xo, t):
+    """Row r of w times token t of x: _dot where x is float32 even/odd (xe, xo), _dot_bf16 where xe holds packed
+    bf16 words (precision bf16; xo unused). Chosen by xe's dtype when compiled, so each kernel that calls it is
+    compiled once per kind."""
+
+
+@overload(_dot_any, jit_options=JIT_OPTIONS)
+def _dot_any_impl(w, r, xe, xo, t):
+    if xe.dtype == types.uint32:
+        return lambda w, r, xe, xo, t: _dot_bf16(w, r, xe, t)
+    return lambda w, r, xe, xo, t: _dot(w, r, xe, xo, t)
+
+
 def _store_pair(xe, xo, t, j, a, b):
     """Elements 2j and 2j + 1 of token t of an activation: into xe and xo, or (xe of uint32 words) rounded to bf16
     (to nearest, ties to even) and packed into word j, the even element in the low half as in the weights."""
@@ -258,8 +276,15 @@ def _silu(g) -> np.float32:
 @njit(**FLAGS)
 def split_even_odd(x, norm_weight, eps, normalize):
     """(T, K) -> even (T, K/2), odd (T, K/2); with ``normalize``, RMSNorm(x) * norm_weight is split instead."""
+    return split_like(x, norm_weight, eps, normalize, FLOAT32)
+
+
+@njit(**FLAGS)
+def split_like(x, norm_weight, eps, normalize, like):
+    """split_even_odd, or where ``like`` is uint32 (precision bf16) x packed as bf16 words into the first array
+    (the second then unused): the input of kernels that multiply with _dot_any."""
     T, K = x.shape
-    xe = np.empty((T, K // 2), np.float32)
+    xe = np.empty((T, K // 2), like.dtype)
     xo = np.empty((T, K // 2), np.float32)
     split_into(x, norm_weight, eps, normalize, xe, xo)
     return xe, xo
@@ -307,24 +332,25 @@ def split_into(x, norm_weight, eps, normalize, xe, xo):
 
 
 @njit(**FLAGS, parallel=True)
-def norm_project(x, norm_weight, eps, w):
-    """RMSNorm(x) * norm_weight @ W.T, (T, K) -> (T, N): a projection that follows a norm (q|k|v, lm_head)."""
-    xe, xo = split_even_odd(x, norm_weight, eps, True)
+def norm_project(x, norm_weight, eps, w, like):
+    """RMSNorm(x) * norm_weight @ W.T, (T, K) -> (T, N): a projection that follows a norm (q|k|v, lm_head).
+    ``like``: FLOAT32, or PACKED to take the input as bf16 (precision bf16, bf16 weights)."""
+    xe, xo = split_like(x, norm_weight, eps, True, like)
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
     for r in prange(w.shape[0]):
         for t in range(x.shape[0]):
-            out[t, r] = _dot(w, r, xe, xo, t)
+            out[t, r] = _dot_any(w, r, xe, xo, t)
     return out
 
 
 @njit(**FLAGS, parallel=True)
-def project_residual(h, w, residual):
+def project_residual(h, w, residual, like):
     """residual + h @ W.T, (T, K) -> (T, N): a projection that ends a block (o_proj, a dense MLP's down)."""
-    he, ho = split_even_odd(h, h[0], 0.0, False)
+    he, ho = split_like(h, h[0], 0.0, False, like)
     out = residual.copy()
     for r in prange(w.shape[0]):
         for t in range(h.shape[0]):
-            out[t, r] += _dot(w, r, he, ho, t)
+            out[t, r] += _dot_any(w, r, he, ho, t)
     return out
 
 
@@ -547,7 +573,8 @@ ROWS_PER_ITEM = 16  # rows of one expert per parallel work item: amortises fetch
 
 @njit(**FLAGS, parallel=True)
 def experts_gate_up(xe, xo, experts, active, order, starts, top_k):
-    """SiLU(gate(x)) * up(x) for every pick of every active expert: (picks, I), rows in ``order``.
+    """SiLU(gate(x)) * up(x) for every pick of every active expert: (picks, I), rows in ``order``. x as
+    split_like gives it: float32 even/odd, or packed bf16 in xe.
 
     ``experts`` lists each expert's (gate (I, H/2), up (I, H/2), down (H, I/2)), straight from the checkpoint's
     memory map. Work is split over (expert, block of rows) items so that even one token's 8 experts keep every
@@ -564,20 +591,21 @@ def experts_gate_up(xe, xo, experts, active, order, starts, top_k):
         for r in range(first, min(first + ROWS_PER_ITEM, inter)):
             for a in range(starts[e], starts[e + 1]):
                 t = tokens[a]
-                h[a, r] = _silu(_dot(gate, r, xe, xo, t)) * _dot(up, r, xe, xo, t)
+                h[a, r] = _silu(_dot_any(gate, r, xe, xo, t)) * _dot_any(up, r, xe, xo, t)
     return h
 
 
 @njit(**FLAGS, parallel=True)
-def experts_down(h, experts, active, order, starts, weights, top_k, out):
-    """out[t] += weight * down_e(h) for every pick: the routing-weighted sum, added into the residual ``out``.
+def experts_down(h, experts, active, order, starts, weights, top_k, out, like):
+    """out[t] += weight * down_e(h) for every pick: the routing-weighted sum, added into the residual ``out``;
+    h taken as ``like`` says (FLOAT32, or PACKED: rounded to bf16).
 
     Two passes. First every (expert, block of rows) item -- the split of experts_gate_up -- writes down_e(h) for
     the expert's picks into y. Then one thread per output column adds the weighted picks of each token into
     ``out`` (in ascending expert order, as the reference sums them).
     """
     H = experts[0][2].shape[0]
-    he, ho = h[:, 0::2].copy(), h[:, 1::2].copy()
+    he, ho = split_like(h, h[0], 0.0, False, like)
     blocks = (H + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
     y = np.empty((order.shape[0], H), np.float32)  # (picks, H), rows in ``order``
     for item in prange(active.shape[0] * blocks):
@@ -586,7 +614,7 @@ def experts_down(h, experts, active, order, starts, weights, top_k, out):
         first = (item % blocks) * ROWS_PER_ITEM
         for r in range(first, min(first + ROWS_PER_ITEM, H)):
             for a in range(starts[e], starts[e + 1]):
-                y[a, r] = _dot(down, r, he, ho, a)
+                y[a, r] = _dot_any(down, r, he, ho, a)
     tokens = order // top_k  # (picks,) the token of each pick, divided once rather than once per column
     pick_weights = weights.ravel()[order]  # (picks,)
     for r in prange(H):
@@ -596,15 +624,15 @@ def experts_down(h, experts, active, order, starts, weights, top_k, out):
 
 
 @njit(**FLAGS, parallel=True)
-def dense_gate_up(x, norm_weight, eps, gate_up):
-    """SiLU(gate(x)) * up(x) of a dense MLP, x normalised first; gate_up (2I, H/2) stacks the gate rows then the up
-    rows. (T, H) -> (T, I)."""
-    xe, xo = split_even_odd(x, norm_weight, eps, True)
+def dense_gate_up(x, norm_weight, eps, gate_up, like):
+    """SiLU(gate(x)) * up(x) of a dense MLP, x normalised first (and taken as ``like`` says); gate_up (2I, H/2)
+    stacks the gate rows then the up rows. (T, H) -> (T, I)."""
+    xe, xo = split_like(x, norm_weight, eps, True, like)
     T, inter = x.shape[0], gate_up.shape[0] // 2
     h = np.empty((T, inter), np.float32)
     for r in prange(inter):
         for t in range(T):
-            h[t, r] = _silu(_dot(gate_up, r, xe, xo, t)) * _dot(gate_up, inter + r, xe, xo, t)
+            h[t, r] = _silu(_dot_any(gate_up, r, xe, xo, t)) * _dot_any(gate_up, inter + r, xe, xo, t)
     return h
 
 
@@ -749,7 +777,6 @@ def _rows_per_item(w):
 
 # The decoder's products take x split even/odd in float32, or packed bf16 (precision bf16): these two functions are
 # compiled once per kind, chosen by the dtype of xe (uint32: packed bf16, xo unused).
-JIT_OPTIONS = {k: v for k, v in FLAGS.items() if k != "cache"}
 
 
 def _dot_rows(w, r0, r1, xe, xo, t, out, add):

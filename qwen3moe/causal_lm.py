@@ -49,7 +49,8 @@ class Qwen3MoeForCausalLM:
         per device) or "etp" (a slice of every expert per device), see ``sharding.py``.
         ``precision``: "float32" (every backend: results within ~1e-5 of the reference) or "bf16": products take
         bf16 activations where the arithmetic bounds the time, as bf16 engines do -- on the cupy backend the
-        tensor cores' prefill, on the numba backend the greedy decoder (AVX512-BF16, bf16 checkpoints) -- with
+        tensor cores' prefill, on the numba backend steps of fewer than 16 tokens (decoding; AVX512-BF16, bf16
+        checkpoints) -- with
         logits within bf16 rounding (~1e-3 to 1e-2) of the reference.
         """
         if experts not in PLACEMENTS:  # (checked before anything loads, also where ndev = 1 does not use it)

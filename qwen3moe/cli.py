@@ -120,8 +120,8 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, help="KV cache positions per sequence (default 4096)")
     p.add_argument("--precision", choices=["float32", "bf16"], default="float32",
                    help="float32 (default): results within ~1e-5 of the reference; bf16: bf16 activations, at "
-                        "bf16 accuracy, where they bound the time: the tensor cores' prefill (cupy), greedy "
-                        "decoding with AVX512-BF16 (numba)")
+                        "bf16 accuracy, where they bound the time: the tensor cores' prefill (cupy), decoding "
+                        "with AVX512-BF16 (numba)")
     p.add_argument("--debug", action="store_true", help="log every step, check for NaN/Inf, show expert choices")
 
 

@@ -1,5 +1,6 @@
-"""Precision "bf16" on the numba backend: the whole-step greedy decoder rounds each product's input to bf16 once and
-multiplies bf16 pairs with AVX512-BF16's vdpbf16ps (fastpath/numba_kernels.py), as llama.cpp does.
+"""Precision "bf16" on the numba backend: steps of fewer than MANY_TOKENS tokens (the whole-step greedy decoder, and
+the model loop's kernels) round each product's input to bf16 once and multiply bf16 pairs with AVX512-BF16's
+vdpbf16ps (fastpath/numba_kernels.py), as llama.cpp does.
 
 Tolerances: a product of bf16-rounded activations differs from the float32 one by ~2^-9 relative per element, ~1e-3
 of the largest logit after a few layers (as the cupy backend's bf16 prefill: its test allows 5e-2); a broken product
@@ -84,8 +85,8 @@ def test_bf16_greedy_decoding_stays_within_bf16_rounding_of_the_reference(needs_
     """Greedy decoding at precision bf16 against the float32 reference, fed the same tokens: each step's logits
     within 5e-2 of the largest (about 1e-3 is seen) but not within 1e-5 (or nothing was rounded), on a model whose
     rows are one whole vdpbf16ps group and a rest (hidden 192, moe_intermediate 96, o_proj's 256 inputs two groups),
-    with a dense layer and two MoE layers. The prefill (the model loop) stays float32: its logits equal those of
-    precision float32 exactly.
+    with a dense layer and two MoE layers. The layers of a prefill of MANY_TOKENS tokens or more (BLAS) stay
+    float32: the keys and values it writes equal those of precision float32 exactly.
     Every token goes to every expert (num_experts_per_tok = num_experts): with top-2 of 8, rounding sent some token
     of some step to another expert in 2 runs of 25, which changes its output wholly and says nothing about rounding
     (the router itself keeps float32, but its input went through bf16 products)."""
@@ -93,14 +94,17 @@ def test_bf16_greedy_decoding_stays_within_bf16_rounding_of_the_reference(needs_
                   num_attention_heads=8, num_experts_per_tok=TINY_CONFIG["num_experts"])
     folder = write_checkpoint(tmp_path / "m", config, random_weights(config, seed=int(np.random.default_rng()
                                                                                        .integers(1 << 30))))
-    prompt = np.random.default_rng().integers(0, 256, 7).tolist()
+    from fastpath.numba_backend import MANY_TOKENS
+
+    prompt = np.random.default_rng().integers(0, 256, MANY_TOKENS + 3).tolist()
     steps = 12
     reference = Qwen3MoeForCausalLM(folder, backend="numpy")
     ours = Qwen3MoeForCausalLM(folder, backend="numba", precision="bf16")
     plain = Qwen3MoeForCausalLM(folder, backend="numba")
     caches = {m: KVCache(m.config, len(prompt) + steps + 1) for m in (reference, ours, plain)}
     first = {m: m.forward([Request(prompt, 0, caches[m])])[0] for m in caches}
-    np.testing.assert_array_equal(first[ours], first[plain])
+    np.testing.assert_array_equal(caches[ours].k, caches[plain].k)
+    np.testing.assert_array_equal(caches[ours].v, caches[plain].v)
     token = int(np.argmax(first[reference]))
     decoder = ours._ops.GreedyDecoder(ours._state, caches[ours], len(prompt), token)
     worst = 0.0
@@ -112,6 +116,39 @@ def test_bf16_greedy_decoding_stays_within_bf16_rounding_of_the_reference(needs_
         worst = max(worst, float(np.abs(decoder.logits - expected).max() / scale))
         token = int(np.argmax(expected))  # the reference's token, fed to both (the decoder's may differ at a tie)
         decoder.token = token
+    assert worst > 1e-5, "no bf16 rounding took place"
+
+
+def test_bf16_batch_decoding_in_the_model_loop_stays_within_bf16_rounding(needs_bf16, tmp_path):
+    """The model loop's kernels (norm_project, project_residual, dense_gate_up, experts_gate_up, experts_down) at
+    precision bf16: three sequences decoded together, a short prompt each (fewer than MANY_TOKENS tokens: kernels,
+    not BLAS), then steps of three tokens, fed the reference's tokens: logits within 5e-2 of the largest but not
+    within 1e-5. PARALLEL_MIN_BYTES set to 0 sends the MoE blocks through the expert kernels (threaded), not the
+    one-call moe_block; every token goes to every expert, so that rounding cannot choose others (see above)."""
+    import fastpath.numba_backend as nb
+
+    config = dict(TINY_CONFIG, hidden_size=192, moe_intermediate_size=96, intermediate_size=320, head_dim=32,
+                  num_attention_heads=8, num_experts_per_tok=TINY_CONFIG["num_experts"])
+    folder = write_checkpoint(tmp_path / "m", config, random_weights(config, seed=int(np.random.default_rng()
+                                                                                       .integers(1 << 30))))
+    rng = np.random.default_rng()
+    prompts = [rng.integers(0, 256, n).tolist() for n in (3, 5, 4)]
+    reference = Qwen3MoeForCausalLM(folder, backend="numpy")
+    ours = Qwen3MoeForCausalLM(folder, backend="numba", precision="bf16")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nb, "PARALLEL_MIN_BYTES", 0)  # the threaded kernels, not the one-call MoE block
+        caches = {m: [KVCache(m.config, 16) for _ in prompts] for m in (reference, ours)}
+        requests = lambda m, tokens, pos: [Request(t, p, c) for t, p, c in zip(tokens, pos, caches[m])]
+        tokens, pos, worst = prompts, [0, 0, 0], 0.0
+        for step in range(6):
+            expected = reference.forward(requests(reference, tokens, pos))
+            got = ours.forward(requests(ours, tokens, pos))
+            for e, g in zip(expected, got):
+                scale = np.abs(e).max()
+                np.testing.assert_allclose(g, e, rtol=0, atol=5e-2 * scale, err_msg=f"step {step}")
+                worst = max(worst, float(np.abs(g - e).max() / scale))
+            pos = [p + len(t) for p, t in zip(pos, tokens)]
+            tokens = [[int(np.argmax(e))] for e in expected]
     assert worst > 1e-5, "no bf16 rounding took place"
 
 
