@@ -777,8 +777,6 @@ def _rows_per_item(w):
 
 # The decoder's products take x split even/odd in float32, or packed bf16 (precision bf16): these two functions are
 # compiled once per kind, chosen by the dtype of xe (uint32: packed bf16, xo unused).
-
-
 def _dot_rows(w, r0, r1, xe, xo, t, out, add):
     """out[r] = (or, with ``add``, +=) row r of w times token t of x, for rows r0..r1-1. Short rows (a small model's)
     go in pairs through _dot2, which shares each load of x between two rows."""

@@ -50,8 +50,7 @@ class Qwen3MoeForCausalLM:
         ``precision``: "float32" (every backend: results within ~1e-5 of the reference) or "bf16": products take
         bf16 activations where the arithmetic bounds the time, as bf16 engines do -- on the cupy backend the
         tensor cores' prefill, on the numba backend steps of fewer than 16 tokens (decoding; AVX512-BF16, bf16
-        checkpoints) -- with
-        logits within bf16 rounding (~1e-3 to 1e-2) of the reference.
+        checkpoints) -- with logits within bf16 rounding (~1e-3 to 1e-2) of the reference.
         """
         if experts not in PLACEMENTS:  # (checked before anything loads, also where ndev = 1 does not use it)
             raise ValueError(f"experts must be 'ep' or 'etp', not {experts!r}")
