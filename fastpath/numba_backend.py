@@ -84,7 +84,7 @@ class State:
     norm: np.ndarray  # (H,) f32
     lm_head: np.ndarray  # (V, H/2) words
     decoding: "DecodingWeights | None" = None  # the weights as K.decode_step takes them (GreedyDecoder)
-    precision: str = "float32"  # "bf16": GreedyDecoder's products take bf16 activations
+    precision: str = "float32"  # "bf16": products of steps under MANY_TOKENS tokens take bf16 activations
 
 
 def words(w: np.ndarray) -> np.ndarray:
@@ -299,11 +299,10 @@ class GreedyDecoder:
             return
         cos, sin = rope_cos_sin(np.arange(cache.capacity), c.head_dim, c.rope_theta)  # (capacity, D) each
         d = s.decoding
-        activations = np.empty(0, np.uint32 if s.precision == "bf16" else np.float32)  # packed bf16, or float32
         self._args = (s.embed_tokens, s.lm_head, d.table, d.layer_norms, d.qk_norms, d.moe_slot, s.norm, cache.k,
                       cache.v, cos, sin, np.float32(c.rms_norm_eps), c.num_attention_heads, c.num_experts_per_tok,
                       bool(c.norm_topk_prob), np.zeros(E, np.bool_), self.logits, self._counts, self._prob_sum,
-                      self._entropy, activations)
+                      self._entropy, K.PACKED if s.precision == "bf16" else K.FLOAT32)
         # One thread when the step reads less than PARALLEL_MIN_BYTES (waking the others would cost more).
         self._threads = numba.get_num_threads() if d.step_bytes >= PARALLEL_MIN_BYTES else 1
         # Recent step times in seconds, threaded and on one thread (see _decode); the first step runs on one thread.
