@@ -10,7 +10,9 @@ bandwidth, not arithmetic. The kernels are written for that:
 * **The input is split into even and odd elements once** (``split_even_odd``) so that the inner loop is two
   contiguous fused multiply-adds per word, which LLVM vectorises (``fastmath`` lets it reorder the float32 sums).
 * **Threads over output rows** (``prange``): each thread owns whole rows, so no two threads write the same output,
-  and a row is read once for all the step's tokens (it stays in L1 while the tokens' dot products use it).
+  and a row is read once for all the step's tokens. With several tokens a projection is bound by arithmetic, not
+  memory: there each 16 words of a row are widened once for up to four tokens, a chunk of the row at a time so that
+  the tokens' x stays in the L1 cache (``_add_token_products``).
 * **Fusion where it saves a pass over memory**: the RMSNorm is applied while splitting the input of the projection
   that follows it, projections accumulate into their output so the residual add is free, q/k-norm + RoPE + cache
   write is one pass, the router's GEMV + softmax + top-k is one call, gate/up + SiLU·mul is one pass, and the down
@@ -142,6 +144,90 @@ def _dpbf16_row(typingctx, w_address, x_address, groups):
         return builder.call(reduce, [ir.Constant(f32, 0.0), total], fastmath=("reassoc",))
 
     return types.float32(types.int64, types.int64, types.int64), codegen
+
+
+CHUNK_WORDS = 256  # words of a row a pass of _rows_times_4_tokens takes: x's chunk for 8 tokens is 16 KB, in L1
+
+
+def _rows_times_tokens_intrinsic(tokens: int):
+    """An intrinsic: out[t, r] += sum over the first 16 * ``vectors`` words j of w[r, j].lo xe[t, j] + w[r, j].hi
+    xo[t, j], for ``tokens`` tokens t and rows r = 0..n-1 of bf16 weights. Arguments as int64: the address of row 0
+    of w and the bytes between rows, n, the addresses of token 0's xe and xo and the bytes between tokens, vectors,
+    and the address of out[0, 0] and the bytes between its tokens.
+
+    Why: a few tokens' products are bound by arithmetic, not memory (see _add_token_products), and _dot, called per token
+    and row, widens every weight again for each token and loads it and x for each. Here each 16 words of the row are
+    loaded and widened once and multiplied by every token's x, into two sums a token (even and odd halves, so that
+    the multiply-adds of consecutive words do not wait for each other).
+    """
+    @intrinsic
+    def rows_times_tokens(typingctx, w_address, w_stride, n, xe_address, xo_address, x_stride, vectors, out_address,
+                          out_stride):
+        def codegen(context, builder, signature, args):
+            w_at, w_stride, n, xe_at, xo_at, x_stride, vectors, out_at, out_stride = args
+            module, f32, i32, i64 = builder.module, ir.FloatType(), ir.IntType(32), ir.IntType(64)
+            floats, words = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
+            name = "llvm.vector.reduce.fadd.v16f32"
+            reduce = module.globals.get(name) or ir.Function(module, ir.FunctionType(f32, [f32, floats]), name)
+            fast = ("reassoc", "contract")
+
+            def token_pointers(at, stride, kind):
+                return [builder.inttoptr(builder.add(at, builder.mul(ir.Constant(i64, t), stride)), kind.as_pointer())
+                        for t in range(tokens)]
+
+            xe, xo = token_pointers(xe_at, x_stride, floats), token_pointers(xo_at, x_stride, floats)
+            out = token_pointers(out_at, out_stride, f32)
+            shift, high = ir.Constant(words, [int(SHIFT)] * 16), ir.Constant(words, [int(HIGH) - (1 << 32)] * 16)
+            zero, i64_0, i64_1 = ir.Constant(floats, [0.0] * 16), ir.Constant(i64, 0), ir.Constant(i64, 1)
+            start = builder.block
+            row_loop, word_loop = builder.append_basic_block("row"), builder.append_basic_block("words")
+            row_end, done = builder.append_basic_block("row_end"), builder.append_basic_block("done")
+            builder.cbranch(builder.icmp_signed(">", n, i64_0), row_loop, done)
+
+            builder.position_at_end(row_loop)  # for r in range(n):
+            r = builder.phi(i64)
+            r.add_incoming(i64_0, start)
+            row = builder.inttoptr(builder.add(w_at, builder.mul(r, w_stride)), words.as_pointer())
+            builder.branch(word_loop)
+
+            builder.position_at_end(word_loop)  # for v in range(vectors): the sums of every token
+            v = builder.phi(i64)
+            v.add_incoming(i64_0, row_loop)
+            sums = [builder.phi(floats) for _ in range(2 * tokens)]  # (token, even/odd)
+            word = builder.load(builder.gep(row, [v]), align=4)
+            halves = builder.bitcast(builder.shl(word, shift), floats), builder.bitcast(builder.and_(word, high), floats)
+            stepped = []
+            for i, total in enumerate(sums):
+                total.add_incoming(zero, row_loop)
+                x = builder.load(builder.gep((xe, xo)[i % 2][i // 2], [v]), align=4)
+                stepped.append(builder.fadd(total, builder.fmul(halves[i % 2], x, flags=fast), flags=fast))
+                total.add_incoming(stepped[-1], word_loop)
+            v_next = builder.add(v, i64_1)
+            v.add_incoming(v_next, word_loop)
+            builder.cbranch(builder.icmp_signed("<", v_next, vectors), word_loop, row_end)
+
+            builder.position_at_end(row_end)  # out[t, r] += the token's two sums, added up
+            for t in range(tokens):
+                both = builder.fadd(stepped[2 * t], stepped[2 * t + 1], flags=fast)
+                at = builder.gep(out[t], [r])
+                total = builder.call(reduce, [ir.Constant(f32, 0.0), both], fastmath=("reassoc",))
+                builder.store(builder.fadd(builder.load(at), total), at)
+            r_next = builder.add(r, i64_1)
+            r.add_incoming(r_next, row_end)
+            builder.cbranch(builder.icmp_signed("<", r_next, n), row_loop, done)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+
+        return types.void(*[types.int64] * 9), codegen
+
+    return rows_times_tokens
+
+
+# Four tokens a pass at most: with eight, their 16 sums, the row's words and x did not fit AVX-512's 32 registers,
+# and a pass was slower than two of four (0.94x against 1.9x the row-by-row products, 8 tokens of 5120 x 2048).
+_rows_times_4_tokens = _rows_times_tokens_intrinsic(4)
+_rows_times_2_tokens = _rows_times_tokens_intrinsic(2)
+_rows_times_1_token = _rows_times_tokens_intrinsic(1)
 
 
 @intrinsic
@@ -331,15 +417,75 @@ def split_into(x, norm_weight, eps, normalize, xe, xo):
             _store_pair(xe, xo, t, j, a, b)
 
 
+ROW_BLOCK = 16  # rows of a projection a thread takes at a time: a chunk of each is read from memory at once
+
+
+def _add_products(w, r0, r1, xe, xo, out):
+    """out[t, r] += row r of w times token t of x, for rows r0..r1-1 and every token t of x."""
+
+
+@njit(**FLAGS, inline="always")
+def _add_products_by_row(w, r0, r1, xe, xo, out):
+    """_add_products one row and one token at a time (_dot_any)."""
+    for r in range(r0, r1):
+        for t in range(xe.shape[0]):
+            out[t, r] += _dot_any(w, r, xe, xo, t)
+
+
+@overload(_add_products, jit_options=JIT_OPTIONS)
+def _add_products_impl(w, r0, r1, xe, xo, out):
+    if not (w.dtype == types.uint32 and xe.dtype == types.float32):  # float32 weights, or packed bf16 activations
+        def by_row(w, r0, r1, xe, xo, out):
+            _add_products_by_row(w, r0, r1, xe, xo, out)
+        return by_row
+
+    def by_tokens_where_they_fit(w, r0, r1, xe, xo, out):
+        if xe.shape[0] == 1 or w.shape[1] % 16 or w.strides[1] != 4 or xe.strides[1] != 4 or out.strides[1] != 4:
+            _add_products_by_row(w, r0, r1, xe, xo, out)  # one token: bound by memory, and _dot streams a row best
+        else:
+            _add_token_products(w, r0, r1, xe, xo, out)
+    return by_tokens_where_they_fit
+
+
+@njit(**FLAGS)
+def _add_token_products(w, r0, r1, xe, xo, out):
+    """_add_products for bf16 weights and several tokens: a chunk of CHUNK_WORDS words of every row at a time, each
+    pass over it taking up to four tokens (_rows_times_tokens_intrinsic).
+
+    Why: with a few tokens a projection is bound by arithmetic. Through _dot, row by row and token by token, a
+    Qwen3-30B-A3B q|k|v projection (5120 x 2048) ran at ~14 GB/s of weights for 8 tokens on this project's
+    two-core machine, and at 24-30 GB/s so (docs/benchmarks.md). The chunks keep the tokens' x in the L1 cache:
+    8 tokens' whole rows of x, 64 KB, do not fit its 48 KB.
+    """
+    T, n, rows = xe.shape[0], w.shape[1], r1 - r0
+    for c in range(0, n, CHUNK_WORDS):
+        vectors = min(CHUNK_WORDS, n - c) // 16
+        w_at = _row_address(w, r0) + 4 * c
+        t = 0
+        while t < T:
+            e_at, o_at, out_at = _row_address(xe, t) + 4 * c, _row_address(xo, t) + 4 * c, _row_address(out, t) + 4 * r0
+            if T - t >= 4:
+                _rows_times_4_tokens(w_at, w.strides[0], rows, e_at, o_at, xe.strides[0], vectors, out_at,
+                                     out.strides[0])
+                t += 4
+            elif T - t >= 2:
+                _rows_times_2_tokens(w_at, w.strides[0], rows, e_at, o_at, xe.strides[0], vectors, out_at,
+                                     out.strides[0])
+                t += 2
+            else:
+                _rows_times_1_token(w_at, w.strides[0], rows, e_at, o_at, xe.strides[0], vectors, out_at,
+                                    out.strides[0])
+                t += 1
+
+
 @njit(**FLAGS, parallel=True)
 def norm_project(x, norm_weight, eps, w, like):
     """RMSNorm(x) * norm_weight @ W.T, (T, K) -> (T, N): a projection that follows a norm (q|k|v, lm_head).
     ``like``: FLOAT32, or PACKED to take the input as bf16 (precision bf16, bf16 weights)."""
     xe, xo = split_like(x, norm_weight, eps, True, like)
-    out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    for r in prange(w.shape[0]):
-        for t in range(x.shape[0]):
-            out[t, r] = _dot_any(w, r, xe, xo, t)
+    out = np.zeros((x.shape[0], w.shape[0]), np.float32)
+    for b in prange((w.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
+        _add_products(w, b * ROW_BLOCK, min((b + 1) * ROW_BLOCK, w.shape[0]), xe, xo, out)
     return out
 
 
@@ -348,9 +494,8 @@ def project_residual(h, w, residual, like):
     """residual + h @ W.T, (T, K) -> (T, N): a projection that ends a block (o_proj, a dense MLP's down)."""
     he, ho = split_like(h, h[0], 0.0, False, like)
     out = residual.copy()
-    for r in prange(w.shape[0]):
-        for t in range(h.shape[0]):
-            out[t, r] += _dot_any(w, r, he, ho, t)
+    for b in prange((w.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
+        _add_products(w, b * ROW_BLOCK, min((b + 1) * ROW_BLOCK, w.shape[0]), he, ho, out)
     return out
 
 

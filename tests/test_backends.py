@@ -286,6 +286,39 @@ def test_numba_keeps_small_blas_work_on_one_thread():
         assert blas() == before
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 15])
+def test_numba_projections_of_a_few_tokens_match_float64_products(tokens):
+    """norm_project and project_residual (threaded and one-thread) against float64 products of the same bf16 weights.
+    Past one token they multiply a chunk of K.CHUNK_WORDS words of each row at a time by up to four
+    tokens; the sizes here leave a part-chunk at the end of each row (2 chunks and 48 words), a part of a
+    ROW_BLOCK of rows, and token groups of 4, 2 and 1. A row whose words are not whole 16-word vectors (the second
+    case) takes the row-by-row path."""
+    reason = backends.unavailable_reason("numba")
+    if reason:
+        pytest.skip(f"backend numba is not available here: {reason}")
+    K = backends.load("numba").K
+    rng = np.random.default_rng()
+    for words, rows in ((2 * K.CHUNK_WORDS + 48, 3 * K.ROW_BLOCK + 5), (40, K.ROW_BLOCK + 1)):
+        hi = rng.integers(0x3A00, 0x4100, (rows, words)) | (rng.integers(0, 2, (rows, words)) << 15)  # bf16 bits
+        lo = rng.integers(0x3A00, 0x4100, (rows, words)) | (rng.integers(0, 2, (rows, words)) << 15)
+        w = ((hi << 16) | lo).astype(np.uint32)  # (rows, words): element 2j in the low half, 2j + 1 in the high
+        w64 = np.empty((rows, 2 * words))
+        w64[:, 0::2], w64[:, 1::2] = (lo << 16).astype(np.uint32).view(np.float32), (hi << 16).astype(
+            np.uint32).view(np.float32)
+        x = rng.standard_normal((tokens, 2 * words), dtype=np.float32)
+        norm = rng.standard_normal(2 * words, dtype=np.float32)
+        normed = x / np.sqrt((x.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + 1e-6) * norm
+        residual = rng.standard_normal((tokens, rows), dtype=np.float32)
+        for project in (K.norm_project, K.SERIAL[K.norm_project]):
+            expected = normed @ w64.T
+            ours = project(x, norm, np.float32(1e-6), w, K.FLOAT32)
+            np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+        for project in (K.project_residual, K.SERIAL[K.project_residual]):
+            expected = residual + x.astype(np.float64) @ w64.T
+            ours = project(x, w, residual, K.FLOAT32)
+            np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 def test_greedy_decoder_refuses_a_full_cache(decoding, fast_name, tiny_model_dir):
     model = Qwen3MoeForCausalLM(tiny_model_dir, backend=fast_name)
     decoder, _, _ = prefill_and_decoder(decoding, model, [1, 2, 3], 5)
