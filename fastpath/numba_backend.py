@@ -9,8 +9,9 @@
   * f16 checkpoints are widened to f32 once (Numba has no fast f16 arithmetic); f32 checkpoints are used as they are;
   * the checkpoint's memory maps are populated (every page mapped now, not on first touch; see ``populate``).
 
-Decode steps (a few tokens) are bound by memory and run on the fused GEMV kernels. A step with many tokens (prefill,
-perplexity) does ~2 x tokens flops per weight byte and is bound by arithmetic instead: there each weight matrix is
+Decode steps (a few tokens) run on the fused GEMV kernels: bound by memory at one token, and from two tokens on by the
+arithmetic of the projections, which then widen each weight once for up to four tokens. A step with many tokens (prefill,
+perplexity) does ~2 x tokens flops per weight byte, more than those kernels keep up with: there each weight matrix is
 widened to float32 block by block, once per step, and multiplied by BLAS, and long prompts attend through the
 reference's BLAS attention. The cut-over is ``MANY_TOKENS``.
 

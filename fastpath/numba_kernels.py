@@ -146,19 +146,21 @@ def _dpbf16_row(typingctx, w_address, x_address, groups):
     return types.float32(types.int64, types.int64, types.int64), codegen
 
 
-CHUNK_WORDS = 256  # words of a row a pass of _rows_times_4_tokens takes: x's chunk for 8 tokens is 16 KB, in L1
+CHUNK_WORDS = 256  # words of a row one pass of _rows_times_tokens takes: x's chunk for 8 tokens is 16 KB, in L1
 
 
-def _rows_times_tokens_intrinsic(tokens: int):
-    """An intrinsic: out[t, r] += sum over the first 16 * ``vectors`` words j of w[r, j].lo xe[t, j] + w[r, j].hi
-    xo[t, j], for ``tokens`` tokens t and rows r = 0..n-1 of bf16 weights. Arguments as int64: the address of row 0
-    of w and the bytes between rows, n, the addresses of token 0's xe and xo and the bytes between tokens, vectors,
-    and the address of out[0, 0] and the bytes between its tokens.
+def _rows_times_tokens_intrinsic(tokens: int, packed: bool):
+    """An intrinsic: out[t, r] += sum over the first 16 * ``vectors`` words j of row r of bf16 weights times x[t]'s
+    elements 2j and 2j + 1, for ``tokens`` tokens t and rows r = 0..n-1. Arguments as int64: the address of row 0 of
+    w and the bytes between rows, n, the addresses of token 0's xe and xo and the bytes between tokens, vectors, and
+    the address of out[0, 0] and the bytes between its tokens. x is float32 split into even (xe) and odd (xo)
+    elements, or with ``packed`` (precision bf16) bf16 pairs packed into the words of xe (xo unused), multiplied
+    by vdpbf16ps as in _dpbf16_row.
 
-    Why: a few tokens' products are bound by arithmetic, not memory (see _add_token_products), and _dot, called per token
-    and row, widens every weight again for each token and loads it and x for each. Here each 16 words of the row are
-    loaded and widened once and multiplied by every token's x, into two sums a token (even and odd halves, so that
-    the multiply-adds of consecutive words do not wait for each other).
+    Why: a few tokens' products are bound by arithmetic, not memory (see _add_token_products), and _dot, called per
+    token and row, widens every weight again for each token and loads it and x for each. Here each 16 words of the
+    row are loaded (and widened) once and multiplied by every token's x, into two sums a token in float32 (even and
+    odd halves, so that the multiply-adds of consecutive words do not wait for each other), one packed.
     """
     @intrinsic
     def rows_times_tokens(typingctx, w_address, w_stride, n, xe_address, xo_address, x_stride, vectors, out_address,
@@ -175,7 +177,10 @@ def _rows_times_tokens_intrinsic(tokens: int):
                 return [builder.inttoptr(builder.add(at, builder.mul(ir.Constant(i64, t), stride)), kind.as_pointer())
                         for t in range(tokens)]
 
-            xe, xo = token_pointers(xe_at, x_stride, floats), token_pointers(xo_at, x_stride, floats)
+            pairs = ir.VectorType(_BFloat(), 32)
+            dp = module.globals.get(DPBF16) or ir.Function(module, ir.FunctionType(floats, [floats, pairs, pairs]),
+                                                           DPBF16)
+            xe, xo = token_pointers(xe_at, x_stride, pairs if packed else floats), token_pointers(xo_at, x_stride, floats)
             out = token_pointers(out_at, out_stride, f32)
             shift, high = ir.Constant(words, [int(SHIFT)] * 16), ir.Constant(words, [int(HIGH) - (1 << 32)] * 16)
             zero, i64_0, i64_1 = ir.Constant(floats, [0.0] * 16), ir.Constant(i64, 0), ir.Constant(i64, 1)
@@ -193,14 +198,19 @@ def _rows_times_tokens_intrinsic(tokens: int):
             builder.position_at_end(word_loop)  # for v in range(vectors): the sums of every token
             v = builder.phi(i64)
             v.add_incoming(i64_0, row_loop)
-            sums = [builder.phi(floats) for _ in range(2 * tokens)]  # (token, even/odd)
+            per_token = 1 if packed else 2
+            sums = [builder.phi(floats) for _ in range(per_token * tokens)]  # (token[, even/odd])
             word = builder.load(builder.gep(row, [v]), align=4)
             halves = builder.bitcast(builder.shl(word, shift), floats), builder.bitcast(builder.and_(word, high), floats)
             stepped = []
             for i, total in enumerate(sums):
                 total.add_incoming(zero, row_loop)
-                x = builder.load(builder.gep((xe, xo)[i % 2][i // 2], [v]), align=4)
-                stepped.append(builder.fadd(total, builder.fmul(halves[i % 2], x, flags=fast), flags=fast))
+                if packed:
+                    x = builder.load(builder.gep(xe[i], [v]), align=4)
+                    stepped.append(builder.call(dp, [total, builder.bitcast(word, pairs), x]))
+                else:
+                    x = builder.load(builder.gep((xe, xo)[i % 2][i // 2], [v]), align=4)
+                    stepped.append(builder.fadd(total, builder.fmul(halves[i % 2], x, flags=fast), flags=fast))
                 total.add_incoming(stepped[-1], word_loop)
             v_next = builder.add(v, i64_1)
             v.add_incoming(v_next, word_loop)
@@ -208,7 +218,7 @@ def _rows_times_tokens_intrinsic(tokens: int):
 
             builder.position_at_end(row_end)  # out[t, r] += the token's two sums, added up
             for t in range(tokens):
-                both = builder.fadd(stepped[2 * t], stepped[2 * t + 1], flags=fast)
+                both = stepped[t] if packed else builder.fadd(stepped[2 * t], stepped[2 * t + 1], flags=fast)
                 at = builder.gep(out[t], [r])
                 total = builder.call(reduce, [ir.Constant(f32, 0.0), both], fastmath=("reassoc",))
                 builder.store(builder.fadd(builder.load(at), total), at)
@@ -225,9 +235,26 @@ def _rows_times_tokens_intrinsic(tokens: int):
 
 # Four tokens a pass at most: with eight, their 16 sums, the row's words and x did not fit AVX-512's 32 registers,
 # and a pass was slower than two of four (0.94x against 1.9x the row-by-row products, 8 tokens of 5120 x 2048).
-_rows_times_4_tokens = _rows_times_tokens_intrinsic(4)
-_rows_times_2_tokens = _rows_times_tokens_intrinsic(2)
-_rows_times_1_token = _rows_times_tokens_intrinsic(1)
+_ROWS_TIMES_TOKENS = {packed: {tokens: _rows_times_tokens_intrinsic(tokens, packed) for tokens in (4, 2, 1)}
+                      for packed in (False, True)}
+
+
+def _rows_times_tokens(tokens, w_at, w_stride, n, xe_at, xo_at, x_stride, vectors, out_at, out_stride, xe):
+    """The intrinsic of _rows_times_tokens_intrinsic for 4, 2 or 1 ``tokens``, packed where xe holds bf16 words."""
+
+
+@overload(_rows_times_tokens, jit_options=JIT_OPTIONS)
+def _rows_times_tokens_impl(tokens, w_at, w_stride, n, xe_at, xo_at, x_stride, vectors, out_at, out_stride, xe):
+    four, two, one = _ROWS_TIMES_TOKENS[xe.dtype == types.uint32].values()
+
+    def call(tokens, w_at, w_stride, n, xe_at, xo_at, x_stride, vectors, out_at, out_stride, xe):
+        if tokens == 4:
+            four(w_at, w_stride, n, xe_at, xo_at, x_stride, vectors, out_at, out_stride)
+        elif tokens == 2:
+            two(w_at, w_stride, n, xe_at, xo_at, x_stride, vectors, out_at, out_stride)
+        else:
+            one(w_at, w_stride, n, xe_at, xo_at, x_stride, vectors, out_at, out_stride)
+    return call
 
 
 @intrinsic
@@ -434,7 +461,7 @@ def _add_products_by_row(w, r0, r1, xe, xo, out):
 
 @overload(_add_products, jit_options=JIT_OPTIONS)
 def _add_products_impl(w, r0, r1, xe, xo, out):
-    if not (w.dtype == types.uint32 and xe.dtype == types.float32):  # float32 weights, or packed bf16 activations
+    if w.dtype != types.uint32:  # float32 weights
         def by_row(w, r0, r1, xe, xo, out):
             _add_products_by_row(w, r0, r1, xe, xo, out)
         return by_row
@@ -450,7 +477,7 @@ def _add_products_impl(w, r0, r1, xe, xo, out):
 @njit(**FLAGS)
 def _add_token_products(w, r0, r1, xe, xo, out):
     """_add_products for bf16 weights and several tokens: a chunk of CHUNK_WORDS words of every row at a time, each
-    pass over it taking up to four tokens (_rows_times_tokens_intrinsic).
+    pass over it taking up to four tokens (_rows_times_tokens_intrinsic; packed bf16 x at precision bf16).
 
     Why: with a few tokens a projection is bound by arithmetic. Through _dot, row by row and token by token, a
     Qwen3-30B-A3B q|k|v projection (5120 x 2048) ran at ~14 GB/s of weights for 8 tokens on this project's
@@ -463,19 +490,11 @@ def _add_token_products(w, r0, r1, xe, xo, out):
         w_at = _row_address(w, r0) + 4 * c
         t = 0
         while t < T:
-            e_at, o_at, out_at = _row_address(xe, t) + 4 * c, _row_address(xo, t) + 4 * c, _row_address(out, t) + 4 * r0
-            if T - t >= 4:
-                _rows_times_4_tokens(w_at, w.strides[0], rows, e_at, o_at, xe.strides[0], vectors, out_at,
-                                     out.strides[0])
-                t += 4
-            elif T - t >= 2:
-                _rows_times_2_tokens(w_at, w.strides[0], rows, e_at, o_at, xe.strides[0], vectors, out_at,
-                                     out.strides[0])
-                t += 2
-            else:
-                _rows_times_1_token(w_at, w.strides[0], rows, e_at, o_at, xe.strides[0], vectors, out_at,
-                                    out.strides[0])
-                t += 1
+            tokens = 4 if T - t >= 4 else (2 if T - t >= 2 else 1)
+            _rows_times_tokens(tokens, w_at, w.strides[0], rows, _row_address(xe, t) + 4 * c,
+                               _row_address(xo, t) + 4 * c, xe.strides[0], vectors, _row_address(out, t) + 4 * r0,
+                               out.strides[0], xe)
+            t += tokens
 
 
 @njit(**FLAGS, parallel=True)

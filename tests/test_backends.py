@@ -292,7 +292,9 @@ def test_numba_projections_of_a_few_tokens_match_float64_products(tokens):
     Past one token they multiply a chunk of K.CHUNK_WORDS words of each row at a time by up to four
     tokens; the sizes here leave a part-chunk at the end of each row (2 chunks and 48 words), a part of a
     ROW_BLOCK of rows, and token groups of 4, 2 and 1. A row whose words are not whole 16-word vectors (the second
-    case) takes the row-by-row path."""
+    case) takes the row-by-row path. Where the CPU has AVX512-BF16, project_residual also at precision bf16."""
+    import ml_dtypes
+
     reason = backends.unavailable_reason("numba")
     if reason:
         pytest.skip(f"backend numba is not available here: {reason}")
@@ -317,6 +319,10 @@ def test_numba_projections_of_a_few_tokens_match_float64_products(tokens):
             expected = residual + x.astype(np.float64) @ w64.T
             ours = project(x, w, residual, K.FLOAT32)
             np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+            if K.bf16_supported():  # precision bf16: x rounded to bf16 (to nearest even) and packed, then vdpbf16ps
+                expected = residual + x.astype(ml_dtypes.bfloat16).astype(np.float64) @ w64.T
+                ours = project(x, w, residual, K.PACKED)
+                np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 def test_greedy_decoder_refuses_a_full_cache(decoding, fast_name, tiny_model_dir):
