@@ -344,8 +344,15 @@ __global__ void __launch_bounds__(FEW) sample_rows(const float* __restrict__ log
                 unsigned long long t = k - 1ull;
                 const auto all = [](int, float) { return true; };
                 const auto key = [](int, float v) { return order_key(v); };
-                const unsigned top_digit = radix_select(sh, row, V, 24, all, key, one, t, 24);
-                last = k - 1ull - t + sh.chosen_weight <= FEW ? place(top_digit | 0xffffffu, -1)
+                unsigned digits = radix_select(sh, row, V, 24, all, key, one, t, 24), rest = 0xffffffu;
+                if (k - 1ull - t + sh.chosen_weight > FEW) {  // too many (logits spread over few powers of two):
+                    // the next 8 bits too, among the tokens that share the first (one pass, where the exact select
+                    // would take five or more)
+                    const unsigned first = digits;
+                    const auto shares = [=](int, float v) { return (order_key(v) & 0xff000000u) == first; };
+                    digits |= radix_select(sh, row, V, 16, shares, key, one, t, 16), rest = 0xffffu;
+                }
+                last = k - 1ull - t + sh.chosen_weight <= FEW ? place(digits | rest, -1)
                                                                : select_in_order(sh, row, V, kept, one, k - 1ull);
             } else if (k < V) {
                 last = select_in_order(sh, row, V, kept, one, k - 1ull);
