@@ -34,7 +34,7 @@ KERNELS = {
                      "attention_heads<64>", "attention_heads<128>"],
     "attention_mma.cu": [f"attention_mma<{d}, {v}>" for d in (64, 128)
                          for v in ("true, float", "false, float", "false, bf16_t")],
-    "sampling.cu": ["argmax_partial", "greedy_advance", "sample_rows"],
+    "sampling.cu": ["argmax_partial", "greedy_advance", "topk_candidates", "sample_rows"],
     "matmul.cu": [*(f"mma_tiles<{m}, {split}>" for m in ("LINEAR", "GATE_UP", "DOWN") for split in ("true", "false")),
                   "add_split_sums", "to_bf16"],
     "peer_all_reduce.cu": ["peer_all_reduce"],

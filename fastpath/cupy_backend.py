@@ -31,7 +31,8 @@ Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) ar
     wgmma_tiles           the same products on Hopper's warpgroup instruction, tiles of 128 tokens fed by a
                           producer warpgroup and the copy engine, for steps of more than 64 tokens on an H100 / H200
                           (wgmma_tiles.cu, see tile_rows)
-    argmax_partial + greedy_advance, or sample_rows    a decoded row's next token, chosen on the device
+    argmax_partial + greedy_advance, or topk_candidates + sample_rows
+                          a decoded row's next token, chosen on the device (sampling.cu)
     peer_all_reduce       on a rank of a split model, in its decode graph: the sum over the ranks of one machine,
                           moe_combine's sum before it and the next block's RMSNorm after (peer_all_reduce.cu)
 Kernels captured into a graph are launched with programmatic dependent launch allowed (``cuda_build.Kernel``).
@@ -910,6 +911,30 @@ def final_logits(s: State, x: cp.ndarray) -> cp.ndarray:
 
 ARGMAX_BLOCKS = 256  # blocks of the argmax over the vocabulary, shared among the rows of a batch
 SAMPLE_THREADS = 1024  # threads of sample_rows' block per row
+CANDIDATE_BLOCKS, CANDIDATES = 64, 4096  # sampling.cu: topk_candidates' blocks a row, and a row's candidates at most
+
+
+def sampling_work(rows: int) -> tuple:
+    """draw_next_tokens' workspace for ``rows`` rows: each row's candidates, and its non-finite flag (0 between
+    calls)."""
+    return cp.empty((rows, CANDIDATES), cp.uint64), cp.zeros(rows, cp.int32)
+
+
+def draw_next_tokens(logits: cp.ndarray, V: int, settings: tuple, uniform: cp.ndarray, next_id: cp.ndarray,
+                     tok_pos: cp.ndarray, sampled: cp.ndarray, work: tuple) -> None:
+    """Each row of ``logits`` (its first V entries) -> its next token, drawn as the reference sampler draws it from
+    uniform[row] (sampling.cu): where the row keeps at most 64 tokens or is greedy, topk_candidates' 64 blocks first
+    find each part's top-k; then sample_rows, one block a row. ``settings``: (temperature, topk, topp) per row on the
+    device; the token goes to next_id[row] and sampled[row], tok_pos[row] advances, and sampled[rows] becomes 1 where
+    a logit is NaN or +Inf. ``work``: sampling_work(rows)."""
+    B, stride = logits.shape[0], logits.shape[1]
+    temperature, topk, topp = settings
+    candidates, non_finite_rows = work
+    kernel("sampling.cu", "topk_candidates")(
+        (B, CANDIDATE_BLOCKS), (256,), (logits, i32(V), i32(stride), temperature, topk, candidates, non_finite_rows))
+    kernel("sampling.cu", "sample_rows")(
+        (B,), (SAMPLE_THREADS,), (logits, i32(V), i32(stride), temperature, topk, topp, uniform, candidates,
+                                  non_finite_rows, next_id, tok_pos, sampled, sampled[B:]))
 
 
 class BatchDecoder:
@@ -954,6 +979,7 @@ class BatchDecoder:
             self.host_uniform = cp.cuda.alloc_pinned_memory(4 * B)
             np.frombuffer(self.host_uniform, np.float32, B)[:] = 0
             self.uniform = cp.zeros(B, cp.float32)
+            self.sampling_work = sampling_work(B)
         self.capacities, self.positions, self.first_tokens = [k.capacity for k in caches], list(positions), tokens
         self.ids = cp.zeros(B, cp.int64)
         self.plan = AttentionPlan.build(c, [(j, j + 1, p) for j, p in enumerate(positions)], max(self.capacities),
@@ -1062,9 +1088,8 @@ class BatchDecoder:
             self.comm.all_gather_into(part, self.whole)
             cp.copyto(self.joined, self.whole.transpose(1, 0, 2))
             logits = self.joined.reshape(B, -1)  # ids past the last rank's rows are never read
-        kernel("sampling.cu", "sample_rows")(
-            (B,), (SAMPLE_THREADS,), (logits, i32(V), i32(logits.shape[1]), *self.settings, self.uniform, self.ids,
-                                      self.plan.tok_pos, self.sampled, self.sampled[B:]))
+        draw_next_tokens(logits, V, self.settings, self.uniform, self.ids, self.plan.tok_pos, self.sampled,
+                         self.sampling_work)
 
     def step(self) -> list[int]:
         """Decode one token of every sequence: the greedy successor of its previous one (the first time: of its

@@ -239,17 +239,16 @@ SAMPLING_SETTINGS = [(0.0, 1, 1.0), SAMPLED_B1, (0.7, 1000, 1.0), (1.0, 0, 1.0),
 
 
 def bench_sampling(V: int, rows: tuple[int, ...] = (1, 64), repeats: int = 20) -> dict:
-    """Microseconds per launch of sample_rows over V random logits (normal x 3), per setting and row count."""
+    """Microseconds per draw of every row's next token (``draw_next_tokens``) over V random logits (normal x 3), per
+    setting and row count."""
     rng, out = np.random.default_rng(0), {}
-    sample_rows = cb.kernel("sampling.cu", "sample_rows")
     for settings in SAMPLING_SETTINGS:
         for B in rows:
             logits = cp.asarray(rng.standard_normal((B, V), dtype=np.float32) * 3)
-            per_row = [cp.asarray(np.full(B, v), t) for v, t in zip(settings, (cp.float32, cp.int32, cp.float32))]
-            state = (cp.zeros(B, cp.int64), cp.zeros(B, cp.int32), cp.zeros(B + 1, cp.int32))
-            args = (logits, cb.i32(V), cb.i32(V), *per_row, cp.asarray(rng.random(B, np.float32)), *state,
-                    state[2][B:])
-            launch = lambda: sample_rows((B,), (cb.SAMPLE_THREADS,), args)
+            per_row = tuple(cp.asarray(np.full(B, v), t) for v, t in zip(settings, (cp.float32, cp.int32, cp.float32)))
+            state = (cp.zeros(B, cp.int64), cp.zeros(B, cp.int32), cp.zeros(B + 1, cp.int32), cb.sampling_work(B))
+            uniform = cp.asarray(rng.random(B, np.float32))
+            launch = lambda: cb.draw_next_tokens(logits, V, per_row, uniform, *state)
             launch()
             start, end = cp.cuda.Event(), cp.cuda.Event()
             start.record()
@@ -386,7 +385,7 @@ def run(args) -> int:
           f"prompt: {ours['decode_b1_long_tokens_per_s']:.1f} tokens/s")
     print(f"prefill of {args.prompt_len} tokens: ours {ours['prefill_ms']:.1f} ms (precision float32), "
           f"{ours['prefill_bf16_ms']:.1f} ms (precision bf16); transformers (bf16) {peer['prefill_ms']:.1f} ms")
-    print(f"sample_rows over {c.vocab_size} logits, per launch ((temperature, top_k, top_p) x rows: us):")
+    print(f"drawing the next tokens from {c.vocab_size} logits ((temperature, top_k, top_p) x rows: us):")
     for key, us in ours["sample_rows_us"].items():
         print(f"  {key:<24} {us:8.1f}")
     for key, title in (("profile_b1", "one batch-1 step, uncaptured"), ("profile_prefill", "the prefill"),

@@ -186,9 +186,9 @@ class Fixed:
         return self.u
 
 
-def sample_on_device(cb, logits: np.ndarray, settings: list, uniform: np.ndarray, padding: int = 0):
-    """sample_rows on (B, V) logits, rows ``padding`` NaNs apart (a split model's rows have padding): (tokens, the
-    positions it advanced, the non-finite flag)."""
+def sample_on_device(cb, logits: np.ndarray, settings: list, uniform: np.ndarray, padding: int = 0, work=None):
+    """draw_next_tokens on (B, V) logits, rows ``padding`` NaNs apart (a split model's rows have padding): (tokens,
+    the positions it advanced, the non-finite flag). ``work``: its workspace (None: a new one)."""
     import cupy as cp
 
     B, V = logits.shape
@@ -197,11 +197,9 @@ def sample_on_device(cb, logits: np.ndarray, settings: list, uniform: np.ndarray
     temperature, topk, topp = (np.array(v) for v in zip(*settings))
     next_id, tok_pos, sampled = cp.full(B, -1, cp.int64), cp.zeros(B, cp.int32), cp.full(B + 1, -1, cp.int32)
     sampled[B] = 0
-    cb.kernel("sampling.cu", "sample_rows")(
-        (B,), (cb.SAMPLE_THREADS,),
-        (cp.asarray(padded), np.int32(V), np.int32(V + padding), cp.asarray(temperature, cp.float32),
-         cp.asarray(topk, cp.int32), cp.asarray(topp, cp.float32), cp.asarray(uniform, cp.float32), next_id, tok_pos,
-         sampled, sampled[B:]))
+    cb.draw_next_tokens(cp.asarray(padded), V, (cp.asarray(temperature, cp.float32), cp.asarray(topk, cp.int32),
+                                                cp.asarray(topp, cp.float32)),
+                        cp.asarray(uniform, cp.float32), next_id, tok_pos, sampled, work or cb.sampling_work(B))
     tokens = sampled[:B].get()
     np.testing.assert_array_equal(next_id.get(), tokens)
     return tokens, tok_pos.get(), int(sampled[B].get())
@@ -218,14 +216,16 @@ def logit_rows(rng, B: int, V: int) -> np.ndarray:
 
 @pytest.mark.parametrize("V, padding", [(384, 0), (1000, 2), (5000, 0), (151936, 0)])
 def test_sample_rows_draws_what_the_reference_sampler_draws(cb, V, padding):
-    """sample_rows against qwen3moe.sampling.sample, from the same uniform number u, over every setting of SAMPLING
-    and rows with ties, masked tokens and equal logits: the same token (the reference sorts the vocabulary; the
-    kernel selects by radix without moving anything, and sorts only a small top-k set). Rows with padding after
-    them are what a split model gathers."""
+    """draw_next_tokens against qwen3moe.sampling.sample, from the same uniform number u, over every setting of
+    SAMPLING and rows with ties, masked tokens and equal logits: the same token (the reference sorts the vocabulary;
+    the kernels select by radix without moving anything, and sort only a small top-k set: top-k up to 64 from the
+    candidates of 64 blocks, 65 over the whole row). Rows with padding after them are what a split model
+    gathers."""
     from qwen3moe.sampling import sample
 
     rng = np.random.default_rng()
-    settings = SAMPLING * 4 + [(0.9, 3, 1.0), (1.0, 0, 0.999), (0.7, 64, 0.95), (1.0, V, 1.0), (1.0, V + 5, 0.5)]
+    settings = SAMPLING * 4 + [(0.9, 3, 1.0), (1.0, 0, 0.999), (0.7, 64, 0.95), (0.7, 65, 0.95), (1.0, V, 1.0),
+                               (1.0, V + 5, 0.5)]
     B = len(settings)
     logits = logit_rows(rng, B, V)
     uniform = rng.random(B)
@@ -236,14 +236,18 @@ def test_sample_rows_draws_what_the_reference_sampler_draws(cb, V, padding):
     assert advanced.tolist() == [1] * B and non_finite == 0
 
 
-def test_sample_rows_flags_nan_and_infinite_logits(cb):
+@pytest.mark.parametrize("setting", [(1.0, 0, 0.9), (0.6, 20, 0.95), (0.0, 1, 1.0)])
+def test_sample_rows_flags_nan_and_infinite_logits(cb, setting):
+    """Over the whole row (top-k of every token) and from the candidates (top-k 20, greedy); a later draw with the
+    same workspace and finite logits is not flagged."""
     rng = np.random.default_rng()
-    logits = rng.standard_normal((3, 500)).astype(np.float32)
+    logits = rng.standard_normal((3, 5000)).astype(np.float32)
+    work = cb.sampling_work(3)
     for bad in (np.nan, np.inf):
         poisoned = logits.copy()
-        poisoned[1, 321] = bad
-        assert sample_on_device(cb, poisoned, [(1.0, 0, 0.9)] * 3, rng.random(3))[2] == 1
-    assert sample_on_device(cb, logits, [(1.0, 0, 0.9)] * 3, rng.random(3))[2] == 0
+        poisoned[1, 3210] = bad
+        assert sample_on_device(cb, poisoned, [setting] * 3, rng.random(3), work=work)[2] == 1
+        assert sample_on_device(cb, logits, [setting] * 3, rng.random(3), work=work)[2] == 0
 
 
 @pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="the bundled model is not in this copy")

@@ -86,6 +86,8 @@ constexpr int RADIX = 256;  // bins of one 8-bit digit
 constexpr int COPIES = 16;  // copies of the histogram, so that the lanes of a warp seldom add into the same bin
 constexpr int FEW = 1024;   // top-k sets this small are sorted in shared memory (one element per thread)
 constexpr int UNROLL = 8;   // logits each thread has in flight per pass
+constexpr int CANDIDATE_BLOCKS = 64;  // blocks of topk_candidates a row (each takes 1/64 of the vocabulary)
+constexpr int CANDIDATES = 4096;      // candidates of a row at most (CANDIDATE_BLOCKS x top-k): top-k <= 64
 
 // top_p is reached when the kept mass is within TOP_P_SLACK of it, as in the reference.
 constexpr double TOP_P_SLACK = 1e-6;
@@ -165,6 +167,8 @@ struct SampleScratch {  // one per block, in shared memory; the radix histograms
             unsigned long long place[FEW];  // sorted
             double running[FEW];
         } few;
+        unsigned long long candidates[CANDIDATES];  // (sample_rows) the blocks' candidates, sorted in place: the
+        // first FEW of them are then few.place
     };
     unsigned chosen_bin;
     unsigned long long chosen_before, chosen_weight;
@@ -259,38 +263,31 @@ __device__ unsigned long long set_weight(const float* row, int V, InSet in_set, 
     return block_total(s);
 }
 
-// Top-k, top-p and the draw over the at most FEW tokens placed up to ``last``, exactly as the reference walks its
-// sorted list: gathered, sorted by place (bitonic, one element per thread); the first k of them; running sums of
-// their weights; keep the first ones whose sum reaches top_p, then the first whose sum passes u times the kept sum.
-// Needs blockDim.x == FEW.
-template <class Weight>
-__device__ unsigned long long draw_from_few(SampleScratch& sh, const float* row, int V, unsigned long long last, int k,
-                                            Weight probability, float topp, float u) {
-    auto& few = sh.few.place;
-    const int j = threadIdx.x;
-    if (j == 0) sh.n_few = 0;
-    few[j] = ~0ull;
-    __syncthreads();
-    for_each(row, V, [&](int i, float v) {
-        const unsigned long long p = place(order_key(v), i);
-        if (p <= last) {
-            const int slot = atomicAdd(&sh.n_few, 1);
-            if (slot < FEW) few[slot] = p;
-        }
-    });
-    for (int size = 2; size <= FEW; size <<= 1) {
+// a[0..n) in ascending order, n a power of two, by the whole block (bitonic; each thread takes the pairs
+// j = threadIdx.x + m * blockDim.x).
+__device__ void block_sort(unsigned long long* a, int n) {
+    for (int size = 2; size <= n; size <<= 1) {
         for (int stride = size / 2; stride > 0; stride >>= 1) {
             __syncthreads();
-            const int partner = j ^ stride;
-            if (partner > j) {
-                const unsigned long long a = few[j], b = few[partner];
-                if ((a > b) == ((j & size) == 0)) few[j] = b, few[partner] = a;
+            for (int j = threadIdx.x; j < n; j += blockDim.x) {
+                const int partner = j ^ stride;
+                if (partner > j) {
+                    const unsigned long long x = a[j], y = a[partner];
+                    if ((x > y) == ((j & size) == 0)) a[j] = y, a[partner] = x;
+                }
             }
         }
     }
     __syncthreads();
-    const int n = min(min(sh.n_few, FEW), k);
-    const unsigned key = static_cast<unsigned>(few[j] >> 32);
+}
+
+// Top-p and the draw over the n places in sh.few.place[0..n) (sorted; n <= FEW, the first k of the order), exactly
+// as the reference walks its sorted list: running sums of their weights; keep the first ones whose sum reaches
+// top_p, then the first whose sum passes u times the kept sum. Needs blockDim.x == FEW.
+template <class Weight>
+__device__ unsigned long long draw_sorted(SampleScratch& sh, int n, Weight probability, float topp, float u) {
+    const int j = threadIdx.x;
+    const unsigned key = static_cast<unsigned>(sh.few.place[j] >> 32);
     const double running = block_inclusive_sum(j < n ? probability(key_value(key)) : 0.0);
     sh.few.running[j] = running;
     __syncthreads();
@@ -301,7 +298,74 @@ __device__ unsigned long long draw_from_few(SampleScratch& sh, const float* row,
     }
     const double target = u * sh.few.running[keep - 1];
     const int at = static_cast<int>(min(block_min(j < keep && running > target ? j : ~0ull), keep - 1ull));
-    return few[at];
+    return sh.few.place[at];
+}
+
+// Top-k, top-p and the draw over the at most FEW tokens placed up to ``last``: gathered from the row, sorted by
+// place, the first k of them, then draw_sorted. Needs blockDim.x == FEW.
+template <class Weight>
+__device__ unsigned long long draw_from_few(SampleScratch& sh, const float* row, int V, unsigned long long last, int k,
+                                            Weight probability, float topp, float u) {
+    auto& few = sh.few.place;
+    if (threadIdx.x == 0) sh.n_few = 0;
+    few[threadIdx.x] = ~0ull;
+    __syncthreads();
+    for_each(row, V, [&](int i, float v) {
+        const unsigned long long p = place(order_key(v), i);
+        if (p <= last) {
+            const int slot = atomicAdd(&sh.n_few, 1);
+            if (slot < FEW) few[slot] = p;
+        }
+    });
+    block_sort(few, FEW);
+    return draw_sorted(sh, min(min(sh.n_few, FEW), k), probability, topp, u);
+}
+
+// ---- sampling with top-k <= 64 over many blocks -----------------------------------------------------------------
+//
+// One block reads a row of 151,936 logits at ~10 GB/s (its passes are bound by the block's own instructions, not the
+// memory): ~60 us a pass on an H200, and a top-k draw takes three passes or more. When a row keeps at most 64 tokens
+// (Qwen3 samples with top_k = 20) or is greedy, topk_candidates first has CANDIDATE_BLOCKS blocks each find the
+// first k places of its 1/64 of the row (the row's first k are among those 64 k), and sample_rows then sorts those
+// candidates instead of reading the row.
+
+// How many places each block of topk_candidates keeps for a row: its top-k (1 where greedy), or 0 where the row takes
+// sample_rows' passes over the whole row instead (top-k of every token, or of more than 64).
+__device__ __forceinline__ int candidates_per_block(float temperature, int topk, int V) {
+    const int k = temperature == 0.0f || topk == 1 ? 1 : (topk > 0 && topk < V ? topk : 0);
+    return k > 0 && k * CANDIDATE_BLOCKS <= CANDIDATES ? k : 0;
+}
+
+// Row blockIdx.x, its 1/CANDIDATE_BLOCKS part blockIdx.y: the part's first k places in the order (k from
+// candidates_per_block; ids over the whole row), into candidates[row, blockIdx.y * k ...], ~0ull after the part's
+// last where it holds fewer than k. A NaN or +Inf logit sets non_finite_rows[row] = 1.
+//                                                          grid (rows, CANDIDATE_BLOCKS), block 256
+__global__ void __launch_bounds__(256) topk_candidates(const float* __restrict__ logits, int V, int stride,
+                                                     const float* __restrict__ temperature,
+                                                     const int* __restrict__ topk,
+                                                     unsigned long long* __restrict__ candidates,
+                                                     int* __restrict__ non_finite_rows) {
+    __shared__ SampleScratch sh;
+    begin_after_previous();
+    const int r = blockIdx.x, k = candidates_per_block(temperature[r], topk[r], V);
+    if (k == 0) return;
+    const int width = (V + CANDIDATE_BLOCKS - 1) / CANDIDATE_BLOCKS, first_id = blockIdx.y * width;
+    const int n = max(0, min(width, V - first_id));
+    const float* part = logits + static_cast<long long>(r) * stride + first_id;
+    bool bad = false;
+    for_each(part, n, [&](int, float v) { bad |= isnan(v) || v == INFINITY; });
+    if (__syncthreads_or(bad) && threadIdx.x == 0) non_finite_rows[r] = 1;
+    unsigned long long last = ~0ull;  // every place of the part up to it is kept (places within the part)
+    if (k < n)
+        last = select_in_order(sh, part, n, [](int, float) { return true; }, [](float) { return 1ull; }, k - 1ull);
+    if (threadIdx.x == 0) sh.n_few = 0;
+    __syncthreads();
+    unsigned long long* out = candidates + static_cast<long long>(r) * CANDIDATES + blockIdx.y * k;
+    for_each(part, n, [&](int i, float v) {
+        if (place(order_key(v), i) <= last) out[atomicAdd(&sh.n_few, 1)] = place(order_key(v), first_id + i);
+    });
+    __syncthreads();
+    for (int slot = sh.n_few + threadIdx.x; slot < k; slot += blockDim.x) out[slot] = ~0ull;
 }
 
 // Row blockIdx.x of the logits (V of them, rows ``stride`` apart): its next token, drawn as the reference sampler
@@ -312,12 +376,38 @@ __device__ unsigned long long draw_from_few(SampleScratch& sh, const float* row,
 __global__ void __launch_bounds__(FEW) sample_rows(const float* __restrict__ logits, int V, int stride,
                                                  const float* __restrict__ temperature, const int* __restrict__ topk,
                                                  const float* __restrict__ topp, const float* __restrict__ uniform,
-                                                 long long* __restrict__ next_id, int* __restrict__ tok_pos,
-                                                 int* __restrict__ sampled, int* __restrict__ non_finite) {
+                                                 const unsigned long long* __restrict__ candidates,
+                                                 int* __restrict__ non_finite_rows, long long* __restrict__ next_id,
+                                                 int* __restrict__ tok_pos, int* __restrict__ sampled,
+                                                 int* __restrict__ non_finite) {
     __shared__ SampleScratch sh;
     begin_after_previous();
     const int r = blockIdx.x;
     const float* row = logits + static_cast<long long>(r) * stride;
+    const int kc = candidates_per_block(temperature[r], topk[r], V);
+    if (kc) {  // topk_candidates has done the reading: sort its candidates; the first k of them are the row's
+        const int n = CANDIDATE_BLOCKS * kc;
+        int size = FEW;  // a power of two for the sort
+        while (size < n) size <<= 1;
+        for (int j = threadIdx.x; j < size; j += blockDim.x)
+            sh.candidates[j] = j < n ? candidates[static_cast<long long>(r) * CANDIDATES + j] : ~0ull;
+        block_sort(sh.candidates, size);
+        unsigned long long pick = sh.candidates[0];
+        if (__syncthreads_or(non_finite_rows[r])) {  // (every thread has read the flag before it is cleared)
+            if (threadIdx.x == 0) non_finite[0] = 1, non_finite_rows[r] = 0;  // cleared for the next step
+        } else if (kc > 1) {
+            const double top = key_value(static_cast<unsigned>(pick >> 32)), inv_t = 1.0 / temperature[r];
+            int valid = 0;  // candidates that are places of tokens (fewer than k only where V is tiny)
+            for (int j = threadIdx.x; j < kc; j += blockDim.x) valid += sh.candidates[j] != ~0ull;
+            valid = static_cast<int>(block_total(valid));
+            pick = draw_sorted(sh, valid, [=](float v) { return exp((v - top) * inv_t); }, topp[r], uniform[r]);
+        }
+        if (threadIdx.x == 0) {
+            const int id = static_cast<int>(pick & 0xffffffffu);
+            next_id[r] = id, sampled[r] = id, tok_pos[r] += 1;
+        }
+        return;
+    }
     unsigned long long first = ~0ull;  // the argmax: the first place in the order
     bool bad = false;
     for_each(row, V, [&](int i, float v) {
