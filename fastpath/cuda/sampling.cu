@@ -73,10 +73,11 @@ __global__ void greedy_advance(const float* __restrict__ best_val, const int* __
 // running probability reaches top_p, the one where it passes the drawn number u. It does so with a radix select: a
 // histogram of counts (top-k) or of probability mass (the others) over 8 bits of the ordering key at a time narrows
 // the key down to one value in four passes over the row; only if several ids share that value, three more passes
-// over their ids pick one. When top-k keeps at most FEW tokens (Qwen3 samples with top_k = 20), the tokens whose
-// first 8 bits of key are those of the k-th token or better (its power-of-two range of logits and above: some
-// hundreds of 151,936 normally spread logits) are gathered into shared memory
-// and sorted there, and top-k, top-p and the draw walk them as the reference walks its sorted list.
+// over their ids pick one. When top-k keeps at most FEW tokens, the tokens whose first 8 bits of key are those of the
+// k-th token or better (its power-of-two range of logits and above: some hundreds of 151,936 normally spread logits;
+// where that is too many, the first 16 bits) are gathered into shared memory and sorted there, and top-k, top-p and
+// the draw walk them as the reference walks its sorted list. With top-k of at most 64 (Qwen3 samples with
+// top_k = 20) none of this reads the row: topk_candidates (below) has 64 blocks each find the first k of its part.
 // Probabilities are computed in float64, as the reference does, and the histograms add them as integers in units of
 // 2^-45 for Qwen3's vocabulary (exact sums in any order): with a hundred thousand tokens in play, float32 sums would
 // move the drawn token by one now and then. The row (600 KB for Qwen3's vocabulary) stays in the L2 cache between
@@ -372,7 +373,9 @@ __global__ void __launch_bounds__(256) topk_candidates(const float* __restrict__
 // draws it from the same uniform number u = uniform[row]. Greedy where temperature == 0 or topk == 1; otherwise among
 // the tokens kept by top-k (0: all) and then top-p (1: all), each with probability exp((logit - max) / temperature)
 // / (their sum). The token becomes the row's next input, as in greedy_advance. Ids must be below 2^24. A NaN or +Inf
-// logit sets non_finite[0] = 1 (the host refuses the step).             grid (rows), block FEW (1024)
+// logit sets non_finite[0] = 1 (the host refuses the step). Where candidates_per_block takes the row, it draws from
+// topk_candidates' candidates (launched just before, ``candidates`` and ``non_finite_rows`` its outputs) instead of
+// reading the row.                                                      grid (rows), block FEW (1024)
 __global__ void __launch_bounds__(FEW) sample_rows(const float* __restrict__ logits, int V, int stride,
                                                  const float* __restrict__ temperature, const int* __restrict__ topk,
                                                  const float* __restrict__ topp, const float* __restrict__ uniform,
