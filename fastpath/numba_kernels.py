@@ -318,9 +318,11 @@ def _dot(w, r, xe, xo, t) -> np.float32:
 @njit(**FLAGS, inline="always")
 def _dot2(w, r, v, s, xe, xo, t) -> tuple[np.float32, np.float32]:
     """Row r of w and row s of v times token t of x, in one pass: each load of x serves both rows, and the loop
-    overheads and final horizontal sums of the two overlap. ~15 % faster than two _dot calls on rows of 64-256 words
-    (a small model's), where those per-row costs are a large part of the work; but ~25 % slower on large matrices
-    streamed from DRAM, so only the small-step ``moe_block`` uses it."""
+    overheads and final horizontal sums of the two overlap. Measured ~15 % faster than two _dot calls on rows of
+    64-256 words (a small model's) when it was written, but ~25 % slower on large matrices streamed from DRAM, so
+    only ``moe_block`` and the whole-step decoder's short rows (PAIR_WORDS) use it. (In session 23, alone on cached
+    rows of 128-256 words, _dot was the faster, and in the bundled model's step the two were within the noise:
+    docs/benchmarks.md.)"""
     a = b = np.float32(0.0)
     for j in range(xe.shape[1]):
         e, o = xe[t, j], xo[t, j]
