@@ -259,7 +259,7 @@ def _rows_times_tokens_impl(tokens, w_at, w_stride, n, xe_at, xo_at, x_stride, v
 
 @intrinsic
 def _row_address(typingctx, matrix, r):
-    """The address of row r of a 2-D array, as an int64 (for _dpbf16_row)."""
+    """The address of row r of a 2-D array, as an int64 (for the intrinsics that take addresses)."""
     if not (isinstance(matrix, types.Array) and matrix.ndim == 2):
         return None
 
