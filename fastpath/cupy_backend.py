@@ -911,7 +911,9 @@ def final_logits(s: State, x: cp.ndarray) -> cp.ndarray:
 
 ARGMAX_BLOCKS = 256  # blocks of the argmax over the vocabulary, shared among the rows of a batch
 SAMPLE_THREADS = 1024  # threads of sample_rows' block per row
-CANDIDATE_BLOCKS, CANDIDATES = 64, 4096  # sampling.cu: topk_candidates' blocks a row, and a row's candidates at most
+# sampling.cu's CANDIDATE_BLOCKS and CANDIDATES (the two must agree): topk_candidates' blocks a row, and the
+# candidates of a row at most
+CANDIDATE_BLOCKS, CANDIDATES = 64, 4096
 
 
 def sampling_work(rows: int) -> tuple:

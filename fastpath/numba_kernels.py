@@ -180,7 +180,8 @@ def _rows_times_tokens_intrinsic(tokens: int, packed: bool):
             pairs = ir.VectorType(_BFloat(), 32)
             dp = module.globals.get(DPBF16) or ir.Function(module, ir.FunctionType(floats, [floats, pairs, pairs]),
                                                            DPBF16)
-            xe, xo = token_pointers(xe_at, x_stride, pairs if packed else floats), token_pointers(xo_at, x_stride, floats)
+            xe = token_pointers(xe_at, x_stride, pairs if packed else floats)
+            xo = token_pointers(xo_at, x_stride, floats)
             out = token_pointers(out_at, out_stride, f32)
             shift, high = ir.Constant(words, [int(SHIFT)] * 16), ir.Constant(words, [int(HIGH) - (1 << 32)] * 16)
             zero, i64_0, i64_1 = ir.Constant(floats, [0.0] * 16), ir.Constant(i64, 0), ir.Constant(i64, 1)
@@ -201,7 +202,8 @@ def _rows_times_tokens_intrinsic(tokens: int, packed: bool):
             per_token = 1 if packed else 2
             sums = [builder.phi(floats) for _ in range(per_token * tokens)]  # (token[, even/odd])
             word = builder.load(builder.gep(row, [v]), align=4)
-            halves = builder.bitcast(builder.shl(word, shift), floats), builder.bitcast(builder.and_(word, high), floats)
+            halves = (builder.bitcast(builder.shl(word, shift), floats),  # the even elements, then the odd
+                      builder.bitcast(builder.and_(word, high), floats))
             stepped = []
             for i, total in enumerate(sums):
                 total.add_incoming(zero, row_loop)
