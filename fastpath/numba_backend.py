@@ -9,11 +9,11 @@
   * f16 checkpoints are widened to f32 once (Numba has no fast f16 arithmetic); f32 checkpoints are used as they are;
   * the checkpoint's memory maps are populated (every page mapped now, not on first touch; see ``populate``).
 
-Decode steps (a few tokens) run on the fused GEMV kernels: bound by memory at one token, and from two tokens on by the
-arithmetic of the projections, which then widen each weight once for up to four tokens. A step with many tokens (prefill,
-perplexity) does ~2 x tokens flops per weight byte, more than those kernels keep up with: there each weight matrix is
-widened to float32 block by block, once per step, and multiplied by BLAS, and long prompts attend through the
-reference's BLAS attention. The cut-over is ``MANY_TOKENS``.
+Decode steps (a few tokens) run on the fused GEMV kernels: bound by memory at one token, and from two tokens on by
+the arithmetic of the projections, which then widen each weight once for up to four tokens. A step with many tokens
+(prefill, perplexity) does ~2 x tokens flops per weight byte, more than those kernels keep up with: there each
+weight matrix is widened to float32 block by block, once per step, and multiplied by BLAS, and long prompts attend
+through the reference's BLAS attention. The cut-over is ``MANY_TOKENS``.
 
 A small model's decode step (the bundled model's reads 6.6 MB, ~0.2 ms of kernels) is bound by the cost of the calls
 themselves as much as by memory, so each block is as few compiled calls as its parts allow: the RMSNorm runs inside
@@ -303,7 +303,7 @@ class GreedyDecoder:
         self._args = (s.embed_tokens, s.lm_head, d.table, d.layer_norms, d.qk_norms, d.moe_slot, s.norm, cache.k,
                       cache.v, cos, sin, np.float32(c.rms_norm_eps), c.num_attention_heads, c.num_experts_per_tok,
                       bool(c.norm_topk_prob), np.zeros(E, np.bool_), self.logits, self._counts, self._prob_sum,
-                      self._entropy, K.PACKED if s.precision == "bf16" else K.FLOAT32)
+                      self._entropy, activations(s, s.lm_head))  # (the table's matrices share lm_head's dtype)
         # One thread when the step reads less than PARALLEL_MIN_BYTES (waking the others would cost more).
         self._threads = numba.get_num_threads() if d.step_bytes >= PARALLEL_MIN_BYTES else 1
         # Recent step times in seconds, threaded and on one thread (see _decode); the first step runs on one thread.

@@ -202,8 +202,9 @@ def _rows_times_tokens_intrinsic(tokens: int, packed: bool):
             per_token = 1 if packed else 2
             sums = [builder.phi(floats) for _ in range(per_token * tokens)]  # (token[, even/odd])
             word = builder.load(builder.gep(row, [v]), align=4)
-            halves = (builder.bitcast(builder.shl(word, shift), floats),  # the even elements, then the odd
-                      builder.bitcast(builder.and_(word, high), floats))
+            if not packed:  # the row's even elements, then its odd ones, widened to float32
+                halves = (builder.bitcast(builder.shl(word, shift), floats),
+                          builder.bitcast(builder.and_(word, high), floats))
             stepped = []
             for i, total in enumerate(sums):
                 total.add_incoming(zero, row_loop)
