@@ -399,11 +399,9 @@ __global__ void __launch_bounds__(FEW) sample_rows(const float* __restrict__ log
         if (__syncthreads_or(non_finite_rows[r])) {  // (every thread has read the flag before it is cleared)
             if (threadIdx.x == 0) non_finite[0] = 1, non_finite_rows[r] = 0;  // cleared for the next step
         } else if (kc > 1) {
+            // (the first k candidates are all tokens' places: the parts hold V > k tokens in all)
             const double top = key_value(static_cast<unsigned>(pick >> 32)), inv_t = 1.0 / temperature[r];
-            int valid = 0;  // candidates that are places of tokens (fewer than k only where V is tiny)
-            for (int j = threadIdx.x; j < kc; j += blockDim.x) valid += sh.candidates[j] != ~0ull;
-            valid = static_cast<int>(block_total(valid));
-            pick = draw_sorted(sh, valid, [=](float v) { return exp((v - top) * inv_t); }, topp[r], uniform[r]);
+            pick = draw_sorted(sh, kc, [=](float v) { return exp((v - top) * inv_t); }, topp[r], uniform[r]);
         }
         if (threadIdx.x == 0) {
             const int id = static_cast<int>(pick & 0xffffffffu);
