@@ -31,7 +31,8 @@ KERNELS = {
     "mma_few.cu": ["mma_few<LINEAR>", "mma_few<GATE_UP>", "mma_few<DOWN>"],
     "mma_batch.cu": ["mma_batch"],
     "attention.cu": ["qk_norm_rope_cache", *(f"attention<{v}, {n}>" for v in (1, 2) for n in ("false", "true")),
-                     "attention_heads<64>", "attention_heads<128>"],
+                     "attention_heads<64>", "attention_heads<128>",
+                     *(f"attention_group<{d}, {g}>" for d in (64, 128) for g in (4, 8, 16))],
     "attention_mma.cu": [f"attention_mma<{d}, {v}>" for d in (64, 128)
                          for v in ("true, float", "false, float", "false, bf16_t")],
     "sampling.cu": ["argmax_partial", "greedy_advance", "topk_candidates", "sample_rows"],

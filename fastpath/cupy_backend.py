@@ -14,6 +14,8 @@ Every tensor of a step stays on the GPU. The kernels (``fastpath/cuda/*.cu``) ar
     qk_norm_rope_cache    q/k RMSNorm, RoPE, K/V written into the sequence's cache
     attention             grouped-query attention, keys split across blocks and merged by the last (flash-decoding)
     attention_heads       the same at one token per sequence over short caches, a block per query head
+    attention_group       the same at one token per sequence over long caches, a block per kv head, each key
+                          scored for its query heads at once
     attention_mma         prefill attention on the tensor cores (attention_mma.cu)
     linear + route_topk   RMSNorm + router GEMV; softmax + top-k (+ renormalise) + the experts' normalised input
     route_gate_up         at one token (every expert held): route_topk's routing and expert_gate_up in one kernel
@@ -87,7 +89,16 @@ NORM_ROPE_INSIDE_MAX_KEYS = 1536
 # batch-1 step of Qwen3-30B-A3B shapes, ms a token, attention -> attention_heads (docs/benchmarks.md): 144 positions
 # 3.29 -> 2.99, 1136 3.47 -> 3.25, 2160 3.64 -> 3.38, 4208 3.90 -> 3.88, 8304 4.23 -> 4.92.
 QUERY_HEADS_MAX_KEYS = 3072
-QUERY_HEADS_HEAD_DIMS = (64, 128)
+QUERY_HEADS_HEAD_DIMS = (64, 128)  # (attention_group's too)
+# A step of one token per sequence whose caches each hold more positions than that runs attention.cu's
+# attention_group (a block per (split, kv head, token), each key read once for the G query heads that share it) where
+# G is one of these, with keys split until there are GROUP_TARGET_BLOCKS blocks (a block takes a multiprocessor's
+# registers: 132 SMs once over). H200, Qwen3-30B-A3B shapes, captured steps, attention -> attention_group
+# (docs/benchmarks.md): batch 1, ms a token, 3112 positions 3.56 -> 3.28, 4208 3.70 -> 3.38, 8304 4.02 -> 3.66;
+# batch 8 over 4136 positions each 14.17 -> 13.97 ms a step. Over shorter caches in larger batches it was no faster
+# (batch 8 over 1064 positions 11.55 -> 11.70 ms, batch 64 over 56 21.26 -> 21.33), and those stay on attention.
+GROUP_SIZES = (4, 8, 16)
+GROUP_TARGET_BLOCKS = 132
 MMA_ATTENTION_TOKENS = 64  # query tokens per block of attention_mma.cu
 GEMV_MAX_TOKENS = 16  # projections of fewer tokens that mma_batch.cu does not take run on linear.cu's GEMV
 FEW_TOKENS = 64  # projections of up to this many tokens (that mma_batch.cu does not take) run on mma_few.cu ...
@@ -708,7 +719,9 @@ class AttentionPlan:
     sequence's tokens fit in one tile (a decoding step) and the caches are short (NORM_ROPE_INSIDE_MAX_KEYS), that
     kernel also normalises and rotates the queries and keys and writes the cache (``norm_rope_inside``). A step of
     one token per sequence over caches of at most QUERY_HEADS_MAX_KEYS positions in all takes attention_heads instead
-    (``query_heads``: a block per (split, query head, token)), which does that work too."""
+    (``query_heads``: a block per (split, query head, token)), and one over caches of more than that each takes
+    attention_group (``group_heads``: a block per (split, kv head, token), each key scored for its G query heads at
+    once); both do that work too."""
 
     tok_pos: cp.ndarray  # (T,) int32
     tok_seq: cp.ndarray  # (T,) int32
@@ -721,22 +734,29 @@ class AttentionPlan:
     tensor_cores: bool = False  # attention_mma.cu
     norm_rope_inside: bool = False  # attention.cu does qk_norm_rope_cache's work too
     query_heads: bool = False  # attention.cu's attention_heads
+    group_heads: bool = False  # attention.cu's attention_group
 
     @staticmethod
     def build(c: Qwen3MoeConfig, segments: list[tuple[int, int, int]], max_keys: int,
-              tensor_cores: bool | None = None, query_heads: bool | None = None) -> "AttentionPlan":
+              tensor_cores: bool | None = None, query_heads: bool | None = None,
+              group_heads: bool | None = None) -> "AttentionPlan":
         """``segments``: (first row, end row, first position) per sequence; ``max_keys``: the most keys any query
-        may see (the grid is sized for it: a captured step passes the cache capacity); ``tensor_cores`` and
-        ``query_heads``: which kernel (None: chosen by the step's shape, as above; the kernel ladder and the tests
-        compare them)."""
+        may see (the grid is sized for it: a captured step passes the cache capacity); ``tensor_cores``,
+        ``query_heads`` and ``group_heads``: which kernel (None: chosen by the step's shape, as above; the kernel
+        ladder and the tests compare them)."""
         longest = max(stop - start for start, stop, _ in segments)
         mma = tensor_cores if tensor_cores is not None else (
             c.head_dim in ATTENTION_MMA_HEAD_DIMS and longest >= ATTENTION_MMA_MIN_TOKENS)
-        heads = not mma and longest == 1 and c.head_dim in QUERY_HEADS_HEAD_DIMS and (
-            query_heads if query_heads is not None else len(segments) * max_keys <= QUERY_HEADS_MAX_KEYS)
-        if query_heads and not heads:
-            raise ValueError(f"attention_heads takes steps of one token per sequence with head_dim in "
-                             f"{QUERY_HEADS_HEAD_DIMS}, not this one (head_dim {c.head_dim}, {longest} tokens)")
+        one_token = not mma and longest == 1 and c.head_dim in QUERY_HEADS_HEAD_DIMS
+        G = c.num_attention_heads // c.num_key_value_heads
+        heads = one_token and (query_heads if query_heads is not None else
+                               not group_heads and len(segments) * max_keys <= QUERY_HEADS_MAX_KEYS)
+        group = one_token and not heads and G in GROUP_SIZES and (
+            group_heads if group_heads is not None else max_keys > QUERY_HEADS_MAX_KEYS)
+        if query_heads and not heads or group_heads and not group:
+            raise ValueError(f"attention_heads and attention_group take steps of one token per sequence with head_dim "
+                             f"in {QUERY_HEADS_HEAD_DIMS} (attention_group: {GROUP_SIZES} query heads per kv head), not "
+                             f"this one (head_dim {c.head_dim}, {G} query heads per kv head, {longest} tokens)")
         per_tile = MMA_ATTENTION_TOKENS if mma else max(
             1, MAX_ATTENTION_ROWS // (c.num_attention_heads // c.num_key_value_heads))
         pos, seq, tiles = [], [], []
@@ -745,7 +765,7 @@ class AttentionPlan:
             seq += [j] * (stop - start)
             tiles += [(j, r, min(per_tile, stop - r)) for r in range(start, stop, per_tile)]
         blocks = len(tiles) * (c.num_attention_heads if heads else c.num_key_value_heads)
-        enough = math.ceil(TARGET_BLOCKS / blocks)
+        enough = math.ceil((GROUP_TARGET_BLOCKS if group else TARGET_BLOCKS) / blocks)
         if longest == 1:  # decoding: partial results stay small
             enough = max(enough, math.ceil(max_keys / MAX_KEYS_PER_SPLIT))
         splits = 1 if mma else max(1, min(math.ceil(max_keys / KEYS_PER_SPLIT), enough))
@@ -754,8 +774,8 @@ class AttentionPlan:
         tile_seq, tile_row, tile_rows = zip(*tiles)
         return AttentionPlan(a(pos), a(seq), a(tile_seq), a(tile_row), a(tile_rows), math.ceil(max_keys / chunk),
                              chunk, max(tile_rows) * c.num_attention_heads // c.num_key_value_heads, mma,
-                             heads or (not mma and len(tiles) == len(segments)
-                                       and max_keys <= NORM_ROPE_INSIDE_MAX_KEYS), heads)
+                             heads or group or (not mma and len(tiles) == len(segments)
+                                                and max_keys <= NORM_ROPE_INSIDE_MAX_KEYS), heads, group)
 
     def shared_bytes(self, c: Qwen3MoeConfig) -> int:
         """Dynamic shared memory of attention.cu's kernel: the tile's queries, then two stages of 32 keys and values
@@ -834,15 +854,18 @@ def attend(c: Qwen3MoeConfig, plan: AttentionPlan, k_caches: cp.ndarray, v_cache
             (b.q, i32(Hq), i32(Hkv), k_caches, v_caches, plan.tile_seq, plan.tile_row, plan.tile_rows, plan.tok_pos,
              np.float32(D ** -0.5), out), shared_mem=smem)
         return
-    if norms is not None and not plan.norm_rope_inside or plan.query_heads and norms is None:
+    if norms is not None and not plan.norm_rope_inside or (plan.query_heads or plan.group_heads) and norms is None:
         raise ValueError("attention.cu normalises and rotates the keys itself under a plan that says so, and only then")
     qkv, q_norm, k_norm, inv_freq = norms or (NULL,) * 4
-    if plan.query_heads:
-        kernel("attention.cu", f"attention_heads<{D}>")(
-            (plan.splits, Hq, T), (BLOCK,),
+    if plan.query_heads or plan.group_heads:
+        G = Hq // Hkv
+        name, grid, smem = ((f"attention_group<{D}, {G}>", (plan.splits, Hkv, T), 4 * (BLOCK // 32) * G * D)
+                            if plan.group_heads else (f"attention_heads<{D}>", (plan.splits, Hq, T), 0))
+        kernel("attention.cu", name)(
+            grid, (BLOCK,),
             (qkv, i32(Hq), i32(Hkv), k_caches, v_caches, plan.tok_seq, plan.tok_pos, i32(plan.chunk),
              np.float32(D ** -0.5), q_norm, k_norm, np.float32(c.rms_norm_eps), inv_freq, b.part_acc, b.part_m,
-             b.part_l, b.arrivals, out))
+             b.part_l, b.arrivals, out), shared_mem=smem)
         return
     attention = kernel("attention.cu", f"attention<{1 if D <= 128 else 2}, {'false' if norms is None else 'true'}>")
     attention((plan.splits, Hkv, plan.tile_seq.shape[0]), (BLOCK,),

@@ -1,5 +1,5 @@
-"""Kernel ladders: ``python -m fastpath.ladder [moe_gemv|moe_down|lm_head|attention|attention_short|router|
-batch_projection|attention_prefill|prefill_projection ...]``.
+"""Kernel ladders: ``python -m fastpath.ladder [moe_gemv|moe_down|lm_head|attention|attention_short|attention_long|
+router|batch_projection|attention_prefill|prefill_projection ...]``.
 
 In the style of llm.c's dev/cuda: for each central kernel of batch-1 decode, a naive first version and then each
 optimisation on its own (``fastpath/cuda/ladder/*.cu``, each with a comment saying what it improves), ending with the
@@ -220,7 +220,7 @@ def ladder_attention(L: int = 8192) -> list[Row]:
     addresses = [(addr(kc), addr(vc)) for kc, vc in caches]
 
     def old_kernels(split: bool):  # v2 and v3: attention_v2 over one split or many, then attention_v3_combine
-        plan = cb.AttentionPlan.build(c, [(0, 1, L - 1)], L)
+        plan = cb.AttentionPlan.build(c, [(0, 1, L - 1)], L, query_heads=False, group_heads=False)
         if not split:
             plan.splits, plan.chunk = 1, L
         b = cb.AttentionBuffers.empty(1, c, plan.splits)
@@ -241,7 +241,7 @@ def ladder_attention(L: int = 8192) -> list[Row]:
                                 np.int32(D), b.attn))
         return b, run
 
-    plan = cb.AttentionPlan.build(c, [(0, 1, L - 1)], L)
+    plan = cb.AttentionPlan.build(c, [(0, 1, L - 1)], L, query_heads=False, group_heads=False)
     b4 = cb.AttentionBuffers.empty(1, c, plan.splits)
     b4.q[...] = q
     b2, run2 = old_kernels(False)
@@ -266,11 +266,14 @@ def ladder_attention(L: int = 8192) -> list[Row]:
 
 
 def ladder_attention_short(L: int = 1024) -> list[Row]:
-    """The whole attention step of one new token at the end of a short cache (position L - 1): its q/k RMSNorm, RoPE
-    and cache write, then its attention over the L keys -- both production kernels do all of it, from the q/k/v
-    projection's output. Over a short cache the work is a chain of dependent steps rather than bytes: v4 has a block
-    per (split, kv head), only a few dozen blocks, each lane a whole 128-long dot product; v5 a block per (split,
-    query head), 8 lanes a key. (Over long caches v5 reads each key G = 8 times, and v4 stays: see ``attention``.)"""
+    """The whole attention step of one new token at the end of a cache of L positions: its q/k RMSNorm, RoPE and
+    cache write, then its attention over the L keys -- the three production kernels of a decoding step do all of it,
+    from the q/k/v projection's output. v4 has a block per (split, kv head), each lane a whole 128-long dot product
+    (what steps of several tokens a sequence still take); over a short cache that is a chain of dependent steps
+    rather than bytes. v5 has a block per (split, query head), 8 lanes a key: G = 8 times the blocks, but also G
+    times the reads of each key (from L2 after the first), which over long caches cost more than they save. v6 has a
+    block per (split, kv head) again, a lane 4 elements of each key and query, each key scored for the G query heads
+    at once."""
     c = CONFIG
     Hq, Hkv, D, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
     caches = [(cp.random.standard_normal((L, Hkv, D), dtype=cp.float32),
@@ -299,20 +302,22 @@ def ladder_attention_short(L: int = 1024) -> list[Row]:
     addr = lambda a: cp.asarray(np.array([a.data.ptr], np.uint64))
     addresses = [(addr(kc), addr(vc)) for kc, vc in caches]
 
-    def production(query_heads: bool):
-        plan = cb.AttentionPlan.build(c, [(0, 1, L - 1)], L, query_heads=query_heads)
-        assert plan.norm_rope_inside
+    versions = {}
+    for name, query_heads, group_heads, why in (
+            ("v4", False, False, "attention: a block per (split, kv head), {} x {} blocks, a lane per key, the new key "
+                                 "normalised, rotated and written by its split's block"),
+            ("v5", True, False, "production over short caches (attention_heads): a block per (split, query head), {} "
+                                "x {} blocks, 8 lanes a key (4 keys a warp at once, each warp its own online softmax), "
+                                "every block of the new key's split computes it"),
+            ("v6", False, True, "production over long caches (attention_group): a block per (split, kv head), {} x {} "
+                                "blocks, each key read once for its 8 query heads: a lane's 4 elements of it against "
+                                "theirs, then one reduce-scatter over the warp for 4 keys x 8 heads")):
+        plan = cb.AttentionPlan.build(c, [(0, 1, L - 1)], L, query_heads=query_heads, group_heads=group_heads)
+        if not plan.norm_rope_inside:  # (attention over long caches leaves that to qk_norm_rope_cache: "attention")
+            continue
         b = cb.AttentionBuffers.empty(1, c, plan.splits)
-        return plan, b, lambda i: cb.attend(c, plan, *addresses[i % 3], b, norms=norms)
-
-    (plan4, b4, run4), (plan5, b5, run5) = production(False), production(True)
-    versions = {
-        "v4": (f"production over long caches (attention): a block per (split, kv head), {plan4.splits} x {Hkv} "
-               "blocks, a lane per key, the new key normalised, rotated and written by its split's block", b4, run4),
-        "v5": (f"production over short caches (attention_heads): a block per (split, query head), {plan5.splits} x "
-               f"{Hq} blocks, 8 lanes a key (4 keys a warp at once, each warp its own online softmax), every block "
-               "of the new key's split computes it", b5, run5),
-    }
+        versions[name] = (why.format(plan.splits, Hq if query_heads else Hkv), b,
+                          lambda i, plan=plan, b=b: cb.attend(c, plan, *addresses[i % 3], b, norms=norms))
     rows = []
     for name, (why, b, run) in versions.items():
         b.attn.fill(np.nan)
@@ -481,6 +486,8 @@ LADDERS = {"moe_gemv": ("MoE gate/up GEMV, 8 of 128 experts (50 MB)", ladder_moe
            "attention": ("attention decode, 8192 cached positions (33 MB of K/V)", ladder_attention, "GB/s"),
            "attention_short": ("attention decode with q/k-norm, RoPE and the cache write, 1024 cached positions "
                                "(4 MB of K/V)", ladder_attention_short, "GB/s"),
+           "attention_long": ("the same over 8192 cached positions (33 MB of K/V)",
+                              lambda: ladder_attention_short(8192), "GB/s"),
            "router": ("router: 128 x 2048 GEMV, softmax, top-8 (0.5 MB)", ladder_router, "GB/s"),
            "batch_projection": ("q/k/v projection of 8 tokens: 5120 x 2048 (21 MB)", ladder_batch_projection, "GB/s"),
            "attention_prefill": ("attention prefill, 1024 tokens (causal)", ladder_attention_prefill, "TFLOP/s"),

@@ -573,6 +573,45 @@ def test_attention_over_query_heads_matches_the_reference(cb, tmp_path, heads, h
     attention_block_twice(cb, s, r, plan, segments, capacity)
 
 
+@pytest.mark.parametrize("capacity", [300, 2100])
+@pytest.mark.parametrize("heads, head_dim", [((32, 4), 128), ((8, 2), 64), ((64, 4), 128), ((16, 2), 64)])
+def test_attention_over_groups_of_query_heads_matches_the_reference(cb, tmp_path, heads, head_dim, capacity):
+    """attention_group (a block per (split, kv head, token) scoring each key for the kv head's G query heads at once,
+    for steps of one token per sequence over long caches) against the reference's attention block, on fresh random
+    caches, for G = 4, 8 and 16: new keys that are the first of a split, the last of one, in a warp's later rounds, at
+    position 0 and at the cache's end; the block of the new key's split writes it into the caches, which must match
+    too. Run twice: the arrival counters must be back at zero. Also which plans take it."""
+    c, s, r = one_attention_layer(cb, tmp_path, heads, head_dim)
+    B = 7
+    chunk = cb.AttentionPlan.build(c, [(j, j + 1, 0) for j in range(B)], capacity, group_heads=True).chunk
+    firsts = [chunk, chunk - 1, 0, capacity - 1, chunk + 33, chunk + 70, min(2 * chunk + 5, capacity - 2)]
+    segments = [(j, j + 1, p) for j, p in enumerate(firsts)]
+    plan = cb.AttentionPlan.build(c, segments, capacity, group_heads=True)
+    assert plan.group_heads and not plan.query_heads and plan.norm_rope_inside and plan.splits >= 2
+    # which plans take it by themselves: steps of one token per sequence over caches of more than QUERY_HEADS_MAX_KEYS
+    # positions each (attention_heads takes those up to it in all, attention the rest), not steps with more than one
+    # token of a sequence
+    most = cb.QUERY_HEADS_MAX_KEYS
+    assert cb.AttentionPlan.build(c, [(0, 1, 0)], most + 1).group_heads
+    assert cb.AttentionPlan.build(c, [(0, 1, 0), (1, 2, 0)], most + 1).group_heads
+    assert cb.AttentionPlan.build(c, [(0, 1, 0)], most).query_heads
+    plan_apart = cb.AttentionPlan.build(c, [(0, 1, 0), (1, 2, 0)], most // 2 + 1)
+    assert not plan_apart.group_heads and not plan_apart.query_heads
+    assert not cb.AttentionPlan.build(c, [(0, 2, 0)], most + 1).group_heads
+    with pytest.raises(ValueError, match="one token per sequence"):
+        cb.AttentionPlan.build(c, [(0, 2, 0)], capacity, group_heads=True)
+    attention_block_twice(cb, s, r, plan, segments, capacity)
+
+
+def test_attention_over_groups_takes_only_the_group_sizes_it_is_compiled_for(cb, tmp_path):
+    """Three query heads per kv head: attention_group is not compiled for it; asked for, the plan says so, and a long
+    cache takes another kernel by itself."""
+    c, _, _ = one_attention_layer(cb, tmp_path, (6, 2), 64)
+    with pytest.raises(ValueError, match="query heads per kv head"):
+        cb.AttentionPlan.build(c, [(0, 1, 0)], 4000, group_heads=True)
+    assert not cb.AttentionPlan.build(c, [(0, 1, 0)], 4000).group_heads
+
+
 @pytest.mark.parametrize("T", [1, 7])
 def test_a_rank_adds_only_the_picks_of_its_own_experts(cb, tiny_model_dir, T):
     """Expert parallelism: each rank's MoE block adds only the picks of its block of experts (the others' rows of the
@@ -742,7 +781,8 @@ def test_attention_kernel_matches_float64_attention(cb, heads, head_dim, decode)
     caches = [(rng.standard_normal((capacity, Hkv, D), dtype=np.float32),
                rng.standard_normal((capacity, Hkv, D), dtype=np.float32)) for _ in segments]
     q = rng.standard_normal((row, Hq, D), dtype=np.float32)
-    plan = cb.AttentionPlan.build(c, segments, capacity, tensor_cores=False, query_heads=False)
+    plan = cb.AttentionPlan.build(c, segments, capacity, tensor_cores=False, query_heads=False,
+                                  group_heads=False)
     assert plan.splits >= 4 and (decode or 320 % plan.chunk == 0)  # the 5-token chunk straddles a split
     b = cb.AttentionBuffers.empty(row, c, plan.splits)
     for a in vars(b).values():

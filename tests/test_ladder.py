@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"the cupy backend ca
 TOLERANCE = 1e-4  # relative error (norm of the difference over the norm of the float64 result); observed <= 6e-6
 
 
-NAMES = ["moe_gemv", "moe_down", "lm_head", "attention", "attention_short", "router", "batch_projection",
-         "attention_prefill", "prefill_projection"]
+NAMES = ["moe_gemv", "moe_down", "lm_head", "attention", "attention_short", "attention_long", "router",
+         "batch_projection", "attention_prefill", "prefill_projection"]
 
 
 def test_every_ladder_is_checked():

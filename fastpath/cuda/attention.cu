@@ -578,3 +578,211 @@ __global__ void __launch_bounds__(256) attention_heads(const float* __restrict__
     }
     if (threadIdx.x == 0) arrivals[th] = 0;  // ready for the next launch
 }
+
+// Reduce-scatter over a warp, the steps after the first: each lane holds 2 O partial sums s[0, 2 O) (the first
+// step, over lane bit 16, has already halved 32 of them), and at each step keeps the half that its lane bit O selects
+// and adds its partner's share of them; at the end lane L holds the whole of sum L in s[0]. 31 shuffles for 32 sums.
+template <int O>
+__device__ __forceinline__ void reduce_scatter(float* s, int lane) {
+    const bool upper = lane & O;
+#pragma unroll
+    for (int i = 0; i < O; ++i) {
+        const float send = upper ? s[i] : s[i + O], keep = upper ? s[i + O] : s[i];
+        s[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+    }
+    if constexpr (O > 1) reduce_scatter<O / 2>(s, lane);
+}
+
+// A decoding step over long caches: a block per (key split, kv head, token) that scores each key for the kv head's
+// whole group of G query heads at once, so the cache is read once, where ``attention_heads`` reads it G times.
+// Over a cache of a few thousand positions ``attention_heads``' G-fold reads (from L2 after the first) are what its
+// time goes to: H200, 8192 positions of Qwen3-30B-A3B, 268 MB of L2 reads a layer in ~44 us. Here a warp takes
+// R = 32 / G keys a round, a lane DL = D / 32 consecutive elements of every key and query row (the warp reads each
+// 512-byte key row in one go), and each lane sums its elements' share of all R x G (key, head) dot products; one
+// reduce-scatter over the warp (31 shuffles for 32 sums) then leaves lane L the whole dot product of key L / G with
+// head L % G. Each warp keeps an online softmax per head over its keys, merged across the warps at the end and
+// across the splits by the last block of the (token, kv head) to finish. The new key and value, and the writing of
+// the cache, as in ``attention_heads``; every block normalises and rotates its group's G queries (a warp each).
+// D: 64 or 128; G: 4, 8 or 16 (G x R = 32). Dynamic shared memory: WARPS x G x D floats (the warps' outputs).
+//                                                              grid (splits, Hkv, T), block 256
+template <int D, int G>
+__global__ void __launch_bounds__(256) attention_group(const float* __restrict__ qkv, int Hq, int Hkv,
+                                                       float* const* k_caches, float* const* v_caches,
+                                                       const int* __restrict__ tok_seq, const int* __restrict__ tok_pos,
+                                                       int chunk, float scale, const float* __restrict__ q_norm,
+                                                       const float* __restrict__ k_norm, float eps,
+                                                       const float* __restrict__ inv_freq, float* __restrict__ part_acc,
+                                                       float* __restrict__ part_m, float* __restrict__ part_l,
+                                                       unsigned* __restrict__ arrivals, float* __restrict__ out) {
+    constexpr int R = 32 / G, DL = D / 32, half = D / 2;
+    static_assert(G * R == 32 && (DL == 2 || DL == 4), "G divides 32; D is 64 or 128");
+    extern __shared__ __align__(16) float warp_acc[];  // (WARPS, G, D)
+    __shared__ __align__(16) float q_s[G][D], new_k[D], new_v[D], angles[D];  // angles: cosines, then sines
+    __shared__ __align__(16) float warp_p[WARPS][32], warp_alpha[WARPS][G];
+    __shared__ float warp_m[WARPS][G], warp_l[WARPS][G];
+    __shared__ bool is_last;
+    // Before the wait: the position, the cache and the rotation's angles (none written by the kernel ahead).
+    const int split = blockIdx.x, h = blockIdx.y, t = blockIdx.z, T = gridDim.z;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int pos = tok_pos[t], used = min(static_cast<int>(gridDim.x), pos / chunk + 1);  // splits it sees keys of
+    if (split >= used) return;  // past the sequence's length (the grid is sized for the longest cache)
+    const int key_begin = split * chunk, key_end = min(key_begin + chunk, pos + 1);
+    const bool holds_new = key_end == pos + 1;
+    float* kc = k_caches[tok_seq[t]];
+    float* vc = v_caches[tok_seq[t]];
+    for (int i = threadIdx.x; i < half; i += blockDim.x)
+        sincosf(static_cast<float>(pos) * inv_freq[i], &angles[half + i], &angles[i]);
+    __syncthreads();
+    wait_for_previous();
+    const float* row = qkv + static_cast<long long>(t) * (Hq + 2 * Hkv) * D;
+    for (int g = warp; g < G; g += WARPS)
+        norm_rope_head(row + (h * G + g) * D, D, q_norm, eps, angles, angles + half, q_s[g], q_s[g]);
+    if (holds_new && warp == WARPS - 1)
+        norm_rope_head(row + (Hq + h) * D, D, k_norm, eps, angles, angles + half, new_k, new_k);
+    if (holds_new && warp == WARPS - 2)
+        for (int d = lane; d < D; d += 32) new_v[d] = row[(Hq + Hkv + h) * D + d];
+    __syncthreads();
+    if (holds_new && warp < 2) {  // kept for the steps to come
+        float* dst = (warp ? vc : kc) + (static_cast<long long>(pos) * Hkv + h) * D;
+        for (int d = lane; d < D; d += 32) dst[d] = warp ? new_v[d] : new_k[d];
+    }
+
+    struct Round {  // this lane's elements of the warp's R keys and values
+        float k[R][DL], v[R][DL];
+    };
+    auto load = [&](int k0, Round& rows) {  // (past key_end: a key that is there, masked below)
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+            const int key = min(k0 + j, key_end - 1);
+            const long long at = (static_cast<long long>(key) * Hkv + h) * D + lane * DL;
+            load_floats<DL>(key == pos ? new_k + lane * DL : kc + at, rows.k[j]);
+            load_floats<DL>(key == pos ? new_v + lane * DL : vc + at, rows.v[j]);
+        }
+    };
+    constexpr int ROUND_KEYS_G = WARPS * R;  // keys a block scores at once
+    float m = -INFINITY, l = 0.0f, acc[G][DL] = {};  // m, l: of head lane % G (the same in its R lanes)
+    Round cur, next;
+    const int first = key_begin + warp * R;
+    if (first < key_end) load(first, cur);
+    else let_next_start();  // (as the warps with keys do after their first round, below)
+    for (int k0 = first; k0 < key_end; k0 += ROUND_KEYS_G) {
+        if (k0 + ROUND_KEYS_G < key_end) load(k0 + ROUND_KEYS_G, next);  // in flight while this round is computed
+        // Sum j G + g: key j's dot product with query g. This lane's shares of sums i and i + 16 (keys j and
+        // j + R / 2, the same query) are computed together and go straight into the reduce-scatter's first step,
+        // so that only 16 sums are held at once; the queries come from shared memory.
+        float s[16];
+        const bool upper = lane & 16;
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            float q[DL];
+            load_floats<DL>(q_s[g] + lane * DL, q);
+#pragma unroll
+            for (int j = 0; j < R / 2; ++j) {
+                float lo = 0.0f, hi = 0.0f;
+#pragma unroll
+                for (int d = 0; d < DL; ++d) lo += q[d] * cur.k[j][d], hi += q[d] * cur.k[j + R / 2][d];
+                s[j * G + g] = (upper ? hi : lo) + __shfl_xor_sync(0xffffffffu, upper ? lo : hi, 16);
+            }
+        }
+        reduce_scatter<8>(s, lane);  // lane L: the whole of sum L
+        const bool visible = k0 + lane / G < key_end;
+        const float score = visible ? s[0] * scale : -INFINITY;
+        float round_max = score;
+#pragma unroll
+        for (int o = G; o < 32; o <<= 1) round_max = fmaxf(round_max, __shfl_xor_sync(0xffffffffu, round_max, o));
+        const float m_new = fmaxf(m, round_max);  // finite: the round's first key is visible
+        const float p = visible ? expf(score - m_new) : 0.0f, alpha = expf(m - m_new);
+        float p_sum = p;
+#pragma unroll
+        for (int o = G; o < 32; o <<= 1) p_sum += __shfl_xor_sync(0xffffffffu, p_sum, o);
+        l = l * alpha + p_sum;
+        m = m_new;
+        warp_p[warp][lane] = p;
+        if (lane < G) warp_alpha[warp][lane] = alpha;
+        __syncwarp();
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            const float a = warp_alpha[warp][g];
+#pragma unroll
+            for (int d = 0; d < DL; ++d) acc[g][d] *= a;
+        }
+#pragma unroll
+        for (int j = 0; j < R; ++j)
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                const float p_jg = warp_p[warp][j * G + g];
+#pragma unroll
+                for (int d = 0; d < DL; ++d) acc[g][d] += p_jg * cur.v[j][d];
+            }
+        __syncwarp();  // warp_p read before the next round writes it
+        cur = next;
+        if (k0 == first) let_next_start();  // (as in attention_heads)
+    }
+
+    // The block's warps merged per head, as in attention_heads; then this split's partial result, or the output.
+    if (lane < G) warp_m[warp][lane] = m, warp_l[warp][lane] = l;
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int d = 0; d < DL; ++d) warp_acc[(warp * G + g) * D + lane * DL + d] = acc[g][d];
+    __syncthreads();
+    const long long stride = static_cast<long long>(T) * Hq, th0 = static_cast<long long>(t) * Hq + h * G;
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+        const int g = i / D;
+        float M = -INFINITY, sum = 0.0f, num = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) M = fmaxf(M, warp_m[w][g]);
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const float weight = warp_m[w][g] == -INFINITY ? 0.0f : expf(warp_m[w][g] - M);
+            sum += weight * warp_l[w][g], num += weight * warp_acc[w * G * D + i];
+        }
+        if (used == 1) {
+            out[th0 * D + i] = num / sum;
+        } else {
+            part_acc[(split * stride + th0) * D + i] = num;
+            if (i % D == 0) part_m[split * stride + th0 + g] = M, part_l[split * stride + th0 + g] = sum;
+        }
+    }
+    if (used == 1) return;
+
+    // The last block of this (token, kv head) merges the splits: a warp per head finds its maximum and the splits'
+    // weights (its lanes over the splits), then each thread adds up 4 outputs over the splits, loads that do not
+    // wait on each other. The weights go where the warps' outputs were (used x G <= WARPS x G x D floats).
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(arrivals + th0, 1u) == used - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    float* weight = warp_acc;  // (used, G)
+    float* den = warp_m[0];    // (G,)
+    for (int g = warp; g < G; g += WARPS) {
+        float M = -INFINITY;
+        for (int s = lane; s < used; s += 32) M = fmaxf(M, __ldcg(part_m + s * stride + th0 + g));
+        M = warp_max(M);
+        float sum = 0.0f;
+        for (int s = lane; s < used; s += 32) {
+            const float w = expf(__ldcg(part_m + s * stride + th0 + g) - M);  // every split has keys: m finite
+            weight[s * G + g] = w;
+            sum += w * __ldcg(part_l + s * stride + th0 + g);
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) den[g] = sum;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * D / 4; i += blockDim.x) {  // 4 outputs of one head a thread
+        const int g = 4 * i / D;
+        float4 num = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+        for (int s = 0; s < used; ++s) {
+            const float w = weight[s * G + g];
+            const float4 a = __ldcg(reinterpret_cast<const float4*>(part_acc + (s * stride + th0) * D + 4 * i));
+            num.x += w * a.x, num.y += w * a.y, num.z += w * a.z, num.w += w * a.w;
+        }
+        const float sum = den[g];
+        *reinterpret_cast<float4*>(out + th0 * D + 4 * i) = make_float4(num.x / sum, num.y / sum, num.z / sum,
+                                                                         num.w / sum);
+    }
+    if (threadIdx.x == 0) arrivals[th0] = 0;  // ready for the next launch
+}
