@@ -595,8 +595,10 @@ __device__ __forceinline__ void reduce_scatter(float* s, int lane) {
 
 // A decoding step over long caches: a block per (key split, kv head, token) that scores each key for the kv head's
 // whole group of G query heads at once, so the cache is read once, where ``attention_heads`` reads it G times.
-// Over a cache of a few thousand positions ``attention_heads``' G-fold reads (from L2 after the first) are what its
-// time goes to: H200, 8192 positions of Qwen3-30B-A3B, 268 MB of L2 reads a layer in ~44 us. Here a warp takes
+// Over a cache of a few thousand positions those G-fold reads (from L2 after the first) cost more than its short
+// chains save: H200, 8192 positions of Qwen3-30B-A3B (``python -m fastpath.ladder attention_long``), attention_heads
+// 47.7 us, this kernel 25.4 (over 1024 positions 11.4 against 13.3: there a block's fixed chain of the norms, the
+// first loads and the merge is most of it). Here a warp takes
 // R = 32 / G keys a round, a lane DL = D / 32 consecutive elements of every key and query row (the warp reads each
 // 512-byte key row in one go), and each lane sums its elements' share of all R x G (key, head) dot products; one
 // reduce-scatter over the warp (31 shuffles for 32 sums) then leaves lane L the whole dot product of key L / G with
@@ -746,41 +748,28 @@ __global__ void __launch_bounds__(256) attention_group(const float* __restrict__
     }
     if (used == 1) return;
 
-    // The last block of this (token, kv head) merges the splits: a warp per head finds its maximum and the splits'
-    // weights (its lanes over the splits), then each thread adds up 4 outputs over the splits, loads that do not
-    // wait on each other. The weights go where the warps' outputs were (used x G <= WARPS x G x D floats).
+    // The last block of this (token, kv head) merges the splits in one pass, as attention_heads does: each thread 4
+    // outputs of one head, every split's m, l and outputs loaded at once (16 splits' loads in flight), the running
+    // maximum rescaling what came before (every split has keys: m finite).
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) is_last = atomicAdd(arrivals + th0, 1u) == used - 1;
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    float* weight = warp_acc;  // (used, G)
-    float* den = warp_m[0];    // (G,)
-    for (int g = warp; g < G; g += WARPS) {
-        float M = -INFINITY;
-        for (int s = lane; s < used; s += 32) M = fmaxf(M, __ldcg(part_m + s * stride + th0 + g));
-        M = warp_max(M);
-        float sum = 0.0f;
-        for (int s = lane; s < used; s += 32) {
-            const float w = expf(__ldcg(part_m + s * stride + th0 + g) - M);  // every split has keys: m finite
-            weight[s * G + g] = w;
-            sum += w * __ldcg(part_l + s * stride + th0 + g);
-        }
-        sum = warp_sum(sum);
-        if (lane == 0) den[g] = sum;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < G * D / 4; i += blockDim.x) {  // 4 outputs of one head a thread
-        const int g = 4 * i / D;
+    for (int i = threadIdx.x; i < G * D / 4; i += blockDim.x) {
+        const long long th = th0 + 4 * i / D;
+        float M = -INFINITY, sum = 0.0f;
         float4 num = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 8
+#pragma unroll 16
         for (int s = 0; s < used; ++s) {
-            const float w = weight[s * G + g];
+            const float m_s = __ldcg(part_m + s * stride + th), l_s = __ldcg(part_l + s * stride + th);
             const float4 a = __ldcg(reinterpret_cast<const float4*>(part_acc + (s * stride + th0) * D + 4 * i));
-            num.x += w * a.x, num.y += w * a.y, num.z += w * a.z, num.w += w * a.w;
+            const float M_new = fmaxf(M, m_s), rescale = expf(M - M_new), w = expf(m_s - M_new);
+            sum = sum * rescale + w * l_s, M = M_new;
+            num.x = num.x * rescale + w * a.x, num.y = num.y * rescale + w * a.y;
+            num.z = num.z * rescale + w * a.z, num.w = num.w * rescale + w * a.w;
         }
-        const float sum = den[g];
         *reinterpret_cast<float4*>(out + th0 * D + 4 * i) = make_float4(num.x / sum, num.y / sum, num.z / sum,
                                                                          num.w / sum);
     }
