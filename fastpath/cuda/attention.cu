@@ -474,7 +474,8 @@ __global__ void __launch_bounds__(256) attention_heads(const float* __restrict__
         }
     };
     // The first round's keys and values are loaded before the wait: earlier steps wrote them, not the kernel ahead
-    // (a round that holds the new key is loaded again once that is computed).
+    // (a round that holds the new key is loaded again once that is computed). H200, captured batch-1 step, ms a
+    // token: 144 cached positions 2.82 -> 2.78, 2160 3.24 -> 3.20.
     RoundRows<D> cur, next;
     const int first = key_begin + warp * WARP_KEYS;
     if (first < key_end) load(first, cur);

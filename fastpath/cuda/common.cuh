@@ -57,7 +57,8 @@ template <> struct Pack<float> {
 // What it should not do there: ask for many bytes ahead of need (cp.async.bulk.prefetch.L2 of its weight rows or of
 // cached keys, as earlier versions did). The kernel ahead is on the step's critical path and reads memory too, and
 // the requests delayed it by more than they saved: without them an H200 decodes a batch-1 step 3.377 -> 3.271 ms a
-// token and batch 8 at 740 -> 773 tokens/s (docs/benchmarks.md).
+// token and batch 8 at 740 -> 773 tokens/s (docs/benchmarks.md). A few kilobytes a warp into registers, the first
+// round of cached keys of the decoding attention kernels, did pay (1-5 % a token, attention.cu).
 __device__ __forceinline__ void wait_for_previous() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
