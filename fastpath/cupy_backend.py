@@ -757,8 +757,7 @@ class AttentionPlan:
             raise ValueError(f"attention_heads and attention_group take steps of one token per sequence with head_dim "
                              f"in {QUERY_HEADS_HEAD_DIMS} (attention_group: {GROUP_SIZES} query heads per kv head), not "
                              f"this one (head_dim {c.head_dim}, {G} query heads per kv head, {longest} tokens)")
-        per_tile = MMA_ATTENTION_TOKENS if mma else max(
-            1, MAX_ATTENTION_ROWS // (c.num_attention_heads // c.num_key_value_heads))
+        per_tile = MMA_ATTENTION_TOKENS if mma else max(1, MAX_ATTENTION_ROWS // G)
         pos, seq, tiles = [], [], []
         for j, (start, stop, first) in enumerate(segments):
             pos += range(first, first + stop - start)
@@ -773,7 +772,7 @@ class AttentionPlan:
         a = lambda v: cp.asarray(np.asarray(v, dtype=np.int32))
         tile_seq, tile_row, tile_rows = zip(*tiles)
         return AttentionPlan(a(pos), a(seq), a(tile_seq), a(tile_row), a(tile_rows), math.ceil(max_keys / chunk),
-                             chunk, max(tile_rows) * c.num_attention_heads // c.num_key_value_heads, mma,
+                             chunk, max(tile_rows) * G, mma,
                              heads or group or (not mma and len(tiles) == len(segments)
                                                 and max_keys <= NORM_ROPE_INSIDE_MAX_KEYS), heads, group)
 

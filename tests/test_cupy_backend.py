@@ -547,6 +547,19 @@ def attention_block_twice(cb, s, r, plan, segments: list, capacity: int) -> None
             close(v, ref_v, "values in the cache")
 
 
+def one_token_steps(cb, c, capacity: int, later: tuple[int, int], **kernel):
+    """A step of one token for each of seven sequences over caches of ``capacity`` positions, whose new keys are the
+    first of a split, the last of one, ``later`` keys past a split's first (in a warp's later rounds), at position 0,
+    at the cache's end and past the second split's first: (segments, the plan of ``kernel``). The chunk does not
+    depend on the positions."""
+    chunk = cb.AttentionPlan.build(c, [(j, j + 1, 0) for j in range(7)], capacity, **kernel).chunk
+    firsts = [chunk, chunk - 1, 0, capacity - 1, *(chunk + n for n in later), min(2 * chunk + 5, capacity - 2)]
+    segments = [(j, j + 1, p) for j, p in enumerate(firsts)]
+    plan = cb.AttentionPlan.build(c, segments, capacity, **kernel)
+    assert plan.chunk == chunk
+    return segments, plan
+
+
 @pytest.mark.parametrize("capacity", [300, 1500])
 @pytest.mark.parametrize("heads, head_dim", [((32, 4), 128), ((8, 2), 64)])
 def test_attention_over_query_heads_matches_the_reference(cb, tmp_path, heads, head_dim, capacity):
@@ -556,12 +569,8 @@ def test_attention_over_query_heads_matches_the_reference(cb, tmp_path, heads, h
     split computes the new key itself and the first query head's block writes it, so the caches must match too. Run
     twice: the arrival counters must be back at zero. Also which plans take it."""
     c, s, r = one_attention_layer(cb, tmp_path, heads, head_dim)
-    B = 7
-    chunk = cb.AttentionPlan.build(c, [(j, j + 1, 0) for j in range(B)], capacity, query_heads=True).chunk
-    firsts = [chunk, chunk - 1, 0, capacity - 1, chunk + 32, chunk + 63, min(2 * chunk + 5, capacity - 2)]
-    segments = [(j, j + 1, p) for j, p in enumerate(firsts)]
-    plan = cb.AttentionPlan.build(c, segments, capacity, query_heads=True)
-    assert plan.query_heads and plan.norm_rope_inside and plan.chunk == chunk and plan.splits >= 2
+    segments, plan = one_token_steps(cb, c, capacity, (32, 63), query_heads=True)
+    assert plan.query_heads and plan.norm_rope_inside and plan.splits >= 2
     # which plans take it by themselves: steps of one token per sequence up to QUERY_HEADS_MAX_KEYS cached positions
     # in all, not more, nor a step with more than one token of a sequence
     most = cb.QUERY_HEADS_MAX_KEYS
@@ -582,11 +591,7 @@ def test_attention_over_groups_of_query_heads_matches_the_reference(cb, tmp_path
     position 0 and at the cache's end; the block of the new key's split writes it into the caches, which must match
     too. Run twice: the arrival counters must be back at zero. Also which plans take it."""
     c, s, r = one_attention_layer(cb, tmp_path, heads, head_dim)
-    B = 7
-    chunk = cb.AttentionPlan.build(c, [(j, j + 1, 0) for j in range(B)], capacity, group_heads=True).chunk
-    firsts = [chunk, chunk - 1, 0, capacity - 1, chunk + 33, chunk + 70, min(2 * chunk + 5, capacity - 2)]
-    segments = [(j, j + 1, p) for j, p in enumerate(firsts)]
-    plan = cb.AttentionPlan.build(c, segments, capacity, group_heads=True)
+    segments, plan = one_token_steps(cb, c, capacity, (33, 70), group_heads=True)
     assert plan.group_heads and not plan.query_heads and plan.norm_rope_inside and plan.splits >= 2
     # which plans take it by themselves: steps of one token per sequence over caches of more than QUERY_HEADS_MAX_KEYS
     # positions each (attention_heads takes those up to it in all, attention the rest), not steps with more than one
