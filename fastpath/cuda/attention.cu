@@ -425,6 +425,33 @@ __device__ __forceinline__ void load_floats(const float* p, float (&v)[N]) {
     }
 }
 
+// What a one-token decoding block (attention_heads, attention_group) knows before its wait, none of it written by the
+// kernel ahead: its token's position, how many splits that token's keys fill, the keys of this split, the sequence's
+// caches, and RoPE's angles at the position (angles[0, D/2): cosines, then sines) for the new query and key.
+struct SplitKeys {
+    int pos, used, begin, end;  // the token's position, its splits, this split's keys [begin, end)
+    bool holds_new;             // the split ends with the new key (at pos): its block norms, rotates and caches it
+    float *kc, *vc;             // the sequence's key and value caches
+};
+
+// false: the split is past its token's keys (the grid is sized for the longest cache), and the block has no work.
+// Blocks of split blockIdx.x, token blockIdx.z.
+template <int D>
+__device__ __forceinline__ bool split_keys(SplitKeys& keys, float* const* k_caches, float* const* v_caches,
+                                           const int* tok_seq, const int* tok_pos, int chunk, const float* inv_freq,
+                                           float* angles) {
+    const int split = blockIdx.x, t = blockIdx.z;
+    keys.pos = tok_pos[t], keys.used = min(static_cast<int>(gridDim.x), keys.pos / chunk + 1);
+    if (split >= keys.used) return false;
+    keys.begin = split * chunk, keys.end = min(keys.begin + chunk, keys.pos + 1);
+    keys.holds_new = keys.end == keys.pos + 1;
+    keys.kc = k_caches[tok_seq[t]], keys.vc = v_caches[tok_seq[t]];
+    for (int i = threadIdx.x; i < D / 2; i += blockDim.x)
+        sincosf(static_cast<float>(keys.pos) * inv_freq[i], &angles[D / 2 + i], &angles[i]);
+    __syncthreads();
+    return true;
+}
+
 template <int D>
 struct RoundRows {  // what a lane loads for a round: its part of its key's row, and its outputs' part of the 4 values
     float4 k[D / (4 * LANES_PER_KEY)];
@@ -445,49 +472,43 @@ __global__ void __launch_bounds__(256) attention_heads(const float* __restrict__
     __shared__ __align__(16) float warp_acc[WARPS][D];
     __shared__ float warp_m[WARPS], warp_l[WARPS];
     __shared__ bool is_last;
-    // Before the wait: the position, the cache and the rotation's angles (none written by the kernel ahead).
+    // Before the wait (split_keys): the position, the keys, the caches and the rotation's angles.
     const int split = blockIdx.x, head = blockIdx.y, t = blockIdx.z, T = gridDim.z;
     const int h = head / (Hq / Hkv), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int pos = tok_pos[t], used = min(static_cast<int>(gridDim.x), pos / chunk + 1);  // splits it sees keys of
-    if (split >= used) return;  // past the sequence's length (the grid is sized for the longest cache)
-    const int key_begin = split * chunk, key_end = min(key_begin + chunk, pos + 1);
-    const bool holds_new = key_end == pos + 1;
-    float* kc = k_caches[tok_seq[t]];
-    float* vc = v_caches[tok_seq[t]];
-    for (int i = threadIdx.x; i < half; i += blockDim.x)
-        sincosf(static_cast<float>(pos) * inv_freq[i], &angles[half + i], &angles[i]);
-    __syncthreads();
+    SplitKeys keys;
+    if (!split_keys<D>(keys, k_caches, v_caches, tok_seq, tok_pos, chunk, inv_freq, angles)) return;
     // A lane takes key (lane / LANES_PER_KEY) of its warp's WARP_KEYS in a round, and of its row the float4s
     // sub, sub + LANES_PER_KEY, ... (the key's LANES_PER_KEY lanes read 128 contiguous bytes at a time).
     const int group = lane / LANES_PER_KEY, sub = lane % LANES_PER_KEY;
     auto load = [&](int k0, RoundRows<D>& rows) {  // the round whose warp's first key is k0
-        const int key = min(k0 + group, key_end - 1);  // (past key_end: a key that is there, masked below)
-        const float* k_row = key == pos ? new_k : kc + (static_cast<long long>(key) * Hkv + h) * D;
+        const int key = min(k0 + group, keys.end - 1);  // (past the split's keys: a key that is there, masked below)
+        const float* k_row = key == keys.pos ? new_k : keys.kc + (static_cast<long long>(key) * Hkv + h) * D;
 #pragma unroll
         for (int i = 0; i < K4; ++i)
             rows.k[i] = *reinterpret_cast<const float4*>(k_row + 4 * (sub + LANES_PER_KEY * i));
 #pragma unroll
         for (int g = 0; g < WARP_KEYS; ++g) {
-            const int key_g = min(k0 + g, key_end - 1);
-            load_floats<VD>((key_g == pos ? new_v : vc + (static_cast<long long>(key_g) * Hkv + h) * D) + lane * VD,
-                            rows.v[g]);
+            const int key_g = min(k0 + g, keys.end - 1);
+            const float* v_row = key_g == keys.pos ? new_v : keys.vc + (static_cast<long long>(key_g) * Hkv + h) * D;
+            load_floats<VD>(v_row + lane * VD, rows.v[g]);
         }
     };
     // The first round's keys and values are loaded before the wait: earlier steps wrote them, not the kernel ahead
     // (a round that holds the new key is loaded again once that is computed). H200, captured batch-1 step, ms a
     // token: 144 cached positions 2.82 -> 2.78, 2160 3.24 -> 3.20.
     RoundRows<D> cur, next;
-    const int first = key_begin + warp * WARP_KEYS;
-    if (first < key_end) load(first, cur);
+    const int first = keys.begin + warp * WARP_KEYS;
+    if (first < keys.end) load(first, cur);
     wait_for_previous();
     const float* row = qkv + static_cast<long long>(t) * (Hq + 2 * Hkv) * D;
     if (warp == 0) norm_rope_head(row + head * D, D, q_norm, eps, angles, angles + half, q_s, q_s);
-    if (holds_new && warp == 1) norm_rope_head(row + (Hq + h) * D, D, k_norm, eps, angles, angles + half, new_k, new_k);
-    if (holds_new && warp == 2)
+    if (keys.holds_new && warp == 1)
+        norm_rope_head(row + (Hq + h) * D, D, k_norm, eps, angles, angles + half, new_k, new_k);
+    if (keys.holds_new && warp == 2)
         for (int d = lane; d < D; d += 32) new_v[d] = row[(Hq + Hkv + h) * D + d];
     __syncthreads();
-    if (holds_new && head % (Hq / Hkv) == 0 && warp < 2) {  // the first query head's block keeps them for later steps
-        float* dst = (warp ? vc : kc) + (static_cast<long long>(pos) * Hkv + h) * D;
+    if (keys.holds_new && head % (Hq / Hkv) == 0 && warp < 2) {  // the first query head's block caches them
+        float* dst = (warp ? keys.vc : keys.kc) + (static_cast<long long>(keys.pos) * Hkv + h) * D;
         for (int d = lane; d < D; d += 32) dst[d] = warp ? new_v[d] : new_k[d];
     }
 
@@ -495,10 +516,10 @@ __global__ void __launch_bounds__(256) attention_heads(const float* __restrict__
 #pragma unroll
     for (int i = 0; i < K4; ++i) q4[i] = *reinterpret_cast<const float4*>(q_s + 4 * (sub + LANES_PER_KEY * i));
     float m = -INFINITY, l = 0.0f, acc[VD] = {};
-    if (holds_new && first < key_end && first + WARP_KEYS > pos) load(first, cur);  // its round holds the new key
-    if (first >= key_end) let_next_start();  // (as the warps with keys do after their first round, below)
-    for (int k0 = first; k0 < key_end; k0 += ROUND_KEYS) {
-        if (k0 + ROUND_KEYS < key_end) load(k0 + ROUND_KEYS, next);  // in flight while this round is computed
+    if (keys.holds_new && first < keys.end && first + WARP_KEYS > keys.pos) load(first, cur);  // (new key's round)
+    if (first >= keys.end) let_next_start();  // (as the warps with keys do after their first round, below)
+    for (int k0 = first; k0 < keys.end; k0 += ROUND_KEYS) {
+        if (k0 + ROUND_KEYS < keys.end) load(k0 + ROUND_KEYS, next);  // in flight while this round is computed
         float dot[4] = {};
 #pragma unroll
         for (int i = 0; i < K4; ++i)
@@ -508,7 +529,7 @@ __global__ void __launch_bounds__(256) attention_heads(const float* __restrict__
 #pragma unroll
         for (int offset = LANES_PER_KEY / 2; offset > 0; offset >>= 1)  // over the key's lanes
             score += __shfl_xor_sync(0xffffffffu, score, offset);
-        const bool visible = k0 + group < key_end;
+        const bool visible = k0 + group < keys.end;
         score = visible ? score * scale : -INFINITY;
         float round_max = score;
 #pragma unroll
@@ -552,27 +573,27 @@ __global__ void __launch_bounds__(256) attention_heads(const float* __restrict__
             const float weight = warp_m[w] == -INFINITY ? 0.0f : expf(warp_m[w] - M);
             sum += weight * warp_l[w], num += weight * warp_acc[w][threadIdx.x];
         }
-        if (used == 1) {
+        if (keys.used == 1) {
             out[th * D + threadIdx.x] = num / sum;
         } else {
             part_acc[(split * stride + th) * D + threadIdx.x] = num;
             if (threadIdx.x == 0) part_m[split * stride + th] = M, part_l[split * stride + th] = sum;
         }
     }
-    if (used == 1) return;
+    if (keys.used == 1) return;
 
     // The last block of this (token, head) to arrive merges the splits, in split order, one pass: each split's m, l
     // and output are loaded at once, the running maximum rescales what came before (every split has keys: m finite).
     __threadfence();  // this block's partial result is visible to the block that merges
     __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(arrivals + th, 1u) == used - 1;
+    if (threadIdx.x == 0) is_last = atomicAdd(arrivals + th, 1u) == keys.used - 1;
     __syncthreads();
     if (!is_last) return;
     __threadfence();
     if (threadIdx.x < D) {
         float M = -INFINITY, sum = 0.0f, num = 0.0f;
 #pragma unroll 4
-        for (int s = 0; s < used; ++s) {
+        for (int s = 0; s < keys.used; ++s) {
             const float m_s = __ldcg(part_m + s * stride + th), l_s = __ldcg(part_l + s * stride + th);
             const float a_s = __ldcg(part_acc + (s * stride + th) * D + threadIdx.x);
             const float M_new = fmaxf(M, m_s), rescale = expf(M - M_new), weight = expf(m_s - M_new);
@@ -627,56 +648,49 @@ __global__ void __launch_bounds__(256) attention_group(const float* __restrict__
     __shared__ __align__(16) float warp_p[WARPS][32], warp_alpha[WARPS][G];
     __shared__ float warp_m[WARPS][G], warp_l[WARPS][G];
     __shared__ bool is_last;
-    // Before the wait: the position, the cache and the rotation's angles (none written by the kernel ahead).
+    // Before the wait (split_keys): the position, the keys, the caches and the rotation's angles.
     const int split = blockIdx.x, h = blockIdx.y, t = blockIdx.z, T = gridDim.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int pos = tok_pos[t], used = min(static_cast<int>(gridDim.x), pos / chunk + 1);  // splits it sees keys of
-    if (split >= used) return;  // past the sequence's length (the grid is sized for the longest cache)
-    const int key_begin = split * chunk, key_end = min(key_begin + chunk, pos + 1);
-    const bool holds_new = key_end == pos + 1;
-    float* kc = k_caches[tok_seq[t]];
-    float* vc = v_caches[tok_seq[t]];
-    for (int i = threadIdx.x; i < half; i += blockDim.x)
-        sincosf(static_cast<float>(pos) * inv_freq[i], &angles[half + i], &angles[i]);
-    __syncthreads();
+    SplitKeys keys;
+    if (!split_keys<D>(keys, k_caches, v_caches, tok_seq, tok_pos, chunk, inv_freq, angles)) return;
     struct Round {  // this lane's elements of the warp's R keys and values
         float k[R][DL], v[R][DL];
     };
-    auto load = [&](int k0, Round& rows) {  // (past key_end: a key that is there, masked below)
+    auto load = [&](int k0, Round& rows) {  // (past the split's keys: a key that is there, masked below)
 #pragma unroll
         for (int j = 0; j < R; ++j) {
-            const int key = min(k0 + j, key_end - 1);
+            const int key = min(k0 + j, keys.end - 1);
             const long long at = (static_cast<long long>(key) * Hkv + h) * D + lane * DL;
-            load_floats<DL>(key == pos ? new_k + lane * DL : kc + at, rows.k[j]);
-            load_floats<DL>(key == pos ? new_v + lane * DL : vc + at, rows.v[j]);
+            load_floats<DL>(key == keys.pos ? new_k + lane * DL : keys.kc + at, rows.k[j]);
+            load_floats<DL>(key == keys.pos ? new_v + lane * DL : keys.vc + at, rows.v[j]);
         }
     };
     // The first round's keys and values are loaded before the wait: earlier steps wrote them, not the kernel ahead
     // (a round that holds the new key is loaded again once that is computed). H200, captured batch-1 step, ms a token:
     // 3112 cached positions 3.27 -> 3.19, 8304 3.65 -> 3.46.
     Round cur, next;
-    const int first = key_begin + warp * R;
-    if (first < key_end) load(first, cur);
+    const int first = keys.begin + warp * R;
+    if (first < keys.end) load(first, cur);
     wait_for_previous();
     const float* row = qkv + static_cast<long long>(t) * (Hq + 2 * Hkv) * D;
     for (int g = warp; g < G; g += WARPS)
         norm_rope_head(row + (h * G + g) * D, D, q_norm, eps, angles, angles + half, q_s[g], q_s[g]);
-    if (holds_new && warp == WARPS - 1)
+    if (keys.holds_new && warp == WARPS - 1)
         norm_rope_head(row + (Hq + h) * D, D, k_norm, eps, angles, angles + half, new_k, new_k);
-    if (holds_new && warp == WARPS - 2)
+    if (keys.holds_new && warp == WARPS - 2)
         for (int d = lane; d < D; d += 32) new_v[d] = row[(Hq + Hkv + h) * D + d];
     __syncthreads();
-    if (holds_new && warp < 2) {  // kept for the steps to come
-        float* dst = (warp ? vc : kc) + (static_cast<long long>(pos) * Hkv + h) * D;
+    if (keys.holds_new && warp < 2) {  // kept for the steps to come
+        float* dst = (warp ? keys.vc : keys.kc) + (static_cast<long long>(keys.pos) * Hkv + h) * D;
         for (int d = lane; d < D; d += 32) dst[d] = warp ? new_v[d] : new_k[d];
     }
 
     constexpr int ROUND_KEYS_G = WARPS * R;  // keys a block scores at once
     float m = -INFINITY, l = 0.0f, acc[G][DL] = {};  // m, l: of head lane % G (the same in its R lanes)
-    if (holds_new && first < key_end && first + R > pos) load(first, cur);  // its round holds the new key
-    if (first >= key_end) let_next_start();  // (as the warps with keys do after their first round, below)
-    for (int k0 = first; k0 < key_end; k0 += ROUND_KEYS_G) {
-        if (k0 + ROUND_KEYS_G < key_end) load(k0 + ROUND_KEYS_G, next);  // in flight while this round is computed
+    if (keys.holds_new && first < keys.end && first + R > keys.pos) load(first, cur);  // (new key's round)
+    if (first >= keys.end) let_next_start();  // (as the warps with keys do after their first round, below)
+    for (int k0 = first; k0 < keys.end; k0 += ROUND_KEYS_G) {
+        if (k0 + ROUND_KEYS_G < keys.end) load(k0 + ROUND_KEYS_G, next);  // in flight while this round is computed
         // Sum j G + g: key j's dot product with query g. This lane's shares of sums i and i + 16 (keys j and
         // j + R / 2, the same query) are computed together and go straight into the reduce-scatter's first step,
         // so that only 16 sums are held at once; the queries come from shared memory.
@@ -695,7 +709,7 @@ __global__ void __launch_bounds__(256) attention_group(const float* __restrict__
             }
         }
         reduce_scatter<8>(s, lane);  // lane L: the whole of sum L
-        const bool visible = k0 + lane / G < key_end;
+        const bool visible = k0 + lane / G < keys.end;
         const float score = visible ? s[0] * scale : -INFINITY;
         float round_max = score;
 #pragma unroll
@@ -747,21 +761,21 @@ __global__ void __launch_bounds__(256) attention_group(const float* __restrict__
             const float weight = warp_m[w][g] == -INFINITY ? 0.0f : expf(warp_m[w][g] - M);
             sum += weight * warp_l[w][g], num += weight * warp_acc[w * G * D + i];
         }
-        if (used == 1) {
+        if (keys.used == 1) {
             out[th0 * D + i] = num / sum;
         } else {
             part_acc[(split * stride + th0) * D + i] = num;
             if (i % D == 0) part_m[split * stride + th0 + g] = M, part_l[split * stride + th0 + g] = sum;
         }
     }
-    if (used == 1) return;
+    if (keys.used == 1) return;
 
     // The last block of this (token, kv head) merges the splits in one pass, as attention_heads does: each thread 4
     // outputs of one head, every split's m, l and outputs loaded at once (16 splits' loads in flight), the running
     // maximum rescaling what came before (every split has keys: m finite).
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(arrivals + th0, 1u) == used - 1;
+    if (threadIdx.x == 0) is_last = atomicAdd(arrivals + th0, 1u) == keys.used - 1;
     __syncthreads();
     if (!is_last) return;
     __threadfence();
@@ -770,7 +784,7 @@ __global__ void __launch_bounds__(256) attention_group(const float* __restrict__
         float M = -INFINITY, sum = 0.0f;
         float4 num = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 16
-        for (int s = 0; s < used; ++s) {
+        for (int s = 0; s < keys.used; ++s) {
             const float m_s = __ldcg(part_m + s * stride + th), l_s = __ldcg(part_l + s * stride + th);
             const float4 a = __ldcg(reinterpret_cast<const float4*>(part_acc + (s * stride + th0) * D + 4 * i));
             const float M_new = fmaxf(M, m_s), rescale = expf(M - M_new), w = expf(m_s - M_new);
