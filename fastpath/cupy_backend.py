@@ -932,33 +932,46 @@ def final_logits(s: State, x: cp.ndarray) -> cp.ndarray:
 # ---- decoding as one CUDA graph per step -----------------------------------------------------------------------------
 
 ARGMAX_BLOCKS = 256  # blocks of the argmax over the vocabulary, shared among the rows of a batch
-SAMPLE_THREADS = 1024  # threads of sample_rows' block per row
+SAMPLE_THREADS = 1024  # threads of a sample_rows block
 # sampling.cu's CANDIDATE_BLOCKS and CANDIDATES (the two must agree): topk_candidates' blocks a row, and the
-# candidates of a row at most
-CANDIDATE_BLOCKS, CANDIDATES = 64, 4096
+# candidates of a row at most; and TEAM_WORDS, the words of a row's team of sample_rows blocks
+CANDIDATE_BLOCKS, CANDIDATES, TEAM_WORDS = 64, 4096, 2 + 3 * 256
+SAMPLE_TEAM_MAX = 32  # sample_rows blocks a row at most
+
+
+def sample_team(rows: int) -> int:
+    """sample_rows' blocks a row: a row that keeps more than 64 tokens is read by that many blocks, which meet at
+    barriers and so must all be resident at once; so at most one block of 1024 threads per multiprocessor in all."""
+    return max(1, min(SAMPLE_TEAM_MAX, device_limits()[1] // rows))
 
 
 def sampling_work(rows: int) -> tuple:
-    """draw_next_tokens' workspace for ``rows`` rows: each row's candidates, and its non-finite flag (0 between
-    calls)."""
-    return cp.empty((rows, CANDIDATES), cp.uint64), cp.zeros(rows, cp.int32)
+    """draw_next_tokens' workspace for ``rows`` rows: each row's candidates, its non-finite flag and its team's words
+    (both 0 between calls)."""
+    return cp.empty((rows, CANDIDATES), cp.uint64), cp.zeros(rows, cp.int32), cp.zeros((rows, TEAM_WORDS), cp.uint64)
 
 
 def draw_next_tokens(logits: cp.ndarray, V: int, settings: tuple, uniform: cp.ndarray, next_id: cp.ndarray,
-                     tok_pos: cp.ndarray, sampled: cp.ndarray, work: tuple) -> None:
+                     tok_pos: cp.ndarray, sampled: cp.ndarray, work: tuple, team: int | None = None) -> None:
     """Each row of ``logits`` (its first V entries) -> its next token, drawn as the reference sampler draws it from
     uniform[row] (sampling.cu): where the row keeps at most 64 tokens or is greedy, topk_candidates' 64 blocks first
-    find each part's top-k; then sample_rows, one block a row. ``settings``: (temperature, topk, topp) per row on the
-    device; the token goes to next_id[row] and sampled[row], tok_pos[row] advances, and sampled[rows] becomes 1 where
-    a logit is NaN or +Inf. ``work``: sampling_work(rows)."""
+    find each part's top-k and one block of sample_rows draws from them; other rows are read by ``team`` blocks of
+    sample_rows (None: sample_team(rows)). ``settings``: (temperature, topk, topp) per row on the device; the token
+    goes to next_id[row] and sampled[row], tok_pos[row] advances, and sampled[rows] becomes 1 where a logit is NaN
+    or +Inf. ``work``: sampling_work(rows)."""
     B, stride = logits.shape[0], logits.shape[1]
+    team = team or sample_team(B)
+    if team > 1 and B * team > device_limits()[1]:  # the teams' barriers would wait for blocks that cannot start
+        raise ValueError(f"{B} rows x {team} blocks a row is more than this GPU's {device_limits()[1]} "
+                         f"multiprocessors; ask for at most {max(1, device_limits()[1] // B)} blocks a row")
     temperature, topk, topp = settings
-    candidates, non_finite_rows = work
+    candidates, non_finite_rows, team_words = work
     kernel("sampling.cu", "topk_candidates")(
         (B, CANDIDATE_BLOCKS), (256,), (logits, i32(V), i32(stride), temperature, topk, candidates, non_finite_rows))
     kernel("sampling.cu", "sample_rows")(
-        (B,), (SAMPLE_THREADS,), (logits, i32(V), i32(stride), temperature, topk, topp, uniform, candidates,
-                                  non_finite_rows, next_id, tok_pos, sampled, sampled[B:]))
+        (B, team), (SAMPLE_THREADS,),
+        (logits, i32(V), i32(stride), temperature, topk, topp, uniform, candidates, non_finite_rows, team_words,
+         next_id, tok_pos, sampled, sampled[B:]))
 
 
 class BatchDecoder:

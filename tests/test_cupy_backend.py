@@ -186,9 +186,11 @@ class Fixed:
         return self.u
 
 
-def sample_on_device(cb, logits: np.ndarray, settings: list, uniform: np.ndarray, padding: int = 0, work=None):
-    """draw_next_tokens on (B, V) logits, rows ``padding`` NaNs apart (a split model's rows have padding): (tokens,
-    the positions it advanced, the non-finite flag). ``work``: its workspace (None: a new one)."""
+def sample_on_device(cb, logits: np.ndarray, settings: list, uniform: np.ndarray, padding: int = 0, work=None,
+                     team=None):
+    """draw_next_tokens on (B, V) logits, rows ``padding`` NaNs apart (a split model's rows have padding), with
+    ``team`` blocks a row for rows read whole: (tokens, the positions it advanced, the non-finite flag). ``work``: its
+    workspace (None: a new one), whose teams' words must be 0 again afterwards."""
     import cupy as cp
 
     B, V = logits.shape
@@ -197,11 +199,13 @@ def sample_on_device(cb, logits: np.ndarray, settings: list, uniform: np.ndarray
     temperature, topk, topp = (np.array(v) for v in zip(*settings))
     next_id, tok_pos, sampled = cp.full(B, -1, cp.int64), cp.zeros(B, cp.int32), cp.full(B + 1, -1, cp.int32)
     sampled[B] = 0
+    work = work or cb.sampling_work(B)
     cb.draw_next_tokens(cp.asarray(padded), V, (cp.asarray(temperature, cp.float32), cp.asarray(topk, cp.int32),
                                                 cp.asarray(topp, cp.float32)),
-                        cp.asarray(uniform, cp.float32), next_id, tok_pos, sampled, work or cb.sampling_work(B))
+                        cp.asarray(uniform, cp.float32), next_id, tok_pos, sampled, work, team)
     tokens = sampled[:B].get()
     np.testing.assert_array_equal(next_id.get(), tokens)
+    assert not work[2].any(), "a team left its barrier counters or sums behind"
     return tokens, tok_pos.get(), int(sampled[B].get())
 
 
@@ -214,13 +218,15 @@ def logit_rows(rng, B: int, V: int) -> np.ndarray:
     return rows
 
 
+@pytest.mark.parametrize("way", ["together", "one block a row", "one row at a time"])
 @pytest.mark.parametrize("V, padding", [(384, 0), (1000, 2), (5000, 0), (151936, 0)])
-def test_sample_rows_draws_what_the_reference_sampler_draws(cb, V, padding):
+def test_sample_rows_draws_what_the_reference_sampler_draws(cb, V, padding, way):
     """draw_next_tokens against qwen3moe.sampling.sample, from the same uniform number u, over every setting of
     SAMPLING and rows with ties, masked tokens and equal logits: the same token (the reference sorts the vocabulary;
     the kernels select by radix without moving anything, and sort only a small top-k set: top-k up to 64 from the
     candidates of 64 blocks, 65 over the whole row). Rows with padding after them are what a split model
-    gathers."""
+    gathers. Rows read whole are split among a team of blocks: a few a row when all rows are drawn together, one,
+    or as many as a batch of one gets (sample_team)."""
     from qwen3moe.sampling import sample
 
     rng = np.random.default_rng()
@@ -230,10 +236,23 @@ def test_sample_rows_draws_what_the_reference_sampler_draws(cb, V, padding):
     logits = logit_rows(rng, B, V)
     uniform = rng.random(B)
     uniform[:4] = [0.0, 0.999999, 0.5, 0.25]
-    tokens, advanced, non_finite = sample_on_device(cb, logits, settings, uniform, padding)
+    if way == "one row at a time":
+        drawn = [sample_on_device(cb, logits[j:j + 1], settings[j:j + 1], uniform[j:j + 1], padding) for j in range(B)]
+        tokens, advanced = (np.concatenate([d[i] for d in drawn]) for i in (0, 1))
+        non_finite = max(d[2] for d in drawn)
+    else:
+        tokens, advanced, non_finite = sample_on_device(cb, logits, settings, uniform, padding,
+                                                        team=1 if way == "one block a row" else None)
     expected = [sample(logits[j], *settings[j], Fixed(float(np.float32(uniform[j])))) for j in range(B)]
     assert tokens.tolist() == expected
     assert advanced.tolist() == [1] * B and non_finite == 0
+
+
+def test_sample_rows_refuses_teams_that_cannot_all_be_resident(cb):
+    """A team's blocks wait at barriers for each other: more blocks than multiprocessors could wait forever."""
+    sms = cb.device_limits()[1]
+    with pytest.raises(ValueError, match=f"at most {sms // 2} blocks a row"):
+        sample_on_device(cb, np.zeros((2, 1000), np.float32), [(1.0, 0, 1.0)] * 2, np.zeros(2), team=sms // 2 + 1)
 
 
 @pytest.mark.parametrize("setting", [(1.0, 0, 0.9), (0.6, 20, 0.95), (0.0, 1, 1.0)])

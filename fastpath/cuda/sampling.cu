@@ -68,24 +68,22 @@ __global__ void greedy_advance(const float* __restrict__ best_val, const int* __
 
 // ---- sampling: temperature -> top-k -> top-p -> draw, in the reference's order (qwen3moe/sampling.py) ---------------
 //
-// The reference sorts the vocabulary (larger logit first, lower id on ties) and walks it. Here one block per row
-// finds elements by their place in that order without sorting the row: the k-th for top-k, the one where the
-// running probability reaches top_p, the one where it passes the drawn number u. It does so with a radix select: a
-// histogram of counts (top-k) or of probability mass (the others) over 8 bits of the ordering key at a time narrows
-// the key down to one value in four passes over the row; only if several ids share that value, three more passes
-// over their ids pick one. When top-k keeps at most FEW tokens, the tokens whose first 8 bits of key are those of the
-// k-th token or better (its power-of-two range of logits and above: some hundreds of 151,936 normally spread logits;
-// where that is too many, the first 16 bits) are gathered into shared memory and sorted there, and top-k, top-p and
-// the draw walk them as the reference walks its sorted list. With top-k of at most 64 (Qwen3 samples with
-// top_k = 20) none of this reads the row: topk_candidates (below) has 64 blocks each find the first k of its part.
+// The reference sorts the vocabulary (larger logit first, lower id on ties) and walks it. Here the kernels find
+// elements by their place in that order without sorting the row: the k-th for top-k, the one where the running
+// probability reaches top_p, the one where it passes the drawn number u. They do so with a radix select: a histogram
+// of counts (top-k) or of probability mass (the others) over 8 bits of the ordering key at a time narrows the key down
+// to one value in four passes over the row; only if several ids share that value, three more passes over their ids
+// pick one. With top-k of at most 64 (Qwen3 samples with top_k = 20) the row is read once: topk_candidates (below)
+// has 64 blocks each find the first k of its part, and sample_rows sorts those candidates. Other rows (top-k of every
+// token, or of more than 64) are read by a team of blocks that shares every pass (RowTeam, below).
 // Probabilities are computed in float64, as the reference does, and the histograms add them as integers in units of
-// 2^-45 for Qwen3's vocabulary (exact sums in any order): with a hundred thousand tokens in play, float32 sums would
-// move the drawn token by one now and then. The row (600 KB for Qwen3's vocabulary) stays in the L2 cache between
-// passes.
+// 2^-45 for Qwen3's vocabulary: exact sums in any order, so that any number of blocks draws the same token (with a
+// hundred thousand tokens in play, float32 sums would move the drawn token by one now and then). The row (600 KB for
+// Qwen3's vocabulary) stays in the L2 cache between passes.
 
 constexpr int RADIX = 256;  // bins of one 8-bit digit
 constexpr int COPIES = 16;  // copies of the histogram, so that the lanes of a warp seldom add into the same bin
-constexpr int FEW = 1024;   // top-k sets this small are sorted in shared memory (one element per thread)
+constexpr int FEW = 1024;   // threads of sample_rows: the sorted places draw_sorted walks, one a thread
 constexpr int UNROLL = 8;   // logits each thread has in flight per pass
 constexpr int CANDIDATE_BLOCKS = 64;  // blocks of topk_candidates a row (each takes 1/64 of the vocabulary)
 constexpr int CANDIDATES = 4096;      // candidates of a row at most (CANDIDATE_BLOCKS x top-k): top-k <= 64
@@ -158,7 +156,7 @@ __device__ __forceinline__ double block_inclusive_sum(double v) {
     return warp > 0 ? v + warp_total[warp - 1] : v;
 }
 
-struct SampleScratch {  // one per block, in shared memory; the radix histograms and the few tokens take turns
+struct SampleScratch {  // one per block, in shared memory; the radix histograms and the sorted places take turns
     union {
         struct {
             unsigned long long hist[RADIX][COPIES];
@@ -176,22 +174,118 @@ struct SampleScratch {  // one per block, in shared memory; the radix histograms
     int n_few;
 };
 
+// ---- who reads the row: one block, or a team of blocks --------------------------------------------------------------
+//
+// A pass reads logits and reduces something over them: a histogram, a sum, a minimum. OneBlock does it all in one
+// block (topk_candidates, on its 1/64 of a row). A single block reads a row of 151,936 logits at only ~10 GB/s,
+// bound by its own instructions (~40-60 us a pass on an H200), and a draw over every token takes 7-18 passes. RowTeam
+// gives a row gridDim.y blocks: each reduces its own contiguous part in shared memory and adds the result into a
+// buffer in global memory; they meet at a barrier and read the sums back, so every block goes on with the same
+// numbers and takes the same branches. Barriers count arrivals in global memory, so all blocks of a team must be
+// resident at once: the host gives sample_rows at most one block per multiprocessor (cupy_backend.sample_team).
+
+struct OneBlock {
+    template <class F> __device__ void for_each(const float* row, int n, F f) { ::for_each(row, n, f); }
+    __device__ void add_up(unsigned long long*, int) {}  // one block's sums are already the whole's
+    __device__ unsigned long long total(unsigned long long v) { return block_total(v); }
+    __device__ unsigned long long lowest(unsigned long long v) { return block_min(v); }
+};
+
+// The team's merges take TEAM_BUFFERS buffers in turn: while blocks add into one, block 0 clears the one before the
+// previous, which every block has read by then.
+constexpr int TEAM_BUFFERS = 3;
+constexpr int TEAM_WORDS = 2 + TEAM_BUFFERS * RADIX;  // a row's: arrivals at barriers, blocks done, the buffers
+
+struct RowTeam {
+    unsigned long long* words;  // the row's TEAM_WORDS: all 0 when the kernel starts, and again when it ends
+    int blocks, block;
+    unsigned long long barriers = 0;  // passed so far
+    int merges = 0;
+
+    __device__ explicit RowTeam(unsigned long long* row_words)
+        : words(row_words), blocks(gridDim.y), block(blockIdx.y) {}
+
+    __device__ unsigned long long* buffer(int merge) { return words + 2 + merge % TEAM_BUFFERS * RADIX; }
+
+    template <class F> __device__ void for_each(const float* row, int n, F f) {  // over this block's part of row[0..n)
+        const int width = (n + blocks - 1) / blocks, first = block * width;
+        ::for_each(row + first, max(0, min(width, n - first)), [&](int i, float v) { f(first + i, v); });
+    }
+
+    __device__ void barrier() {
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();  // this block's adds are seen before its arrival
+            atomicAdd(words, 1ull);
+            const unsigned long long everyone = ++barriers * blocks;
+            unsigned long long arrived;
+            do asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(arrived) : "l"(words) : "memory");
+            while (arrived < everyone);
+        }
+        __syncthreads();
+    }
+
+    // v[0..n) (shared memory, n <= RADIX) becomes its sum over the team's blocks, or with ``maximum`` its largest.
+    __device__ void merge(unsigned long long* v, int n, bool maximum) {
+        if (blocks == 1) return;
+        unsigned long long* into = buffer(merges);
+        for (int j = threadIdx.x; j < n; j += blockDim.x)
+            if (v[j]) maximum ? atomicMax(into + j, v[j]) : atomicAdd(into + j, v[j]);
+        barrier();
+        for (int j = threadIdx.x; j < n; j += blockDim.x) v[j] = __ldcg(into + j);  // (from L2: L1 may hold old words)
+        if (block == 0)
+            for (int j = threadIdx.x; j < RADIX; j += blockDim.x) buffer(merges + 2)[j] = 0;
+        ++merges;
+        __syncthreads();
+    }
+
+    __device__ unsigned long long merged(unsigned long long v, bool maximum) {  // one value of every block
+        __shared__ unsigned long long word;
+        if (blocks == 1) return v;
+        if (threadIdx.x == 0) word = v;  // (thread 0 also adds it in merge)
+        merge(&word, 1, maximum);
+        v = word;
+        __syncthreads();  // every thread has read word before the next call writes it
+        return v;
+    }
+
+    __device__ void add_up(unsigned long long* v, int n) { merge(v, n, false); }
+    __device__ unsigned long long total(unsigned long long v) { return merged(block_total(v), false); }
+    // (the buffers start at 0, so the smallest is merged as the largest complement)
+    __device__ unsigned long long lowest(unsigned long long v) { return ~merged(~block_min(v), true); }
+
+    // The last block out leaves the row's words at 0 for the next launch: the last merge's buffer (block 0 has
+    // cleared the others) and the two counters.
+    __device__ void finish() {
+        __syncthreads();
+        if (blocks > 1 && threadIdx.x == 0) {
+            __threadfence();
+            if (atomicAdd(words + 1, 1ull) == blocks - 1ull) {
+                __threadfence();
+                if (merges > 0)
+                    for (int j = 0; j < RADIX; ++j) buffer(merges - 1)[j] = 0;
+                words[0] = 0, words[1] = 0;
+            }
+        }
+    }
+};
+
 // Radix select. Among the ids i < n with in_set(i, v) (v = row[i]), taken in ascending order of digits(i, v), finds
 // the element where the running sum of weight(v) (an integer) passes t: the sum before it <= t < the sum through it
 // (or the last element of nonzero weight, when t is past the end). Returns its digits, reading 8 bits at a time
-// from bit top_shift + 7 down to bit last_shift; t becomes what is left of it inside the elements that share those
-// digits, and sh.chosen_weight the weight of those elements.
-template <class InSet, class Digits, class Weight>
-__device__ unsigned radix_select(SampleScratch& sh, const float* row, int n, int top_shift, InSet in_set,
-                                 Digits digits, Weight weight, unsigned long long& t, int last_shift = 0) {
+// from bit top_shift + 7 down to bit 0; t becomes what is left of it inside the elements that share those digits, and
+// sh.chosen_weight the weight of those elements.
+template <class Team, class InSet, class Digits, class Weight>
+__device__ unsigned radix_select(SampleScratch& sh, Team& team, const float* row, int n, int top_shift, InSet in_set,
+                                 Digits digits, Weight weight, unsigned long long& t) {
     auto& hist = sh.radix.hist;
     auto& total = sh.radix.total;
     const int copy = threadIdx.x % COPIES;
     unsigned prefix = 0, mask = 0;
-    for (int shift = top_shift; shift >= last_shift; shift -= 8) {
+    for (int shift = top_shift; shift >= 0; shift -= 8) {
         for (int j = threadIdx.x; j < RADIX * COPIES; j += blockDim.x) (&hist[0][0])[j] = 0;
         __syncthreads();
-        for_each(row, n, [&](int i, float v) {
+        team.for_each(row, n, [&](int i, float v) {
             const unsigned d = digits(i, v);
             if ((d & mask) == prefix && in_set(i, v)) atomicAdd(&hist[(d >> shift) & (RADIX - 1)][copy], weight(v));
         });
@@ -202,6 +296,7 @@ __device__ unsigned radix_select(SampleScratch& sh, const float* row, int n, int
             total[b] = s;
         }
         __syncthreads();
+        team.add_up(total, RADIX);
         if (threadIdx.x < 32) {  // lane l owns bins 8l .. 8l + 7: scan the lanes' sums, then walk the owner's bins
             const int lane = threadIdx.x;
             unsigned long long own = 0;
@@ -236,32 +331,35 @@ __device__ unsigned radix_select(SampleScratch& sh, const float* row, int n, int
 }
 
 // The element of the set where the running weight, taken in the order, passes t (as in radix_select): its place.
-template <class InSet, class Weight>
-__device__ unsigned long long select_in_order(SampleScratch& sh, const float* row, int V, InSet in_set,
+template <class Team, class InSet, class Weight>
+__device__ unsigned long long select_in_order(SampleScratch& sh, Team& team, const float* row, int V, InSet in_set,
                                               Weight weight, unsigned long long t) {
-    const unsigned key = radix_select(sh, row, V, 24, in_set, [](int, float v) { return order_key(v); }, weight, t);
-    unsigned long long count = 0, lowest = ~0ull;  // the ids that share the key: how many, and the lowest
-    for_each(row, V, [&](int i, float v) {
-        if (order_key(v) == key && in_set(i, v)) count += 1, lowest = min(lowest, static_cast<unsigned long long>(i));
-    });
-    count = block_total(count), lowest = block_min(lowest);
-    if (count <= 1) return place(key, static_cast<int>(lowest));
-    // ties: they share one weight w, so the pick is the n-th of them in id order, n = t / w
-    const unsigned long long w = weight(key_value(key));
-    unsigned long long n = min(w ? t / w : 0ull, count - 1);
+    const unsigned key =
+        radix_select(sh, team, row, V, 24, in_set, [](int, float v) { return order_key(v); }, weight, t);
+    // the ids that share the key weigh the same, w (> 0: radix_select picks weight), so there are chosen_weight / w
+    const unsigned long long w = weight(key_value(key)), count = sh.chosen_weight / w;
+    if (count == 1) {
+        unsigned long long id = ~0ull;
+        team.for_each(row, V, [&](int i, float v) {
+            if (order_key(v) == key && in_set(i, v)) id = i;
+        });
+        return place(key, static_cast<int>(team.lowest(id)));
+    }
+    // ties: the pick is the n-th of them in id order, n = t / w
+    unsigned long long n = min(t / w, count - 1);
     const unsigned id = radix_select(
-        sh, row, V, 16, [&](int i, float v) { return order_key(v) == key && in_set(i, v); },
+        sh, team, row, V, 16, [&](int i, float v) { return order_key(v) == key && in_set(i, v); },
         [](int i, float) { return static_cast<unsigned>(i); }, [](float) { return 1ull; }, n);
     return place(key, static_cast<int>(id));
 }
 
-template <class InSet, class Weight>
-__device__ unsigned long long set_weight(const float* row, int V, InSet in_set, Weight weight) {
+template <class Team, class InSet, class Weight>
+__device__ unsigned long long set_weight(Team& team, const float* row, int V, InSet in_set, Weight weight) {
     unsigned long long s = 0;
-    for_each(row, V, [&](int i, float v) {
+    team.for_each(row, V, [&](int i, float v) {
         if (in_set(i, v)) s += weight(v);
     });
-    return block_total(s);
+    return team.total(s);
 }
 
 // a[0..n) in ascending order, n a power of two, by the whole block (bitonic; each thread takes the pairs
@@ -302,36 +400,14 @@ __device__ unsigned long long draw_sorted(SampleScratch& sh, int n, Weight proba
     return sh.few.place[at];
 }
 
-// Top-k, top-p and the draw over the at most FEW tokens placed up to ``last``: gathered from the row, sorted by
-// place, the first k of them, then draw_sorted. Needs blockDim.x == FEW.
-template <class Weight>
-__device__ unsigned long long draw_from_few(SampleScratch& sh, const float* row, int V, unsigned long long last, int k,
-                                            Weight probability, float topp, float u) {
-    auto& few = sh.few.place;
-    if (threadIdx.x == 0) sh.n_few = 0;
-    few[threadIdx.x] = ~0ull;
-    __syncthreads();
-    for_each(row, V, [&](int i, float v) {
-        const unsigned long long p = place(order_key(v), i);
-        if (p <= last) {
-            const int slot = atomicAdd(&sh.n_few, 1);
-            if (slot < FEW) few[slot] = p;
-        }
-    });
-    block_sort(few, FEW);
-    return draw_sorted(sh, min(min(sh.n_few, FEW), k), probability, topp, u);
-}
-
-// ---- sampling with top-k <= 64 over many blocks -----------------------------------------------------------------
+// ---- sampling with top-k <= 64: candidates from 64 blocks -----------------------------------------------------------
 //
-// One block reads a row of 151,936 logits at ~10 GB/s (its passes are bound by the block's own instructions, not the
-// memory): ~60 us a pass on an H200, and a top-k draw takes three passes or more. When a row keeps at most 64 tokens
-// (Qwen3 samples with top_k = 20) or is greedy, topk_candidates first has CANDIDATE_BLOCKS blocks each find the
-// first k places of its 1/64 of the row (the row's first k are among those 64 k), and sample_rows then sorts those
-// candidates instead of reading the row.
+// When a row keeps at most 64 tokens (Qwen3 samples with top_k = 20) or is greedy, topk_candidates first has
+// CANDIDATE_BLOCKS blocks each find the first k places of its 1/64 of the row (the row's first k are among those
+// 64 k), and sample_rows then sorts those candidates instead of reading the row: one pass over the row in all.
 
 // How many places each block of topk_candidates keeps for a row: its top-k (1 where greedy), or 0 where the row takes
-// sample_rows' passes over the whole row instead (top-k of every token, or of more than 64).
+// sample_rows' team of blocks reads the whole row instead (top-k of every token, or of more than 64).
 __device__ __forceinline__ int candidates_per_block(float temperature, int topk, int V) {
     const int k = temperature == 0.0f || topk == 1 ? 1 : (topk > 0 && topk < V ? topk : 0);
     return k > 0 && k * CANDIDATE_BLOCKS <= CANDIDATES ? k : 0;
@@ -357,8 +433,9 @@ __global__ void __launch_bounds__(256) topk_candidates(const float* __restrict__
     for_each(part, n, [&](int, float v) { bad |= isnan(v) || v == INFINITY; });
     if (__syncthreads_or(bad) && threadIdx.x == 0) non_finite_rows[r] = 1;
     unsigned long long last = ~0ull;  // every place of the part up to it is kept (places within the part)
-    if (k < n)
-        last = select_in_order(sh, part, n, [](int, float) { return true; }, [](float) { return 1ull; }, k - 1ull);
+    OneBlock block;
+    if (k < n) last = select_in_order(sh, block, part, n, [](int, float) { return true; }, [](float) { return 1ull; },
+                                      k - 1ull);
     if (threadIdx.x == 0) sh.n_few = 0;
     __syncthreads();
     unsigned long long* out = candidates + static_cast<long long>(r) * CANDIDATES + blockIdx.y * k;
@@ -369,102 +446,99 @@ __global__ void __launch_bounds__(256) topk_candidates(const float* __restrict__
     for (int slot = sh.n_few + threadIdx.x; slot < k; slot += blockDim.x) out[slot] = ~0ull;
 }
 
+// ---- sample_rows: every row's draw ----------------------------------------------------------------------------------
+
+// A row's draw from topk_candidates' candidates (the row's CANDIDATE_BLOCKS x kc places): sorted, their first kc are
+// the row's top-k; greedy rows (kc 1) take the first. A row that topk_candidates flagged non-finite sets
+// non_finite[0], and its flag is cleared for the next step.
+__device__ unsigned long long draw_from_candidates(SampleScratch& sh, const unsigned long long* candidates, int kc,
+                                                   float temperature, float topp, float u, int* non_finite_row,
+                                                   int* non_finite) {
+    const int n = CANDIDATE_BLOCKS * kc;
+    int size = FEW;  // a power of two for the sort
+    while (size < n) size <<= 1;
+    for (int j = threadIdx.x; j < size; j += blockDim.x) sh.candidates[j] = j < n ? candidates[j] : ~0ull;
+    block_sort(sh.candidates, size);
+    unsigned long long pick = sh.candidates[0];
+    if (__syncthreads_or(*non_finite_row)) {  // (every thread has read the flag before it is cleared)
+        if (threadIdx.x == 0) non_finite[0] = 1, *non_finite_row = 0;
+    } else if (kc > 1) {
+        // (the first k candidates are all tokens' places: the parts hold V > k tokens in all)
+        const double top = key_value(static_cast<unsigned>(pick >> 32)), inv_t = 1.0 / temperature;
+        pick = draw_sorted(sh, kc, [=](float v) { return exp((v - top) * inv_t); }, topp, u);
+    }
+    return pick;
+}
+
+// A row's draw over all of its V logits, by the team: the first place (the top token), then top-k by count, top-p by
+// probability mass, and the draw by mass, each a select_in_order. Greedy rows never come here (topk_candidates takes
+// them). A NaN or +Inf logit sets non_finite[0].
+__device__ unsigned long long draw_over_row(SampleScratch& sh, RowTeam& team, const float* row, int V,
+                                            float temperature, int topk, float topp, float u, int* non_finite) {
+    unsigned long long first = ~0ull;
+    bool bad = false;
+    team.for_each(row, V, [&](int i, float v) {
+        bad |= isnan(v) || v == INFINITY;
+        first = min(first, place(order_key(v), i));
+    });
+    // one merge for both: no finite logit's place is 0, so a block that saw a NaN or +Inf offers 0
+    first = team.lowest(__syncthreads_or(bad) ? 0ull : first);
+    if (first == 0) {
+        if (team.block == 0 && threadIdx.x == 0) non_finite[0] = 1;
+        return first;
+    }
+    const double top = key_value(static_cast<unsigned>(first >> 32)), inv_t = 1.0 / temperature;
+    const auto probability = [=](float v) { return exp((v - top) * inv_t); };  // relative to the top token's
+    // the histograms' unit of probability: as fine as V weights of at most 1 (the top token's) can sum in 63 bits
+    const double unit = ldexp(1.0, 63 - (32 - __clz(V)));
+    const auto mass = [=](float v) { return __double2ull_rn(probability(v) * unit); };
+    const auto part = [](double fraction, unsigned long long whole) {
+        return static_cast<unsigned long long>(fraction * static_cast<double>(whole));
+    };
+    unsigned long long last = ~0ull;  // the last kept place: every token up to it in the order is kept
+    const auto kept = [&](int i, float v) { return place(order_key(v), i) <= last; };
+    if (topk > 0 && topk < V) last = select_in_order(sh, team, row, V, kept, [](float) { return 1ull; }, topk - 1ull);
+    if (topp < 1.0f) {
+        const unsigned long long reach = part(topp - TOP_P_SLACK, set_weight(team, row, V, kept, mass));
+        last = select_in_order(sh, team, row, V, kept, mass, reach);
+    }
+    return select_in_order(sh, team, row, V, kept, mass, part(u, set_weight(team, row, V, kept, mass)));
+}
+
 // Row blockIdx.x of the logits (V of them, rows ``stride`` apart): its next token, drawn as the reference sampler
 // draws it from the same uniform number u = uniform[row]. Greedy where temperature == 0 or topk == 1; otherwise among
 // the tokens kept by top-k (0: all) and then top-p (1: all), each with probability exp((logit - max) / temperature)
 // / (their sum). The token becomes the row's next input, as in greedy_advance. Ids must be below 2^24. A NaN or +Inf
-// logit sets non_finite[0] = 1 (the host refuses the step). Where candidates_per_block takes the row, it draws from
-// topk_candidates' candidates (launched just before, ``candidates`` and ``non_finite_rows`` its outputs) instead of
-// reading the row.                                                      grid (rows), block FEW (1024)
+// logit sets non_finite[0] = 1 (the host refuses the step). Where candidates_per_block takes the row, the row's
+// first block draws from topk_candidates' candidates (launched just before; ``candidates`` and ``non_finite_rows``
+// its outputs). Otherwise the row's gridDim.y blocks read it as a RowTeam, with the row's TEAM_WORDS of
+// ``team_words`` (0 between launches).                                   grid (rows, blocks a row), block FEW (1024)
 __global__ void __launch_bounds__(FEW) sample_rows(const float* __restrict__ logits, int V, int stride,
                                                  const float* __restrict__ temperature, const int* __restrict__ topk,
                                                  const float* __restrict__ topp, const float* __restrict__ uniform,
                                                  const unsigned long long* __restrict__ candidates,
-                                                 int* __restrict__ non_finite_rows, long long* __restrict__ next_id,
-                                                 int* __restrict__ tok_pos, int* __restrict__ sampled,
-                                                 int* __restrict__ non_finite) {
+                                                 int* __restrict__ non_finite_rows,
+                                                 unsigned long long* __restrict__ team_words,
+                                                 long long* __restrict__ next_id, int* __restrict__ tok_pos,
+                                                 int* __restrict__ sampled, int* __restrict__ non_finite) {
     __shared__ SampleScratch sh;
     begin_after_previous();
     const int r = blockIdx.x;
-    const float* row = logits + static_cast<long long>(r) * stride;
     const int kc = candidates_per_block(temperature[r], topk[r], V);
-    if (kc) {  // topk_candidates has done the reading: sort its candidates; the first k of them are the row's
-        const int n = CANDIDATE_BLOCKS * kc;
-        int size = FEW;  // a power of two for the sort
-        while (size < n) size <<= 1;
-        for (int j = threadIdx.x; j < size; j += blockDim.x)
-            sh.candidates[j] = j < n ? candidates[static_cast<long long>(r) * CANDIDATES + j] : ~0ull;
-        block_sort(sh.candidates, size);
-        unsigned long long pick = sh.candidates[0];
-        if (__syncthreads_or(non_finite_rows[r])) {  // (every thread has read the flag before it is cleared)
-            if (threadIdx.x == 0) non_finite[0] = 1, non_finite_rows[r] = 0;  // cleared for the next step
-        } else if (kc > 1) {
-            // (the first k candidates are all tokens' places: the parts hold V > k tokens in all)
-            const double top = key_value(static_cast<unsigned>(pick >> 32)), inv_t = 1.0 / temperature[r];
-            pick = draw_sorted(sh, kc, [=](float v) { return exp((v - top) * inv_t); }, topp[r], uniform[r]);
-        }
-        if (threadIdx.x == 0) {
-            const int id = static_cast<int>(pick & 0xffffffffu);
-            next_id[r] = id, sampled[r] = id, tok_pos[r] += 1;
-        }
-        return;
-    }
-    unsigned long long first = ~0ull;  // the argmax: the first place in the order
-    bool bad = false;
-    for_each(row, V, [&](int i, float v) {
-        bad |= isnan(v) || v == INFINITY;
-        first = min(first, place(order_key(v), i));
-    });
-    first = block_min(first);
-    unsigned long long pick = first;
-    if (__syncthreads_or(bad)) {
-        if (threadIdx.x == 0) non_finite[0] = 1;
-    } else if (temperature[r] != 0.0f && topk[r] != 1) {
-        const double top = key_value(static_cast<unsigned>(first >> 32)), inv_t = 1.0 / temperature[r];
-        const auto probability = [=](float v) { return exp((v - top) * inv_t); };  // relative to the top token's
-        // the histograms' unit of probability: as fine as V weights of at most 1 (the top token's) can sum in 63 bits
-        const double unit = ldexp(1.0, 63 - (32 - __clz(V)));
-        const auto mass = [=](float v) { return __double2ull_rn(probability(v) * unit); };
-        const auto one = [](float) { return 1ull; };
-        unsigned long long last = ~0ull;  // the last kept place: every token up to it in the order is kept
-        const auto kept = [&](int i, float v) { return place(order_key(v), i) <= last; };
-        const int k = topk[r] > 0 && topk[r] < V ? topk[r] : V;
-        if (k <= FEW) {
-            if (k < V && k <= FEW / 4) {  // the key's first 8 bits of the k-th token; if at most FEW tokens share
-                                          // those or better ones, gathering them is cheaper than an exact select
-                unsigned long long t = k - 1ull;
-                const auto all = [](int, float) { return true; };
-                const auto key = [](int, float v) { return order_key(v); };
-                unsigned digits = radix_select(sh, row, V, 24, all, key, one, t, 24), rest = 0xffffffu;
-                if (k - 1ull - t + sh.chosen_weight > FEW) {  // too many (logits spread over few powers of two):
-                    // the next 8 bits too, among the tokens that share the first (one pass, where the exact select
-                    // would take five or more)
-                    const unsigned first = digits;
-                    const auto shares = [=](int, float v) { return (order_key(v) & 0xff000000u) == first; };
-                    digits |= radix_select(sh, row, V, 16, shares, key, one, t, 16), rest = 0xffffu;
-                }
-                last = k - 1ull - t + sh.chosen_weight <= FEW ? place(digits | rest, -1)
-                                                               : select_in_order(sh, row, V, kept, one, k - 1ull);
-            } else if (k < V) {
-                last = select_in_order(sh, row, V, kept, one, k - 1ull);
-            }
-            pick = draw_from_few(sh, row, V, last, k, probability, topp[r], uniform[r]);
-        } else {
-            if (k < V) last = select_in_order(sh, row, V, kept, one, k - 1ull);
-            const auto part = [](double fraction, unsigned long long whole) {
-                return static_cast<unsigned long long>(fraction * static_cast<double>(whole));
-            };
-            if (topp[r] < 1.0f) {
-                const unsigned long long reach = part(topp[r] - TOP_P_SLACK, set_weight(row, V, kept, mass));
-                last = select_in_order(sh, row, V, kept, mass, reach);
-            }
-            pick = select_in_order(sh, row, V, kept, mass, part(uniform[r], set_weight(row, V, kept, mass)));
-        }
+    unsigned long long pick;
+    if (kc) {
+        if (blockIdx.y > 0) return;
+        pick = draw_from_candidates(sh, candidates + static_cast<long long>(r) * CANDIDATES, kc, temperature[r],
+                                    topp[r], uniform[r], non_finite_rows + r, non_finite);
+    } else {
+        RowTeam team(team_words + static_cast<long long>(r) * TEAM_WORDS);
+        pick = draw_over_row(sh, team, logits + static_cast<long long>(r) * stride, V, temperature[r], topk[r],
+                             topp[r], uniform[r], non_finite);
+        team.finish();
+        if (blockIdx.y > 0) return;
     }
     if (threadIdx.x == 0) {
         const int id = static_cast<int>(pick & 0xffffffffu);
-        next_id[r] = id;
-        sampled[r] = id;
-        tok_pos[r] += 1;
+        next_id[r] = id, sampled[r] = id, tok_pos[r] += 1;
     }
 }
