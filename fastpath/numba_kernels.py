@@ -38,12 +38,13 @@ Weights may also be float32 (an f32 checkpoint): ``_lo``/``_hi`` read a row's el
 version per dtype. ``cache=True`` stores the compiled code next to this file, so a second process starts at once.
 """
 
+import sys
 from types import FunctionType
 
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange, types
-from numba.core import cgutils
+from numba.core import cgutils, event
 from numba.extending import intrinsic, overload
 from numba.typed import List
 
@@ -51,6 +52,29 @@ from numba.typed import List
 # still propagate, so debug mode can find them; error_model="numpy": IEEE division, no zero checks in hot loops.
 FLAGS = dict(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp", "afn"}, nogil=True, error_model="numpy")
 JIT_OPTIONS = {k: v for k, v in FLAGS.items() if k != "cache"}  # (for overloads, which Numba does not cache apart)
+
+
+class CompileNotice(event.Listener):
+    """Says on stderr when Numba starts compiling one of this module's kernels. The first run on a machine compiles
+    them all (~30 s on a 2-core CPU, ~17 s of it ``decode_step``); later processes load them from the cache in
+    milliseconds. Without a word the first run would look hung. Kernels compiled inside another (inlined helpers,
+    NumPy's sort) are part of it and say nothing."""
+
+    def __init__(self):
+        self.depth = 0
+
+    def on_start(self, ev):
+        self.depth += 1
+        kernel = ev.data["dispatcher"].py_func
+        if self.depth == 1 and kernel.__module__ == __name__:
+            print(f"numba: compiling {kernel.__name__} for this CPU (once: later runs load it from Numba's cache)",
+                  file=sys.stderr, flush=True)
+
+    def on_end(self, ev):
+        self.depth -= 1
+
+
+event.register("numba:compile", CompileNotice())
 SHIFT, HIGH = np.uint32(16), np.uint32(0xFFFF0000)
 # The ``like`` argument of the kernels that multiply activations: products of float32 activations, or (precision bf16,
 # bf16 weights) of activations rounded to bf16 and packed two to a word, multiplied by vdpbf16ps.

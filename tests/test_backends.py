@@ -465,3 +465,25 @@ def test_a_precision_the_backend_lacks_is_refused_before_loading(tiny_model_dir)
     assert backends.prepare_options("numpy", "float32") == {} == backends.prepare_options("cupy", "float32")
     assert backends.prepare_options("cupy", "bf16") == {"precision": "bf16"} == backends.prepare_options("numba",
                                                                                                          "bf16")
+
+
+@pytest.mark.skipif(backends.unavailable_reason("numba") is not None, reason="the numba backend cannot run here")
+def test_numba_says_when_it_compiles_a_kernel(capsys):
+    """A first run on a machine compiles the CPU kernels (~30 s): each kernel of numba_kernels says so on stderr when
+    its compilation starts, once; helpers compiled inside it say nothing, nor does a call that finds it compiled."""
+    import numba
+    from fastpath import numba_kernels as K
+
+    def helper(x):
+        return x + 1
+
+    def kernel(x):
+        return 2 * helper(x)
+
+    helper.__module__ = kernel.__module__ = K.__name__  # two of the module's kernels, compiled fresh (no cache)
+    helper, kernel = numba.njit(helper), numba.njit(kernel)
+    assert kernel(3) == 8
+    said = capsys.readouterr().err
+    assert said.count("numba: compiling") == 1 and "compiling kernel for this CPU" in said
+    assert kernel(4) == 10
+    assert "numba: compiling" not in capsys.readouterr().err
