@@ -13,6 +13,8 @@ overlap out.
 import ctypes
 import functools
 import os
+import sys
+import time
 from pathlib import Path
 
 from qwen3moe.errors import DeviceError
@@ -142,16 +144,27 @@ class ArchitectureModule:
         return self.raw.get_global(name)
 
 
+COMPILE_NOTICE_S = 1.0  # a module whose first kernel took longer than this to get was compiled, and says so
+
+
 @functools.cache
 def kernel(file: str, name: str) -> "Kernel":
     """One kernel, by its name expression in ``KERNELS`` (e.g. ``"linear<bf16_t, 8>"``). The module is compiled
-    on first use; a compile error names the file and carries NVRTC's log."""
+    on first use; a compile error names the file and carries NVRTC's log. A first run on a machine compiles every
+    file it uses (seconds each, the binaries then cached on disk): each says so on stderr, so that the run does not
+    look hung."""
     import cupy
 
+    first, start = file not in LOADED, time.perf_counter()
     try:
-        return Kernel(module(file).get_function(name), name)
+        k = Kernel(module(file).get_function(name), name)
     except cupy.cuda.compiler.CompileException as e:
         raise DeviceError(f"compiling fastpath/cuda/{file} failed:\n{e}") from None
+    took = time.perf_counter() - start
+    if first and took > COMPILE_NOTICE_S:
+        print(f"cupy: compiled fastpath/cuda/{file} for this GPU in {took:.1f} s (once: later runs load it from the "
+              f"disk cache)", file=sys.stderr, flush=True)
+    return k
 
 
 # ---- launching with programmatic dependent launch --------------------------------------------------------------------

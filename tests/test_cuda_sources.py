@@ -57,6 +57,45 @@ def test_editing_a_header_changes_the_key_of_the_cached_binaries(tmp_path, monke
     build.module.cache_clear()
 
 
+def test_a_module_that_compiles_says_so(monkeypatch, capsys):
+    """A first run on a machine compiles every .cu file it uses (seconds each): the first kernel of a module that took
+    long to get says so on stderr, once; a module loaded quickly from the disk cache says nothing. (CuPy is faked by
+    a module that takes ``compile_s`` to compile when its first function is asked for, as CuPy's RawModule does.)"""
+    import sys
+    import time
+    import types
+    import fastpath.cuda_build as build
+
+    compile_s = {"now": 0.2}
+
+    class Module:
+        def __init__(self, code, **kwargs):
+            self.compiled = False
+
+        def get_function(self, name):
+            if not self.compiled:
+                time.sleep(compile_s["now"])
+                self.compiled = True
+            return name
+
+    compiler = types.SimpleNamespace(CompileException=RuntimeError)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(RawModule=Module, cuda=types.SimpleNamespace(
+        compiler=compiler)))
+    monkeypatch.setattr(build, "COMPILE_NOTICE_S", 0.1)
+    monkeypatch.setattr(build, "LOADED", [])
+    build.module.cache_clear(), build.kernel.cache_clear()
+    try:
+        build.kernel("linear.cu", "embed<float>")
+        build.kernel("linear.cu", "embed<bf16_t>")  # the same module, compiled already
+        said = capsys.readouterr().err
+        assert said.count("cupy: compiled fastpath/cuda/linear.cu for this GPU in") == 1 and said.count("\n") == 1
+        compile_s["now"] = 0.0  # found in the disk cache
+        build.kernel("moe.cu", "moe_combine")
+        assert capsys.readouterr().err == ""
+    finally:
+        build.module.cache_clear(), build.kernel.cache_clear()
+
+
 def test_every_source_file_is_listed():
     assert sorted(p.name for p in SOURCE_DIR.glob("*.cu")) == sorted(KERNELS)
     assert sorted(p.name for p in LADDER_DIR.glob("*.cu")) == sorted(LADDER_KERNELS)
