@@ -115,9 +115,15 @@ TILE_MIN_SPLIT_STEPS = 4  # matmul.cu: the fewest k-steps a split of a LINEAR pr
 TILE_SPLIT_BLOCKS = 264  # matmul.cu: K is split until a LINEAR product has this many blocks
 # The batch-1 expert kernels' shapes, measured on H200s (48 layers of Qwen3-30B-A3B shapes, the captured step):
 # expert_down_sum's output rows a warp computes at once for one pick (8: 2.4 % faster a token than 4, as fast as 16),
-# and expert_gate_up's rows a block by tokens per pass (at one token 16, two a warp: 1.0 % faster than 8).
+# and expert_gate_up's rows a block by tokens per pass (at one token 16, two a warp: 1.0 % faster than 8; 9 % faster
+# than 8 in route_gate_up). A rank that holds a half or a quarter of each expert's rows (expert tensor parallelism)
+# has too few blocks of 16 to fill the GPU: see gate_up_rows.
 DOWN_SUM_ROWS = 8
 GATE_UP_ROWS = {1: 16, MAXT[-1]: 8}
+# The router's rows a block at one token (linear.cu's ``linear``, float32 weights): 2, so that its 128 rows are 64
+# blocks, not 16 of 8 rows; the step 1-2 % faster (H200, route_gate_up at 8 rows a block: 3.003 -> 2.953 ms on one
+# GPU, 1.977 -> 1.948 ms on one rank's part of two, 1.489 -> 1.478 ms of four).
+ROUTER_ROWS = 2
 # The lm_head's rows a block of linear.cu's ``linear`` computes, by tokens per pass: at one token (before Hopper, where
 # linear_streamed does not take it) 32, four a warp (1.2 % faster a token than 64 on an H200; 16: 0.9 % faster, 128:
 # 0.9 % slower); 64 for more tokens (not measured again).
@@ -579,8 +585,8 @@ def moe_into(s: State, layer: Layer, x: cp.ndarray, top_k: int, disabled: cp.nda
     left in b.out, for the all-reduce of a split model to add (``reduce_over_ranks``), and x is unchanged."""
     c, T = s.config, x.shape[0]
     E, g = c.num_experts, b.grouping
-    if T == 1 and not normed and sum_picks and s.expert_lo == 0 and s.expert_hi >= E:
-        route_and_gate_up(s, layer, x, top_k, disabled, b, stats)
+    if T == 1 and sum_picks:
+        route_and_gate_up(s, layer, x, top_k, disabled, b, stats, normed)
         down_sum(s, layer, b.act, g, top_k, x)
         return
     route(s, layer.router, layer.post_norm, x, top_k, disabled, b, stats, normed)
@@ -599,12 +605,22 @@ def router_logits(s: State, gate: cp.ndarray, norm: cp.ndarray, x: cp.ndarray, b
     T, H = x.shape
     # the router's logits keep float32 products at any precision: a small matrix, and bf16 rounding would choose
     # other experts wherever two are within ~1e-3 of each other
+    rows = ROUTER_ROWS if T == 1 else None
     if normed:
-        linear(s, b.xn, gate, b.logits, precision="float32")
+        linear(s, b.xn, gate, b.logits, rows_per_block=rows, precision="float32")
         return True
-    linear(s, x, gate, b.logits, norm=norm, scratch=b.xn, precision="float32")
+    linear(s, x, gate, b.logits, norm=norm, rows_per_block=rows, scratch=b.xn, precision="float32")
     # only linear.cu's GEMV fuses the norm; the other kernels have had b.xn = RMSNorm(x) written for them
     return linear_path(s, T, H, gate.shape[0]) != "gemv"
+
+
+def gate_up_rows(I: int, top_k: int) -> int:
+    """Gate/up rows a block of route_gate_up computes for one pick: GATE_UP_ROWS[1] (16) where that makes two blocks
+    a multiprocessor, else 8. Measured on an H200, the captured step of one rank's part (expert tensor parallelism)
+    alone: I 384 (two ranks), 192 blocks of 16 -> 384 of 8, 2.022 -> 1.989 ms; I 192 (four), 1.575 -> 1.486 ms (4
+    rows: 1.504 ms). The whole I 768 keeps 16: 8 was 2.737 -> 3.003 ms."""
+    rows = GATE_UP_ROWS[1]
+    return rows if math.ceil(I / rows) * top_k >= 2 * device_limits()[1] else rows // 2
 
 
 def route_chunks(E: int) -> int:
@@ -636,20 +652,23 @@ def route(s: State, gate: cp.ndarray, norm: cp.ndarray, x: cp.ndarray, top_k: in
 
 
 def route_and_gate_up(s: State, layer: Layer, x: cp.ndarray, top_k: int, disabled: cp.ndarray | None, b: MoeBuffers,
-                      stats: tuple | None = None) -> None:
-    """One token on a state that holds every expert: the router's logits (linear), then the routing and the chosen
-    experts' gate/up products in one kernel (route_gate_up, moe.cu), which writes b.probs, b.topk_ids and b.grouping
-    as route_topk does, and b.act; b.xn is not written (each block normalises x in its shared memory)."""
+                      stats: tuple | None = None, normed: bool = False) -> None:
+    """One token: the router's logits (linear; ``normed``: from b.xn), then the routing and the chosen experts'
+    gate/up products in one kernel (route_gate_up, moe.cu), which writes b.probs, b.topk_ids and b.grouping as
+    route_topk does, and b.act; each block normalises x in its shared memory. On a rank of a split model the picks of
+    other ranks' experts get no products and slot_expert -1 (expert parallelism); an expert's rows may be a part of
+    its rows (expert tensor parallelism)."""
     c, g = s.config, b.grouping
-    E, two_i, H = layer.gate_up.shape  # (a rank of a split model may hold part of each expert's rows)
+    E, (_, two_i, H) = c.num_experts, layer.gate_up.shape  # (the experts routed among; the rank holds some or parts)
     I = two_i // 2
-    router_logits(s, layer.router, layer.post_norm, x, b)
+    router_logits(s, layer.router, layer.post_norm, x, b, normed)
     kernel("moe.cu", f"route_gate_up<{s.wtype}, {route_chunks(E)}>")(
-        (math.ceil(I / GATE_UP_ROWS[1]), top_k), (BLOCK,),
+        (math.ceil(I / gate_up_rows(I, top_k)), top_k), (BLOCK,),
         (b.logits, x, i32(H), layer.post_norm, np.float32(c.rms_norm_eps), i32(E), i32(top_k), i32(c.norm_topk_prob),
          NULL if disabled is None else disabled, b.probs, b.topk_ids, g.pair_weight, *(stats or (NULL, NULL, NULL)),
          g.slot_expert, g.slot_offset, g.pair_src, g.pair_token, layer.gate_up, up_rows(layer), np.int64(two_i * H),
-         i32(I), i32(GATE_UP_ROWS[1]), b.act), shared_mem=4 * H + 8 * top_k)
+         i32(I), i32(gate_up_rows(I, top_k)), b.act, i32(s.expert_lo), i32(min(s.expert_hi, E))),
+        shared_mem=4 * H + 8 * top_k)
 
 
 def combine(s: State, x: cp.ndarray, out: cp.ndarray, topk_ids: cp.ndarray | None) -> None:
@@ -1068,19 +1087,22 @@ class BatchDecoder:
         s, c, comm = self.s, self.s.config, self.comm
         embed_into(s, self.ids, self.x)
         normed = False  # whether the all-reduce ahead wrote the next block's normalised input
+        # on a split model a batch-1 MLP block sums its picks into x in its down kernel (expert_down_sum); larger
+        # batches leave them to the all-reduce (moe_combine's work in the peer kernel)
+        apart = comm is not None and self.x.shape[0] > 1
         for i, layer in enumerate(s.layers):
             attention_into(s, layer, self.x, self.plan, self.k_caches[i], self.v_caches[i], self.attn, normed)
             mlp = self.moe if c.is_moe_layer(i) else self.dense
             if comm:
                 normed = reduce_over_ranks(s, comm, self.x, (layer.post_norm, mlp.xn))
             if c.is_moe_layer(i):
-                moe_into(s, layer, self.x, c.num_experts_per_tok, None, self.moe, self.stats[i], normed, not comm)
+                moe_into(s, layer, self.x, c.num_experts_per_tok, None, self.moe, self.stats[i], normed, not apart)
             else:
-                dense_mlp_into(s, layer, self.x, self.dense, normed, not comm)
+                dense_mlp_into(s, layer, self.x, self.dense, normed, not apart)
             if comm:
                 last = i + 1 == len(s.layers)
                 after = (s.norm, self.xn) if last else (s.layers[i + 1].input_norm, self.attn.xn)
-                normed = reduce_over_ranks(s, comm, self.x, after, picks=mlp)
+                normed = reduce_over_ranks(s, comm, self.x, after, picks=mlp if apart else None)
         if normed:
             linear(s, self.xn, s.lm_head, self.logits, rows_per_block=lm_head_rows(self.x.shape[0]))
         else:

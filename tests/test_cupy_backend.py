@@ -637,16 +637,18 @@ def test_attention_over_groups_takes_only_the_group_sizes_it_is_compiled_for(cb,
 
 
 @pytest.mark.parametrize("T", [1, 7])
-def test_a_rank_adds_only_the_picks_of_its_own_experts(cb, tiny_model_dir, T):
-    """Expert parallelism: each rank's MoE block adds only the picks of its block of experts (the others' rows of the
-    picks buffer are never written; poisoned with NaN here, they must not leak in) and only rank 0 the residual, so
-    the ranks' parts add up to the whole block. At one token route_topk lists the rank's picks itself; at 7 the
-    grouping kernel does."""
+@pytest.mark.parametrize("experts", ["ep", "etp"])
+def test_a_rank_adds_only_the_picks_of_its_own_experts(cb, tiny_model_dir, T, experts):
+    """Each rank's MoE block adds only its part and only rank 0 the residual, so the ranks' parts add up to the whole
+    block. Expert parallelism: a rank adds only the picks of its block of experts (the others' rows of the picks and
+    activation buffers are never written; poisoned with NaN here, they must not leak in); at one token route_gate_up
+    marks the other ranks' picks and expert_down_sum skips them, at 7 the grouping kernel lists the rank's picks.
+    Expert tensor parallelism: a rank holds a slice of every expert's intermediate rows."""
     import cupy as cp
 
     config = load_config(tiny_model_dir)
     weights = load_weights(tiny_model_dir, config)
-    plan = plan_sharding(config, 2, "ep")
+    plan = plan_sharding(config, 2, experts)
     i = config.moe_layers[0]
     x = np.random.default_rng().standard_normal((T, config.hidden_size), dtype=np.float32)
     expected, _ = ref.feed_forward_block(ref.prepare(weights, config), i, x.copy(), config.num_experts_per_tok, None)
@@ -655,6 +657,7 @@ def test_a_rank_adds_only_the_picks_of_its_own_experts(cb, tiny_model_dir, T):
         s = cb.prepare(shard_weights(weights, plan, r), rank_config(plan, r), plan.ranks[r])
         b = cb.MoeBuffers.empty(T, s.config, config.num_experts_per_tok)
         b.out.fill(np.nan)
+        b.act.fill(np.nan)
         y = cp.asarray(x)
         cb.moe_into(s, s.layers[i], y, config.num_experts_per_tok, None, b)
         total += y.get()

@@ -241,14 +241,16 @@ __global__ void __launch_bounds__(256) expert_gate_up(const float* __restrict__ 
     }
 }
 
-// Batch-1 decode of a model that holds every expert: route_topk and expert_gate_up in one kernel, one launch and one
-// wait fewer a layer. Every block routes the token itself (route_token: a short chain in one warp, over E logits)
-// and computes rows of the expert of its slot s = blockIdx.y, the token's s-th pick; block (0, 0) also writes what
-// route_topk writes for the kernels after it and for the host (probs, topk_ids, the picks as slots and their
-// weights, the statistics). It does not write n_slots, which expert_down_sum reads before its wait: a single
-// token's buffers hold top_k there from the start (cupy_backend.Grouping.empty). The experts' input xn = RMSNorm(x)
-// is computed by every block into shared memory before the wait (x was written by o_proj, two kernels ahead), so the
-// products read it from there.
+// Batch-1 decode: route_topk and expert_gate_up in one kernel, one launch and one wait fewer a layer. Every block
+// routes the token itself (route_token: a short chain in one warp, over E logits) and computes rows of the expert of
+// its slot s = blockIdx.y, the token's s-th pick; block (0, 0) also writes what route_topk writes for the kernels
+// after it and for the host (probs, topk_ids, the picks as slots and their weights, the statistics). It does not
+// write n_slots, which expert_down_sum reads before its wait: a single token's buffers hold top_k there from the
+// start (cupy_backend.Grouping.empty). The experts' input xn = RMSNorm(x) is computed by every block into shared
+// memory before the wait (x was written two kernels ahead), so the products read it from there.
+// On a rank of a split model that holds experts [expert_lo, expert_hi) (expert parallelism) slot s is still pick s,
+// but a pick of another rank's expert gets slot_expert -1, which expert_down_sum skips, and its blocks stop after
+// routing; the others' slot_expert are numbered from expert_lo.
 //             grid (ceil(I / rows_per_block), top_k), block 256, dynamic smem H floats, then 2 top_k words
 template <typename W, int CHUNKS>
 __global__ void __launch_bounds__(256) route_gate_up(const float* __restrict__ logits, const float* __restrict__ x,
@@ -261,7 +263,7 @@ __global__ void __launch_bounds__(256) route_gate_up(const float* __restrict__ l
                                                      int* slot_offset, int* pair_src, int* pair_token,
                                                      const W* __restrict__ gate, const W* __restrict__ up,
                                                      long long expert_stride, int I, int rows_per_block,
-                                                     float* __restrict__ act) {
+                                                     float* __restrict__ act, int expert_lo, int expert_hi) {
     extern __shared__ __align__(16) float xn[];  // (H,), then chosen_weight (top_k,) and chosen_id (top_k,)
     float* chosen_weight = xn + H;
     int* chosen_id = reinterpret_cast<int*>(chosen_weight + top_k);
@@ -276,12 +278,15 @@ __global__ void __launch_bounds__(256) route_gate_up(const float* __restrict__ l
     __syncthreads();  // (also: xn written by every thread)
     if (first) {
         for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
+            const int held = chosen_id[j] >= expert_lo && chosen_id[j] < expert_hi;
             topk_ids[j] = chosen_id[j], topk_weights[j] = chosen_weight[j];
-            slot_expert[j] = chosen_id[j], slot_offset[j] = j, pair_src[j] = j, pair_token[j] = 0;
+            slot_expert[j] = held ? chosen_id[j] - expert_lo : -1, slot_offset[j] = j, pair_src[j] = j;
+            pair_token[j] = 0;
         }
         if (threadIdx.x == 0) slot_offset[top_k] = top_k;
     }
-    const long long e = chosen_id[blockIdx.y];
+    const long long e = chosen_id[blockIdx.y] - expert_lo;
+    if (e < 0 || e >= expert_hi - expert_lo) return;  // another rank's expert
     const float* xt[1] = {xn};
     gate_up_rows<W, 1>(gate + e * expert_stride, up + e * expert_stride, H, I,
                        blockIdx.x * rows_per_block + threadIdx.x / 32, min(I, (blockIdx.x + 1) * rows_per_block), xt,
@@ -328,7 +333,8 @@ __global__ void __launch_bounds__(256) expert_down(const float* __restrict__ act
 // as expert_down rounds it (one float multiply, stored) and the picks are added in moe_combine's order (with one
 // token, slot s is pair s, and the slots are its picks in pick order), so x gets the same bits as from the two.
 // ``residual`` as moe_combine's. A warp takes one slot and ROWS output rows at once (they share the slot's
-// activations, and ROWS of its rows' loads are in flight together).
+// activations, and ROWS of its rows' loads are in flight together). A slot of another rank's expert
+// (slot_expert -1, from route_gate_up) adds nothing.
 //                           grid (ceil(H / ROWS)), block 256, dynamic smem max_slots x ROWS floats
 template <typename W, int ROWS>
 __global__ void __launch_bounds__(256) expert_down_sum(const float* __restrict__ act, int I, const W* __restrict__ down,
@@ -338,15 +344,21 @@ __global__ void __launch_bounds__(256) expert_down_sum(const float* __restrict__
                                                        const float* __restrict__ pair_weight,
                                                        const int* __restrict__ n_slots, int residual,
                                                        float* __restrict__ x) {
+    static_assert(ROWS <= 32, "a skipped slot's rows are zeroed by one warp");
     extern __shared__ float picked[];  // (slots, ROWS): each slot's weighted outputs of this block's rows
     const int n0 = blockIdx.x * ROWS, rows = min(ROWS, H - n0), slots = n_slots[0];  // (written two kernels ahead)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     begin_after_previous();
     for (int s = warp; s < slots; s += WARPS) {
+        const long long e = slot_expert[s];
+        if (e < 0) {
+            if (lane < ROWS) picked[s * ROWS + lane] = 0.0f;
+            continue;
+        }
         const W* w[ROWS];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r)
-            w[r] = down + slot_expert[s] * expert_stride + static_cast<long long>(n0 + min(r, rows - 1)) * I;
+            w[r] = down + e * expert_stride + static_cast<long long>(n0 + min(r, rows - 1)) * I;
         const float* xt[1] = {act + static_cast<long long>(s) * I};
         float acc[ROWS][1] = {};
         warp_dot_rows_n<W, 1, ROWS>(w, I, xt, 1, nullptr, acc);
