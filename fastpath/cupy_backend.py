@@ -123,7 +123,8 @@ GATE_UP_ROWS = {1: 16, MAXT[-1]: 8}
 # The router's rows a block at one token (linear.cu's ``linear``, float32 weights): 2, so that its 128 rows are 64
 # blocks, not 16 of 8 rows. Measured on H200s, the captured step: where route_gate_up runs 8 rows a block, 1-2 %
 # faster (one rank's part of two 1.977 -> 1.948 ms, of four 1.489 -> 1.478; one GPU 3.003 -> 2.953); one GPU with its
-# 16 rows a block, the same within the noise (2.802 -> 2.804 ms, means of 5 interleaved rounds).
+# 16 rows a block, the same within the noise (the commit before this constant against it: 2.802 -> 2.804 ms, means of
+# 5 interleaved rounds).
 ROUTER_ROWS = 2
 # The lm_head's rows a block of linear.cu's ``linear`` computes, by tokens per pass: at one token (before Hopper, where
 # linear_streamed does not take it) 32, four a warp (1.2 % faster a token than 64 on an H200; 16: 0.9 % faster, 128:
