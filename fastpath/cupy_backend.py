@@ -662,14 +662,14 @@ def route_and_gate_up(s: State, layer: Layer, x: cp.ndarray, top_k: int, disable
     its rows (expert tensor parallelism)."""
     c, g = s.config, b.grouping
     E, (_, two_i, H) = c.num_experts, layer.gate_up.shape  # (the experts routed among; the rank holds some or parts)
-    I = two_i // 2
+    I, rows = two_i // 2, gate_up_rows(two_i // 2, top_k)
     router_logits(s, layer.router, layer.post_norm, x, b, normed)
     kernel("moe.cu", f"route_gate_up<{s.wtype}, {route_chunks(E)}>")(
-        (math.ceil(I / gate_up_rows(I, top_k)), top_k), (BLOCK,),
+        (math.ceil(I / rows), top_k), (BLOCK,),
         (b.logits, x, i32(H), layer.post_norm, np.float32(c.rms_norm_eps), i32(E), i32(top_k), i32(c.norm_topk_prob),
          NULL if disabled is None else disabled, b.probs, b.topk_ids, g.pair_weight, *(stats or (NULL, NULL, NULL)),
          g.slot_expert, g.slot_offset, g.pair_src, g.pair_token, layer.gate_up, up_rows(layer), np.int64(two_i * H),
-         i32(I), i32(gate_up_rows(I, top_k)), b.act, i32(s.expert_lo), i32(min(s.expert_hi, E))),
+         i32(I), i32(rows), b.act, i32(s.expert_lo), i32(min(s.expert_hi, E))),
         shared_mem=4 * H + 8 * top_k)
 
 

@@ -350,8 +350,8 @@ def ladder_router() -> list[Row]:
         "v2": ("one block, a warp per expert (16-byte loads), warp top-k", (ids, weights), lambda i: ladder_kernel(
             "router.cu", "router_v2")((1,), (256,), (x, norm, eps, gates[i % 8], np.int32(H), np.int32(E),
                                                      np.int32(K), ids, weights), shared_mem=4 * E)),
-        "v3": ("GEMV over E/8 blocks, then route_topk (production for a rank's part of the experts; with every "
-               "expert, route_gate_up also computes the picks' gate/up rows)",
+        "v3": ("GEMV over E/8 blocks, then route_topk (production for more tokens; at batch-1 decode "
+               "route_gate_up also computes the picks' gate/up rows)",
                (b.topk_ids, b.grouping.pair_weight),
                lambda i: cb.route(state, gates[i % 8], norm, x, K, None, b)),
     }

@@ -88,9 +88,10 @@ __device__ __forceinline__ void route_token(const float* __restrict__ logits, in
 // the experts' input (unless ``norm_weight`` is null: then xn holds it already): warp 0 routes at once while the
 // other warps compute xn. ``stat_*`` (may be null): route_token's statistics.
 // With one token (``slots`` non-null) the K picks are already grouped -- each is its own slot -- and written as such,
-// which saves the grouping kernel at batch-1 decode. On a rank of a split model that holds experts [expert_lo,
-// expert_hi) (expert parallelism), only the picks of those experts become slots, numbered from expert_lo. (A
-// batch-1 step of a model that holds every expert takes route_gate_up instead.)
+// which saves the grouping kernel. On a rank of a split model that holds experts [expert_lo, expert_hi) (expert
+// parallelism), only the picks of those experts become slots, numbered from expert_lo. (A batch-1 decode step,
+// which sums its picks in expert_down_sum, takes route_gate_up instead; this serves one token whose picks are left
+// apart, and the router's kernel ladder.)
 //                                                     grid (T), block 256, dynamic smem 2 top_k words
 template <int CHUNKS>
 __global__ void __launch_bounds__(256) route_topk(const float* __restrict__ logits, const float* __restrict__ x, int H,
